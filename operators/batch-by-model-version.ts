@@ -1,0 +1,187 @@
+import { asyncScheduler, Observable, type OperatorFunction, type SchedulerLike, type Subscription } from "rxjs";
+import type { Batch, RoutedJob } from "./types.js";
+
+/** How one model@version batches: read when a batch opens, so a registry change applies to the next batch. */
+export interface BatchSettings {
+  /** Close the batch when it holds this many jobs (at least 1). */
+  readonly maxSize: number;
+  /** Close the batch this long after its first job (ms); 0 closes it at the end of the turn. */
+  readonly maxDelayMs: number;
+}
+
+export interface BatchByModelVersionOptions {
+  /** Settings for a key `<model>@<version>`. */
+  settings(key: string): BatchSettings;
+  /** True when a worker of the key could start a batch now: then the batch does not wait. */
+  hasIdleCapacity?(key: string): boolean;
+  /** Emits a key when a worker of that key gets free capacity: its open batch is flushed at once. */
+  capacityFreed$?: Observable<string>;
+  /** Runs the batch timers (default `asyncScheduler`). */
+  scheduler?: SchedulerLike;
+  /** Clock for `Batch.closedAtMs` (default the scheduler's clock). */
+  now?: () => number;
+}
+
+/** Longest delay a timer can be set to (setTimeout's limit); longer ones would fire at once. */
+const MAX_TIMER_MS = 2_147_483_647;
+
+/** The batch being filled for one key. */
+interface OpenBatch {
+  readonly model: string;
+  readonly version: string;
+  readonly key: string;
+  readonly maxSize: number;
+  readonly jobs: RoutedJob[];
+  timer: Subscription | undefined;
+  idleFlush: Subscription | undefined;
+}
+
+/**
+ * Groups jobs into batches per `<model>@<version>`. A batch closes when it reaches `maxSize`,
+ * `maxDelayMs` after its first job, or without waiting when the key's worker has idle
+ * capacity: at the end of the current turn if `hasIdleCapacity(key)` is true when a job
+ * arrives (so jobs that arrive together ride one batch), or at once when `capacityFreed$`
+ * emits the key. Jobs in a batch are ordered by deadline, earliest first, those without a
+ * deadline last. Never emits an empty batch; on completion flushes what is open.
+ *
+ * ```
+ * source (a, b, c for one key; maxSize 2, maxDelayMs 3):  -a-b----c------|
+ * batchByModelVersion(opts):                              ---X-------Y---|   X = [a, b], Y = [c]
+ * ```
+ *
+ * @example
+ * routed$.pipe(
+ *   batchByModelVersion({
+ *     settings: (key) => registry.batchSettings(key),
+ *     hasIdleCapacity: (key) => pool.hasIdleCapacity(key),
+ *     capacityFreed$: pool.capacityFreed$,
+ *   }),
+ * );
+ */
+export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorFunction<RoutedJob, Batch> {
+  const scheduler = opts.scheduler ?? asyncScheduler;
+  const now = opts.now ?? (() => scheduler.now());
+
+  return (source) =>
+    new Observable<Batch>((subscriber) => {
+      const open = new Map<string, OpenBatch>();
+
+      const cancelTimers = (b: OpenBatch): void => {
+        b.timer?.unsubscribe();
+        b.idleFlush?.unsubscribe();
+        b.timer = undefined;
+        b.idleFlush = undefined;
+      };
+
+      const flush = (b: OpenBatch): void => {
+        // A late timer of a batch that already closed finds another (or no) batch under the key.
+        if (open.get(b.key) !== b) return;
+        open.delete(b.key);
+        cancelTimers(b);
+        if (b.jobs.length === 0) return;
+        subscriber.next({
+          model: b.model,
+          version: b.version,
+          key: b.key,
+          jobs: sortByDeadline(b.jobs),
+          closedAtMs: now(),
+        });
+      };
+
+      const clearAll = (): void => {
+        for (const b of open.values()) cancelTimers(b);
+        open.clear();
+      };
+
+      /** Clears the timers before the error goes out, so no batch can follow it. */
+      const fail = (err: unknown): void => {
+        clearAll();
+        subscriber.error(err);
+      };
+
+      /** A throwing settings(), hasIdleCapacity() or now() fails the stream, as a throwing projection does in map. */
+      const guard = (work: () => void): void => {
+        try {
+          work();
+        } catch (err) {
+          fail(err);
+        }
+      };
+
+      const openBatch = (job: RoutedJob, key: string): OpenBatch => {
+        const s = opts.settings(key);
+        const b: OpenBatch = {
+          model: job.model,
+          version: job.version,
+          key,
+          maxSize: Number.isFinite(s.maxSize) ? Math.max(1, Math.floor(s.maxSize)) : Number.POSITIVE_INFINITY,
+          jobs: [],
+          timer: undefined,
+          idleFlush: undefined,
+        };
+        open.set(key, b);
+        // The window opens at the first job; an infinite delay leaves only size and capacity to close it.
+        if (s.maxDelayMs !== Number.POSITIVE_INFINITY) {
+          const delay = Math.min(MAX_TIMER_MS, Math.max(0, s.maxDelayMs || 0));
+          b.timer = scheduler.schedule(() => guard(() => flush(b)), delay);
+        }
+        return b;
+      };
+
+      let freedSub: Subscription | undefined;
+      if (opts.capacityFreed$ !== undefined) {
+        freedSub = opts.capacityFreed$.subscribe({
+          next: (key) =>
+            guard(() => {
+              const b = open.get(key);
+              if (b !== undefined && b.jobs.length > 0) flush(b);
+            }),
+          error: fail,
+        });
+      }
+
+      // capacityFreed$ failed synchronously: the error is already delivered.
+      if (subscriber.closed) return () => freedSub?.unsubscribe();
+
+      const sourceSub = source.subscribe({
+        next: (job) =>
+          guard(() => {
+            const key = batchKey(job.model, job.version);
+            const b = open.get(key) ?? openBatch(job, key);
+            b.jobs.push(job);
+            if (b.jobs.length >= b.maxSize) {
+              flush(b);
+            } else if (b.idleFlush === undefined && opts.hasIdleCapacity?.(key) === true) {
+              // Delay 0: jobs that arrive in this same turn still join before the batch leaves.
+              b.idleFlush = scheduler.schedule(() => guard(() => flush(b)), 0);
+            }
+          }),
+        error: fail,
+        complete: () =>
+          guard(() => {
+            for (const b of [...open.values()]) flush(b);
+            subscriber.complete();
+          }),
+      });
+
+      return () => {
+        sourceSub.unsubscribe();
+        freedSub?.unsubscribe();
+        clearAll();
+      };
+    });
+}
+
+/** The key of a model version: `<model>@<version>`. */
+export function batchKey(model: string, version: string): string {
+  return `${model}@${version}`;
+}
+
+/** Earliest deadline first, jobs without a deadline last; otherwise arrival order (sort is stable). */
+function sortByDeadline(jobs: readonly RoutedJob[]): RoutedJob[] {
+  return [...jobs].sort((a, b) => {
+    const da = a.deadlineMs ?? Number.POSITIVE_INFINITY;
+    const db = b.deadlineMs ?? Number.POSITIVE_INFINITY;
+    return da === db ? 0 : da < db ? -1 : 1;
+  });
+}

@@ -1,0 +1,20 @@
+import { filter, merge, share, type OperatorFunction } from "rxjs";
+import { isOutcome } from "./outcome.js";
+import type { InferJob, Outcome } from "./types.js";
+
+/**
+ * Applies `op` to the jobs of a mixed stream and lets outcomes (requests already answered)
+ * pass around it, so each step of the pipeline only sees what is still on its way.
+ *
+ * ```
+ * input:        a  X  b      (X an outcome)
+ * op:           a'    b'
+ * output:       a' X  b'
+ * ```
+ */
+export function onJobs<J extends InferJob, R>(op: OperatorFunction<J, R>): OperatorFunction<J | Outcome, R | Outcome> {
+  return (source) => {
+    const shared = source.pipe(share());
+    return merge(shared.pipe(filter(isOutcome)), shared.pipe(filter((x): x is J => !isOutcome(x)), op));
+  };
+}

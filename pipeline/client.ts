@@ -1,0 +1,228 @@
+/**
+ * The client library: publish inference requests and await their results.
+ *
+ * ```ts
+ * const client = await InferenceClient.connect({ servers: "nats://127.0.0.1:4222", tenant: "acme" });
+ * const result = await client.infer("llama3-8b", { prompt: "Write a haiku about queues" });
+ * console.log(result.output?.text);
+ * await client.close();
+ * ```
+ */
+import { connect, headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../operators/types.js";
+import { STREAM_RESULTS } from "./jetstream.js";
+import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
+
+export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
+
+/** A request that ended in an error result (or could not be sent); `code` is PROTOCOL.md's. */
+export class InferenceError extends Error {
+  override readonly name = "InferenceError";
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly result?: InferResult,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+export interface InferBody {
+  prompt?: string;
+  inputs?: unknown;
+  parameters?: Record<string, unknown>;
+}
+
+export interface InferOptions {
+  /** Request id (idempotency key); a new unique one by default. */
+  id?: string;
+  priority?: Priority;
+  /** Pin a model version. */
+  version?: string;
+  /** Absolute deadline (epoch ms), sent as `Infer-Deadline`. */
+  deadlineMs?: number;
+  /** How long `infer()` waits for the result. */
+  timeoutMs?: number;
+  traceparent?: string;
+  tracestate?: string;
+  /** Ask for token streaming (`Infer-Stream: 1`). */
+  stream?: boolean;
+}
+
+export interface ClientOptions {
+  servers: string | string[];
+  tenant: string;
+  name?: string;
+}
+
+interface Waiter {
+  resolve: (r: InferResult) => void;
+  reject: (e: Error) => void;
+}
+
+const encoder = new TextEncoder();
+const decoder = new TextDecoder();
+
+export class InferenceClient {
+  private sub: Subscription | undefined;
+  private readonly waiters = new Map<string, Waiter[]>();
+  private readonly js: JetStreamClient;
+  private jsm: Promise<JetStreamManager> | undefined;
+  private closed = false;
+
+  constructor(
+    readonly nc: NatsConnection,
+    readonly tenant: string,
+    private readonly ownsConnection = false,
+  ) {
+    if (!TOKEN_RE.test(tenant)) throw new InferenceError("INVALID_ARGUMENT", `tenant '${tenant}' must be 1-64 of a-z 0-9 _ -`);
+    this.js = jetstream(nc);
+  }
+
+  static async connect(opts: ClientOptions): Promise<InferenceClient> {
+    const nc = await connect({ servers: opts.servers, name: opts.name ?? `sluice-client-${opts.tenant}`, maxReconnectAttempts: -1 });
+    return new InferenceClient(nc, opts.tenant, true);
+  }
+
+  /** Publishes a request and resolves with its `ok` result; rejects with an InferenceError. */
+  async infer(model: string, body: InferBody, opts: InferOptions = {}): Promise<InferResult> {
+    const result = await this.request(model, body, opts);
+    if (result.status !== "ok") {
+      throw new InferenceError(result.error?.code ?? "INTERNAL", result.error?.message ?? "request failed", result);
+    }
+    return result;
+  }
+
+  /** Publishes a request and resolves with its result, `ok` or error. */
+  async request(model: string, body: InferBody, opts: InferOptions = {}): Promise<InferResult> {
+    const id = opts.id ?? nuid.next();
+    const waiting = this.result(id, { timeoutMs: opts.timeoutMs, checkStored: false });
+    try {
+      await this.publish(model, body, { ...opts, id });
+    } catch (err) {
+      this.dropWaiters(id, err as Error);
+      await waiting.catch(() => undefined);
+      throw err;
+    }
+    return waiting;
+  }
+
+  /** Sends a request without waiting for its result; resolves with its id once it is queued. */
+  async publish(model: string, body: InferBody | Uint8Array, opts: InferOptions = {}): Promise<{ id: string; seq: number }> {
+    if (!TOKEN_RE.test(model)) throw new InferenceError("INVALID_ARGUMENT", `model '${model}' must be 1-64 of a-z 0-9 _ -`);
+    const id = opts.id ?? nuid.next();
+    if (!ID_RE.test(id)) throw new InferenceError("INVALID_ARGUMENT", `request id '${id}' must be 1-128 of A-Z a-z 0-9 _ -`);
+    const h = natsHeaders();
+    if (body instanceof Uint8Array) h.set(H.contentType, "application/x-protobuf");
+    else h.set(H.contentType, "application/json");
+    if (opts.version) h.set(H.version, opts.version);
+    if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
+    if (opts.traceparent) h.set(H.traceparent, opts.traceparent);
+    if (opts.tracestate) h.set(H.tracestate, opts.tracestate);
+    if (opts.stream) h.set(H.stream, "1");
+    const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
+    try {
+      const ack = await this.js.publish(subjects.request(opts.priority ?? "normal", this.tenant, model), data, { msgID: id, headers: h });
+      return { id, seq: ack.seq };
+    } catch (err) {
+      throw publishError(err);
+    }
+  }
+
+  /**
+   * Waits for the result of a request published earlier. With `checkStored` (the default) it
+   * also looks in the results stream, so a client that joins late still gets its answer.
+   */
+  async result(id: string, opts: { timeoutMs?: number | undefined; checkStored?: boolean } = {}): Promise<InferResult> {
+    this.ensureSubscribed();
+    const timeoutMs = opts.timeoutMs ?? DEFAULT_RESULT_TIMEOUT_MS;
+    const p = new Promise<InferResult>((resolve, reject) => {
+      const list = this.waiters.get(id) ?? [];
+      list.push({ resolve, reject });
+      this.waiters.set(id, list);
+    });
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<never>(() => {
+      timer = setTimeout(() => {
+        void this.stored(id).then(
+          (r) => (r ? this.deliver(id, r) : this.dropWaiters(id, new InferenceError("DEADLINE_EXCEEDED", `no result for request '${id}' within ${timeoutMs} ms`))),
+          () => this.dropWaiters(id, new InferenceError("DEADLINE_EXCEEDED", `no result for request '${id}' within ${timeoutMs} ms`)),
+        );
+      }, timeoutMs);
+    });
+    if (opts.checkStored !== false) {
+      void this.stored(id).then(
+        (r) => r && this.deliver(id, r),
+        () => undefined,
+      );
+    }
+    try {
+      return await Promise.race([p, timeout]);
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  /** The stored result of a request, if there is one. */
+  async stored(id: string): Promise<InferResult | undefined> {
+    this.jsm ??= jetstreamManager(this.nc);
+    const m = await (await this.jsm).streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(this.tenant, id) });
+    return m ? (JSON.parse(decoder.decode(m.data)) as InferResult) : undefined;
+  }
+
+  private ensureSubscribed(): void {
+    if (this.closed) throw new InferenceError("UNAVAILABLE", "client is closed");
+    if (this.sub) return;
+    this.sub = this.nc.subscribe(subjects.resultsOfTenant(this.tenant), {
+      callback: (err, msg) => {
+        if (err) return;
+        const id = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
+        if (!this.waiters.has(id)) return;
+        try {
+          this.deliver(id, JSON.parse(decoder.decode(msg.data)) as InferResult);
+        } catch {
+          this.dropWaiters(id, new InferenceError("INTERNAL", `unreadable result for request '${id}'`));
+        }
+      },
+    });
+  }
+
+  private deliver(id: string, r: InferResult): void {
+    const list = this.waiters.get(id);
+    if (!list) return;
+    this.waiters.delete(id);
+    for (const w of list) w.resolve(r);
+  }
+
+  private dropWaiters(id: string, err: Error): void {
+    const list = this.waiters.get(id);
+    if (!list) return;
+    this.waiters.delete(id);
+    for (const w of list) w.reject(err);
+  }
+
+  /** Closes the client; pending calls reject with UNAVAILABLE. Safe to call twice. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    this.sub?.unsubscribe();
+    for (const id of [...this.waiters.keys()]) this.dropWaiters(id, new InferenceError("UNAVAILABLE", "client closed"));
+    if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
+  }
+}
+
+/** Maps a failed publish to the protocol's codes: a full queue is RESOURCE_EXHAUSTED. */
+export function publishError(err: unknown): InferenceError {
+  if (err instanceof InferenceError) return err;
+  const msg = (err as Error)?.message ?? String(err);
+  if (err instanceof JetStreamApiError || /maximum (messages|bytes)|exceeded|insufficient resources/i.test(msg)) {
+    const full = /maximum (messages|bytes)|exceeded|insufficient resources|limit/i.test(msg);
+    return new InferenceError(full ? "RESOURCE_EXHAUSTED" : "UNAVAILABLE", full ? `the request queue is full: ${msg}` : msg, undefined, { cause: err });
+  }
+  if (/no responders|503/i.test(msg)) return new InferenceError("UNAVAILABLE", `no request stream answers: ${msg}`, undefined, { cause: err });
+  if (/timeout/i.test(msg)) return new InferenceError("UNAVAILABLE", `publish not confirmed in time: ${msg}`, undefined, { cause: err });
+  const code = (ERROR_CODES as readonly string[]).find((c) => msg.includes(c)) as ErrorCode | undefined;
+  return new InferenceError(code ?? "INTERNAL", msg, undefined, { cause: err });
+}

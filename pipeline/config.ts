@@ -1,0 +1,199 @@
+/**
+ * Configuration: defaults, then a JSON file (`--config` or SLUICE_CONFIG), then environment
+ * variables, then command-line flags. Every tunable has a named default here.
+ */
+import { readFileSync } from "node:fs";
+import type { Priority } from "../operators/types.js";
+import type { ModelSpec } from "./registry.js";
+
+export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
+
+export interface StreamsConfig {
+  /** Replicas of every stream (3 on a cluster). */
+  replicas: number;
+  /** How long requests are kept for replay. */
+  requestsMaxAgeMs: number;
+  /** Queue bound: the request stream refuses new messages beyond this (0 = unlimited). */
+  requestsMaxMsgs: number;
+  requestsMaxBytes: number;
+  /** Idempotency window: a request id published again within it is the same request. */
+  duplicateWindowMs: number;
+  resultsMaxAgeMs: number;
+  dlqMaxAgeMs: number;
+  /** Largest message the streams accept. */
+  maxMsgSize: number;
+}
+
+export interface ConsumerSettings {
+  /** Durable name prefix; the consumer of priority p is `<prefix>-<p>`. */
+  durablePrefix: string;
+  ackWaitMs: number;
+  /** Deliveries before a request is answered with its last error and dead-lettered. */
+  maxDeliver: number;
+  /** Server-side bound of unacknowledged messages per consumer (all pipeline processes). */
+  maxAckPending: number;
+}
+
+export interface PipelineSettings {
+  /** The client-side bound: unsettled messages held by this process, per priority. */
+  maxInFlight: number;
+  maxPayloadBytes: number;
+  pullExpiresMs: number;
+  /** Concurrent result publishes awaiting their acknowledgement. */
+  publishConcurrency: number;
+  /** Batches in flight per worker: one running on the device and one waiting, to hide the round trip. */
+  batchesPerWorker: number;
+  /** First redelivery delay after a retriable failure; doubles per delivery. */
+  retryBaseMs: number;
+  retryMaxMs: number;
+  /** Default call timeout when a model sets none. */
+  defaultTimeoutMs: number;
+  priorities: Priority[];
+}
+
+export interface StaticWorker {
+  model: string;
+  version: string;
+  endpoint: string;
+  capacity?: number;
+}
+
+export interface SluiceConfig {
+  servers: string[];
+  streams: StreamsConfig;
+  consumer: ConsumerSettings;
+  pipeline: PipelineSettings;
+  /** Models written to the registry at start-up when the registry does not have them yet. */
+  models: Record<string, ModelSpec>;
+  /** Workers known from configuration (besides those that register themselves). */
+  workers: StaticWorker[];
+}
+
+const MINUTE = 60_000;
+const DAY = 24 * 60 * MINUTE;
+
+export function defaultConfig(): SluiceConfig {
+  return {
+    servers: [DEFAULT_NATS_URL],
+    streams: {
+      replicas: 1,
+      requestsMaxAgeMs: 7 * DAY,
+      requestsMaxMsgs: 0,
+      requestsMaxBytes: 0,
+      duplicateWindowMs: 2 * MINUTE,
+      resultsMaxAgeMs: DAY,
+      dlqMaxAgeMs: 14 * DAY,
+      maxMsgSize: 1024 * 1024,
+    },
+    consumer: {
+      durablePrefix: "sluice",
+      ackWaitMs: 30_000,
+      maxDeliver: 5,
+      maxAckPending: 4096,
+    },
+    pipeline: {
+      maxInFlight: 256,
+      maxPayloadBytes: 256 * 1024,
+      pullExpiresMs: 5_000,
+      publishConcurrency: 256,
+      batchesPerWorker: 2,
+      retryBaseMs: 250,
+      retryMaxMs: 10_000,
+      defaultTimeoutMs: 30_000,
+      priorities: ["high", "normal", "low"],
+    },
+    models: {},
+    workers: [],
+  };
+}
+
+export class ConfigError extends Error {
+  override readonly name = "ConfigError";
+}
+
+type DeepPartial<T> = { [K in keyof T]?: T[K] extends object ? (T[K] extends unknown[] ? T[K] : DeepPartial<T[K]>) : T[K] };
+export type SluiceConfigInput = DeepPartial<SluiceConfig>;
+
+function isPlainObject(v: unknown): v is Record<string, unknown> {
+  return typeof v === "object" && v !== null && !Array.isArray(v);
+}
+
+function merge<T>(base: T, over: unknown, path: string): T {
+  if (over === undefined) return base;
+  if (!isPlainObject(base) || !isPlainObject(over)) return over as T;
+  const out: Record<string, unknown> = { ...base };
+  for (const [k, v] of Object.entries(over)) {
+    if (!(k in base) && path !== "models") throw new ConfigError(`unknown configuration key '${path ? path + "." : ""}${k}'`);
+    out[k] = path === "models" || k === "models" ? v : merge((base as Record<string, unknown>)[k], v, path ? `${path}.${k}` : k);
+  }
+  return out as T;
+}
+
+function envInt(env: NodeJS.ProcessEnv, name: string): number | undefined {
+  const v = env[name];
+  if (v === undefined || v === "") return undefined;
+  const n = Number(v);
+  if (!Number.isInteger(n) || n < 0) throw new ConfigError(`${name} must be a non-negative integer, got '${v}'`);
+  return n;
+}
+
+/** Parses `model@version=host:port[*capacity],...` (SLUICE_WORKERS, --workers). */
+export function parseWorkerList(s: string): StaticWorker[] {
+  return s
+    .split(",")
+    .map((x) => x.trim())
+    .filter(Boolean)
+    .map((item) => {
+      const m = /^([a-z0-9_-]{1,64})@([A-Za-z0-9._-]{1,64})=([^*\s]+?)(?:\*(\d+))?$/.exec(item);
+      if (!m) throw new ConfigError(`bad worker '${item}': expected model@version=host:port[*capacity]`);
+      const w: StaticWorker = { model: m[1]!, version: m[2]!, endpoint: m[3]! };
+      if (m[4] !== undefined) w.capacity = Number(m[4]);
+      return w;
+    });
+}
+
+export interface LoadConfigOptions {
+  file?: string;
+  env?: NodeJS.ProcessEnv;
+  overrides?: SluiceConfigInput;
+}
+
+export function loadConfig(opts: LoadConfigOptions = {}): SluiceConfig {
+  const env = opts.env ?? process.env;
+  let cfg = defaultConfig();
+  const file = opts.file ?? env["SLUICE_CONFIG"];
+  if (file) {
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(readFileSync(file, "utf8"));
+    } catch (err) {
+      throw new ConfigError(`cannot read configuration file '${file}': ${(err as Error).message}`);
+    }
+    cfg = merge(cfg, parsed, "");
+  }
+  if (env["NATS_URL"]) cfg.servers = env["NATS_URL"].split(",").map((s) => s.trim());
+  const maxInFlight = envInt(env, "SLUICE_MAX_IN_FLIGHT");
+  if (maxInFlight !== undefined) cfg.pipeline.maxInFlight = maxInFlight;
+  const replicas = envInt(env, "SLUICE_REPLICAS");
+  if (replicas !== undefined) cfg.streams.replicas = replicas;
+  if (env["SLUICE_WORKERS"]) cfg.workers = [...cfg.workers, ...parseWorkerList(env["SLUICE_WORKERS"])];
+  cfg = merge(cfg, opts.overrides, "");
+  validateConfig(cfg);
+  return cfg;
+}
+
+export function validateConfig(cfg: SluiceConfig): void {
+  const pos = (v: number, name: string): void => {
+    if (!Number.isFinite(v) || v <= 0) throw new ConfigError(`${name} must be a positive number, got ${v}`);
+  };
+  if (cfg.servers.length === 0) throw new ConfigError("no NATS server given");
+  pos(cfg.pipeline.maxInFlight, "pipeline.maxInFlight");
+  pos(cfg.pipeline.maxPayloadBytes, "pipeline.maxPayloadBytes");
+  pos(cfg.pipeline.batchesPerWorker, "pipeline.batchesPerWorker");
+  pos(cfg.consumer.ackWaitMs, "consumer.ackWaitMs");
+  pos(cfg.consumer.maxDeliver, "consumer.maxDeliver");
+  pos(cfg.consumer.maxAckPending, "consumer.maxAckPending");
+  pos(cfg.streams.replicas, "streams.replicas");
+  if (cfg.consumer.maxAckPending < cfg.pipeline.maxInFlight)
+    throw new ConfigError("consumer.maxAckPending must be at least pipeline.maxInFlight");
+}

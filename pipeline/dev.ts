@@ -1,0 +1,80 @@
+/**
+ * `sluice dev`: the whole thing on one machine, with nothing installed but nats-server. A local
+ * nats-server child process (temporary store), a simulated GPU worker and the pipeline, with a
+ * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim`.
+ */
+import { SimulatedEngine } from "../worker/simulated.js";
+import { WorkerServer } from "../worker/server.js";
+import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "./config.js";
+import { NatsServer } from "./nats-server.js";
+import type { ModelSpec } from "./registry.js";
+import { PipelineService, type PipelineLogger } from "./service.js";
+
+export const DEV_MODELS: Record<string, ModelSpec> = {
+  echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },
+  reverse: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
+  upper: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
+  "llm-sim": { versions: { v1: { weight: 100 } }, batch: { max_size: 16, max_delay_ms: 10 } },
+};
+
+export interface DevOptions {
+  /** nats-server client port; a free one when omitted. */
+  port?: number;
+  /** Simulated device cost. */
+  baseMs?: number;
+  perItemMs?: number;
+  logger?: PipelineLogger;
+  config?: SluiceConfigInput;
+}
+
+export class DevStack {
+  private stopped: Promise<void> | undefined;
+  private constructor(
+    readonly nats: NatsServer,
+    readonly worker: WorkerServer,
+    readonly engine: SimulatedEngine,
+    readonly pipeline: PipelineService,
+  ) {}
+
+  get url(): string {
+    return this.nats.url;
+  }
+
+  static async start(opts: DevOptions = {}): Promise<DevStack> {
+    const nats = await NatsServer.start(opts.port !== undefined ? { port: opts.port } : {});
+    const cleanup: Array<() => Promise<void>> = [() => nats.stop()];
+    try {
+      const engine = new SimulatedEngine({ base_ms: opts.baseMs ?? 8, per_item_ms: opts.perItemMs ?? 0.5 });
+      const worker = await WorkerServer.start({ engine, workerId: "dev-worker" });
+      cleanup.unshift(() => worker.stop());
+      const config: SluiceConfig = loadConfig({
+        env: {},
+        overrides: {
+          ...opts.config,
+          servers: [nats.url],
+          models: { ...DEV_MODELS, ...(opts.config?.models ?? {}) },
+          workers: [
+            ...Object.keys(DEV_MODELS).map((model) => ({ model, version: "v1", endpoint: worker.endpoint })),
+            ...(opts.config?.workers ?? []),
+          ],
+        },
+      });
+      const pipeline = await PipelineService.start(config, opts.logger ? { logger: opts.logger } : {});
+      return new DevStack(nats, worker, engine, pipeline);
+    } catch (err) {
+      for (const f of cleanup) await f().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  /** Stops the pipeline, the worker and the server, in that order. Safe to call twice. */
+  stop(): Promise<void> {
+    this.stopped ??= (async () => {
+      await this.pipeline.stop(2_000);
+      await this.worker.stop();
+      await this.engine.close();
+      await this.nats.stop();
+    })();
+    return this.stopped;
+  }
+}

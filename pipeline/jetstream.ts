@@ -1,0 +1,193 @@
+/**
+ * Streams and consumers as code (created or updated idempotently at start-up), and the
+ * adapter from a JetStream pull consumer to the operators' {@link PullSource}.
+ */
+import {
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  JetStreamApiError,
+  RetentionPolicy,
+  StorageType,
+  type Consumer,
+  type ConsumerConfig,
+  type JetStreamManager,
+  type JsMsg,
+  type StreamConfig,
+} from "@nats-io/jetstream";
+import { nanos } from "@nats-io/transport-node";
+import type { PullBatch, PullSource } from "../operators/pull-with-credits.js";
+import type { Delivery, Priority } from "../operators/types.js";
+import type { ConsumerSettings, StreamsConfig } from "./config.js";
+import { subjects } from "./subjects.js";
+
+export const STREAM_REQUESTS = "INFER_REQ";
+export const STREAM_RESULTS = "INFER_RES";
+export const STREAM_DLQ = "INFER_DLQ";
+
+export function streamConfigs(s: StreamsConfig): StreamConfig[] {
+  const common = {
+    storage: StorageType.File,
+    num_replicas: s.replicas,
+    max_msg_size: s.maxMsgSize,
+    duplicate_window: nanos(s.duplicateWindowMs),
+  };
+  return [
+    {
+      ...common,
+      name: STREAM_REQUESTS,
+      subjects: [subjects.requestsAll],
+      retention: RetentionPolicy.Limits,
+      max_age: nanos(s.requestsMaxAgeMs),
+      max_msgs: s.requestsMaxMsgs > 0 ? s.requestsMaxMsgs : -1,
+      max_bytes: s.requestsMaxBytes > 0 ? s.requestsMaxBytes : -1,
+      // A full queue refuses new requests (the publisher gets an error) instead of dropping old ones.
+      discard: DiscardPolicy.New,
+    } as StreamConfig,
+    {
+      ...common,
+      name: STREAM_RESULTS,
+      subjects: [subjects.resultsAll],
+      retention: RetentionPolicy.Limits,
+      max_age: nanos(s.resultsMaxAgeMs),
+      // One result per request id: keep only the last message per subject.
+      max_msgs_per_subject: 1,
+      discard: DiscardPolicy.Old,
+    } as StreamConfig,
+    {
+      ...common,
+      name: STREAM_DLQ,
+      subjects: [subjects.dlqAll],
+      retention: RetentionPolicy.Limits,
+      max_age: nanos(s.dlqMaxAgeMs),
+      discard: DiscardPolicy.Old,
+    } as StreamConfig,
+  ];
+}
+
+export function durableName(c: ConsumerSettings, p: Priority): string {
+  return `${c.durablePrefix}-${p}`;
+}
+
+export function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig {
+  return {
+    durable_name: durableName(c, p),
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    filter_subject: subjects.requestsOfPriority(p),
+    ack_wait: nanos(c.ackWaitMs),
+    // The pipeline counts deliveries itself and answers + dead-letters a request at maxDeliver;
+    // a server-side limit would drop it silently after the last delivery.
+    max_deliver: -1,
+    max_ack_pending: c.maxAckPending,
+    max_waiting: 512,
+  } as ConsumerConfig;
+}
+
+function isNotFound(err: unknown): boolean {
+  return err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10014);
+}
+
+/** Creates each stream or updates it to the configuration; safe to run from many processes. */
+export async function ensureStreams(jsm: JetStreamManager, s: StreamsConfig): Promise<void> {
+  for (const cfg of streamConfigs(s)) {
+    try {
+      await jsm.streams.info(cfg.name);
+      await jsm.streams.update(cfg.name, cfg);
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+      try {
+        await jsm.streams.add(cfg);
+      } catch (addErr) {
+        // Another process created it in between: update to our configuration.
+        if (addErr instanceof JetStreamApiError && addErr.code === 10058) await jsm.streams.update(cfg.name, cfg);
+        else throw addErr;
+      }
+    }
+  }
+}
+
+/** Creates or updates the durable pull consumer of each priority. */
+export async function ensureConsumers(jsm: JetStreamManager, c: ConsumerSettings, priorities: readonly Priority[]): Promise<void> {
+  for (const p of priorities) {
+    const cfg = consumerConfig(c, p);
+    try {
+      await jsm.consumers.info(STREAM_REQUESTS, cfg.durable_name!);
+      const { durable_name: _d, deliver_policy: _dp, filter_subject: _f, ...update } = cfg;
+      await jsm.consumers.update(STREAM_REQUESTS, cfg.durable_name!, { ...update, filter_subject: cfg.filter_subject });
+    } catch (err) {
+      if (!isNotFound(err)) throw err;
+      await jsm.consumers.add(STREAM_REQUESTS, cfg);
+    }
+  }
+}
+
+/** A JetStream message as the operators see it. */
+export class JsDelivery implements Delivery {
+  readonly pulledAtMs = Date.now();
+  private done = false;
+  constructor(readonly msg: JsMsg) {}
+  get subject(): string {
+    return this.msg.subject;
+  }
+  get data(): Uint8Array {
+    return this.msg.data;
+  }
+  get seq(): number {
+    return this.msg.seq;
+  }
+  get deliveryCount(): number {
+    return this.msg.info.deliveryCount;
+  }
+  get storedAtMs(): number {
+    return this.msg.info.timestampNanos / 1e6;
+  }
+  get settled(): boolean {
+    return this.done;
+  }
+  header(name: string): string | undefined {
+    const h = this.msg.headers;
+    if (!h) return undefined;
+    const want = name.toLowerCase();
+    for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
+    return undefined;
+  }
+  headerEntries(): Array<[string, string]> {
+    const out: Array<[string, string]> = [];
+    const h = this.msg.headers;
+    if (h) for (const [k, vs] of h) for (const v of vs) out.push([k, v]);
+    return out;
+  }
+  ack(): void {
+    if (this.done) return;
+    this.done = true;
+    this.msg.ack();
+  }
+  nak(delayMs?: number): void {
+    if (this.done) return;
+    this.done = true;
+    this.msg.nak(delayMs);
+  }
+  term(reason?: string): void {
+    if (this.done) return;
+    this.done = true;
+    this.msg.term(reason);
+  }
+  working(): void {
+    if (!this.done) this.msg.working();
+  }
+}
+
+/** A durable pull consumer as a {@link PullSource}: one `fetch` per pull. */
+export class ConsumerPullSource implements PullSource {
+  constructor(private readonly consumer: Consumer) {}
+  async pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>> {
+    const it = await this.consumer.fetch({ max_messages: max, expires: expiresMs });
+    return {
+      close: () => it.close(),
+      async *[Symbol.asyncIterator]() {
+        for await (const m of it) yield new JsDelivery(m);
+      },
+    };
+  }
+}

@@ -1,0 +1,59 @@
+/** The results and dead-letter streams as the operators' {@link ResultSink}. */
+import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
+import { headers as natsHeaders } from "@nats-io/transport-node";
+import type { DeadLetter, ResultSink } from "../operators/settle-outcome.js";
+import type { InferJob, InferResult } from "../operators/types.js";
+import { STREAM_RESULTS } from "./jetstream.js";
+import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
+
+const encoder = new TextEncoder();
+
+/** Headers of a request that are not copied into its dead letter (the DLQ sets its own). */
+const NOT_COPIED = new Set(["nats-msg-id", "nats-expected-stream", "nats-expected-last-sequence", "nats-expected-last-msg-id"]);
+
+export class StreamResultSink implements ResultSink {
+  constructor(
+    private readonly js: JetStreamClient,
+    private readonly jsm: JetStreamManager,
+  ) {}
+
+  async publishResult(job: InferJob, result: InferResult): Promise<void> {
+    const h = natsHeaders();
+    h.set(H.status, result.status === "ok" ? "ok" : (result.error?.code ?? "INTERNAL"));
+    if (job.traceparent) h.set(H.traceparent, job.traceparent);
+    if (job.tracestate) h.set(H.tracestate, job.tracestate);
+    h.set(H.contentType, "application/json");
+    await this.js.publish(subjects.result(job.tenant, job.id), encoder.encode(JSON.stringify(result)), {
+      msgID: job.id,
+      headers: h,
+    });
+  }
+
+  async hasResult(job: InferJob): Promise<boolean> {
+    const m = await this.jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(job.tenant, job.id) });
+    return m !== null;
+  }
+
+  async publishDeadLetter(letter: DeadLetter): Promise<void> {
+    const d = letter.delivery;
+    const h = natsHeaders();
+    for (const [k, v] of d.headerEntries()) if (!NOT_COPIED.has(k.toLowerCase())) h.append(k, v);
+    const originalId = d.header(H.msgId);
+    if (originalId !== undefined) h.set("Infer-Request-Id", sanitizeHeader(originalId));
+    h.set(H.originalSubject, d.subject);
+    h.set(H.errorCode, letter.error.code);
+    h.set(H.errorReason, sanitizeHeader(letter.error.message));
+    h.set(H.deliveries, String(d.deliveryCount));
+    h.set("Infer-Original-Seq", String(d.seq));
+    const tenant = letter.tenant !== undefined && TOKEN_RE.test(letter.tenant) ? letter.tenant : UNKNOWN_TOKEN;
+    const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
+    // One dead letter per stored request, however often it is redelivered.
+    await this.js.publish(subjects.dlq(tenant, model), d.data, { msgID: `dlq-${d.seq}`, headers: h });
+  }
+}
+
+/** Header values are one line of printable text. */
+function sanitizeHeader(s: string): string {
+  // eslint-disable-next-line no-control-regex
+  return s.replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
+}

@@ -1,0 +1,220 @@
+/**
+ * The pipeline: pulls requests from the durable consumer of each priority with bounded demand,
+ * decodes and validates them, routes them to a model version, batches them per model@version,
+ * dispatches each batch to a worker and publishes every result before acknowledging its request.
+ */
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import { map, merge, pipe, Subject, type Observable, type Subscription } from "rxjs";
+import { admitByDeadline } from "../operators/admit-by-deadline.js";
+import { batchByModelVersion } from "../operators/batch-by-model-version.js";
+import { decodeRequest } from "../operators/decode-request.js";
+import { dispatchBatch } from "../operators/dispatch-batch.js";
+import { onJobs } from "../operators/on-jobs.js";
+import { pullWithCredits } from "../operators/pull-with-credits.js";
+import { routeToVersion } from "../operators/route-to-version.js";
+import { settleOutcomes, type Settled } from "../operators/settle-outcome.js";
+import type { Delivery, InferJob, Outcome, Priority } from "../operators/types.js";
+import type { SluiceConfig } from "./config.js";
+import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
+import { ModelRegistry } from "./registry.js";
+import { StreamResultSink } from "./result-sink.js";
+import { WorkerClient } from "./worker-client.js";
+import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
+
+export interface PipelineLogger {
+  info(msg: string): void;
+  warn(msg: string): void;
+  error(msg: string): void;
+}
+
+export const consoleLogger: PipelineLogger = {
+  info: (m) => console.log(`[sluice] ${m}`),
+  warn: (m) => console.warn(`[sluice] ${m}`),
+  error: (m) => console.error(`[sluice] ${m}`),
+};
+
+export const silentLogger: PipelineLogger = { info: () => undefined, warn: () => undefined, error: () => undefined };
+
+export interface PipelineStartOptions {
+  /** Use this connection instead of opening one (it is not closed on stop). */
+  nc?: NatsConnection;
+  logger?: PipelineLogger;
+  /** Opens worker connections; the gRPC client by default. */
+  connectWorker?: (endpoint: string) => WorkerConnection;
+}
+
+export interface PipelineStats {
+  /** Unsettled messages held now, per priority. */
+  unsettled: Record<string, number>;
+  /** Highest unsettled count seen, per priority. */
+  maxUnsettled: Record<string, number>;
+  settled: number;
+  byAction: Record<string, number>;
+  byStatus: Record<string, number>;
+  pullErrors: number;
+}
+
+export class PipelineService {
+  readonly stats: PipelineStats = { unsettled: {}, maxUnsettled: {}, settled: 0, byAction: {}, byStatus: {}, pullErrors: 0 };
+  private readonly settledSubject = new Subject<Settled>();
+  private readonly drainSignal = new Subject<void>();
+  private readonly drained = new Subject<void>();
+  private subscription: Subscription | undefined;
+  private stopping: Promise<void> | undefined;
+
+  private constructor(
+    readonly config: SluiceConfig,
+    readonly nc: NatsConnection,
+    private readonly ownsConnection: boolean,
+    readonly js: JetStreamClient,
+    readonly jsm: JetStreamManager,
+    readonly registry: ModelRegistry,
+    readonly pool: WorkerPool,
+    private readonly log: PipelineLogger,
+  ) {}
+
+  /** Every settled outcome (for tests, metrics and the CLI). */
+  get settled$(): Observable<Settled> {
+    return this.settledSubject.asObservable();
+  }
+
+  static async start(config: SluiceConfig, opts: PipelineStartOptions = {}): Promise<PipelineService> {
+    const log = opts.logger ?? consoleLogger;
+    const nc =
+      opts.nc ??
+      (await connect({ servers: config.servers, name: "sluice-pipeline", maxReconnectAttempts: -1, reconnectTimeWait: 250 }));
+    try {
+      const jsm = await jetstreamManager(nc);
+      await ensureStreams(jsm, config.streams);
+      await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
+      const registry = await ModelRegistry.open(nc, {
+        replicas: config.streams.replicas,
+        seed: config.models,
+        timeoutMs: config.pipeline.defaultTimeoutMs,
+        onInvalid: (key, err) => log.warn(`registry: ignoring invalid value of '${key}': ${err.message}`),
+      });
+      const pool = new WorkerPool({
+        batchesPerWorker: config.pipeline.batchesPerWorker,
+        timeoutMs: (model) => registry.table.timeoutMs(model),
+        connect: opts.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
+      });
+      for (const w of config.workers) pool.add(w.model, w.version, w.endpoint);
+      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, log);
+      await svc.run();
+      return svc;
+    } catch (err) {
+      if (!opts.nc) await nc.close().catch(() => undefined);
+      throw err;
+    }
+  }
+
+  private async run(): Promise<void> {
+    const { pipeline: p, consumer: c } = this.config;
+    const sources: Observable<Delivery>[] = [];
+    for (const priority of p.priorities) {
+      const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
+      this.stats.unsettled[priority] = 0;
+      this.stats.maxUnsettled[priority] = 0;
+      sources.push(
+        pullWithCredits(new ConsumerPullSource(consumer), {
+          maxUnsettled: p.maxInFlight,
+          expiresMs: p.pullExpiresMs,
+          workingIntervalMs: Math.max(100, Math.floor(c.ackWaitMs / 3)),
+          onPullError: (err) => {
+            this.stats.pullErrors++;
+            this.log.warn(`pull from ${durableName(c, priority)} failed: ${(err as Error)?.message ?? err}`);
+          },
+          onUnsettledChange: (n) => this.noteUnsettled(priority, n),
+          drain: this.drainSignal,
+        }),
+      );
+    }
+
+    const table = this.registry.table;
+    const sink = new StreamResultSink(this.js, this.jsm);
+    this.subscription = merge(...sources)
+      .pipe(
+        decodeRequest({ maxPayloadBytes: p.maxPayloadBytes }),
+        map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+        onJobs(map((job) => giveUpAfter(job, c.maxDeliver))),
+        onJobs(admitByDeadline()),
+        onJobs(routeToVersion((job) => table.resolve(job.model, job.pinnedVersion, job.id))),
+        onJobs(
+          pipe(
+            batchByModelVersion({
+              settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
+              hasIdleCapacity: (key) => this.pool.hasIdleCapacity(key),
+              capacityFreed$: this.pool.capacityFreed$,
+            }),
+            dispatchBatch(this.pool, { retryBaseMs: p.retryBaseMs, retryMaxMs: p.retryMaxMs }),
+          ),
+        ),
+        settleOutcomes(sink, {
+          maxDeliver: c.maxDeliver,
+          concurrency: p.publishConcurrency,
+          retryBaseMs: p.retryBaseMs,
+          retryMaxMs: p.retryMaxMs,
+        }),
+      )
+      .subscribe({
+        next: (s) => this.noteSettled(s),
+        error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
+        complete: () => this.drained.next(),
+      });
+    this.log.info(`pipeline consuming ${p.priorities.map((x) => durableName(c, x)).join(", ")} (max ${p.maxInFlight} in flight each)`);
+  }
+
+  private noteUnsettled(priority: Priority, n: number): void {
+    this.stats.unsettled[priority] = n;
+    if (n > (this.stats.maxUnsettled[priority] ?? 0)) this.stats.maxUnsettled[priority] = n;
+  }
+
+  private noteSettled(s: Settled): void {
+    this.stats.settled++;
+    this.stats.byAction[s.action] = (this.stats.byAction[s.action] ?? 0) + 1;
+    const status = s.result ? (s.result.status === "ok" ? "ok" : (s.result.error?.code ?? "INTERNAL")) : s.action;
+    this.stats.byStatus[status] = (this.stats.byStatus[status] ?? 0) + 1;
+    if (s.error !== undefined) this.log.warn(`publish failed, request will be redelivered: ${(s.error as Error)?.message ?? s.error}`);
+    this.settledSubject.next(s);
+  }
+
+  /**
+   * Stops pulling, lets what is in flight finish for up to `graceMs`, then closes everything.
+   * Unsettled requests are redelivered to another pipeline process. Safe to call twice.
+   */
+  stop(graceMs = 5_000): Promise<void> {
+    this.stopping ??= (async () => {
+      // Stop pulling; the sources complete once what they delivered is settled.
+      const done = new Promise<void>((resolve) => {
+        const t = setTimeout(resolve, graceMs);
+        t.unref();
+        this.drained.subscribe({ next: () => (clearTimeout(t), resolve()), complete: () => resolve() });
+      });
+      this.drainSignal.next();
+      await done;
+      this.subscription?.unsubscribe();
+      this.settledSubject.complete();
+      await this.registry.stop();
+      await this.pool.stop();
+      if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
+    })();
+    return this.stopping;
+  }
+}
+
+/** A request delivered more often than allowed is answered and dead-lettered, not run again. */
+function giveUpAfter(job: InferJob, maxDeliver: number): InferJob | Outcome {
+  if (job.delivery.deliveryCount <= maxDeliver) return job;
+  return {
+    kind: "result",
+    job,
+    deadLetter: true,
+    result: {
+      id: job.id,
+      status: "error",
+      model: job.model,
+      error: { code: "INTERNAL", message: `request was not completed after ${maxDeliver} deliveries` },
+    },
+  };
+}

@@ -1,0 +1,417 @@
+/**
+ * `npm run bench`: every system under every scenario, with the same payloads, the same
+ * simulated worker and the same load. Each system run gets its own nats-server (temporary
+ * store), its own worker process and its own system process, so runs share no state.
+ *
+ *   npm run bench -- [--scenario NAME]... [--system NAME]... [--quick] [--requests N]
+ *                    [--max-minutes M] [--out DIR] [--list]
+ *
+ * Prints a table and the ratios that matter, and writes `bench/results/latest.json` and
+ * `bench/results/latency-vs-load.svg`. See test/bench/README.md.
+ */
+import { mkdir, writeFile } from "node:fs/promises";
+import { cpus, loadavg, totalmem } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { natsServerVersion } from "../../pipeline/nats-server.js";
+import { NatsLoadTarget, percentile, runLoad, type LoadResult } from "./load.js";
+import { killAllNow, peakRssMb, ROOT, startNats, startWorkerProcess, stopAll, stopNats } from "./procs.js";
+import { renderLatencySvg, renderTable, round, type Row, type SweepSeries } from "./report.js";
+import {
+  deviceMaxRps,
+  deviceSingleMs,
+  PUBLISH_WINDOW,
+  requestBody,
+  SCENARIOS,
+  type Phase,
+  type Plan,
+  type Scenario,
+} from "./scenarios.js";
+import { SYSTEMS, type BenchSystem, type RunningSystem } from "./systems.js";
+
+const TENANT = "bench";
+const MODEL = "bench";
+const VERSION = "v1";
+/** Requests sent (and answered) before measuring, so both systems are measured warm. */
+const WARMUP_REQUESTS = 200;
+const WARMUP_REQUESTS_QUICK = 100;
+/** A phase gives up when no result has arrived for this long (the rest count as lost). */
+const IDLE_TIMEOUT_MS = 15_000;
+/** A phase never waits longer than this for its results. */
+const PHASE_MAX_WAIT_MS = 300_000;
+/** Listen this long after the last result for answers that come twice. */
+const DUPLICATE_GRACE_MS = 1_000;
+/** A sweep step counts as saturated below this share of the offered rate ... */
+const SATURATED_SHARE = 0.9;
+/** ... or with a p99 above this. */
+const SATURATED_P99_MS = 1_000;
+const DEFAULT_MAX_MINUTES = 20;
+const QUICK_MAX_MINUTES = 5;
+
+interface Failure {
+  scenario: string;
+  system: string;
+  error: string;
+}
+
+const log = (msg: string): void => {
+  process.stderr.write(`[bench] ${msg}\n`);
+};
+
+function usage(): string {
+  return [
+    "usage: npm run bench -- [--scenario NAME]... [--system NAME]... [--quick] [--requests N] [--max-minutes M] [--out DIR] [--list]",
+    "",
+    "scenarios:",
+    ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
+    "systems:",
+    ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
+  ].join("\n");
+}
+
+function toRow(scenario: Scenario, system: string, phase: Phase, r: LoadResult, rss: number | undefined, natsRss: number | undefined): Row {
+  const pct = (p: number): number | null => round(percentile(r.latencies, p), 2);
+  return {
+    scenario: scenario.name,
+    system,
+    phase: phase.label,
+    offered_rps: phase.offeredRps,
+    requests: r.requests,
+    throughput_rps: round(r.throughputRps, 1) ?? 0,
+    p50_ms: pct(50),
+    p90_ms: pct(90),
+    p99_ms: pct(99),
+    max_ms: pct(100),
+    lost: r.lost,
+    duplicated: r.duplicated,
+    errors: r.errors,
+    send_errors: r.sendErrors,
+    sent_rps: round(r.sentRps, 1) ?? 0,
+    peak_rss_mb: round(rss, 1),
+    nats_peak_rss_mb: round(natsRss, 1),
+  };
+}
+
+function saturated(phase: Phase, r: LoadResult): boolean {
+  if (phase.offeredRps === null) return false;
+  const p99 = percentile(r.latencies, 99);
+  return r.timedOut || r.lost > 0 || r.throughputRps < SATURATED_SHARE * phase.offeredRps || !(p99 <= SATURATED_P99_MS);
+}
+
+/** One system under one scenario: fresh nats-server, worker and system; every phase in turn. */
+async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, quick: boolean): Promise<Row[]> {
+  const rows: Row[] = [];
+  const nats = await startNats();
+  let worker: Awaited<ReturnType<typeof startWorkerProcess>> | undefined;
+  let running: RunningSystem | undefined;
+  let target: NatsLoadTarget | undefined;
+  try {
+    worker = await startWorkerProcess(scenario.device);
+    running = await system.start({
+      natsUrl: nats.url,
+      workerEndpoint: worker.endpoint,
+      model: MODEL,
+      version: VERSION,
+      batch: scenario.batch,
+    });
+    target = await NatsLoadTarget.connect(nats.url, { tenant: TENANT, model: MODEL });
+    const common = {
+      body: requestBody,
+      idleTimeoutMs: IDLE_TIMEOUT_MS,
+      maxWaitMs: PHASE_MAX_WAIT_MS,
+      duplicateGraceMs: DUPLICATE_GRACE_MS,
+    };
+    const warm = await runLoad(
+      target,
+      { kind: "burst", count: quick ? WARMUP_REQUESTS_QUICK : WARMUP_REQUESTS, window: PUBLISH_WINDOW },
+      { ...common, idPrefix: `warm-${scenario.name}`, duplicateGraceMs: 0 },
+    );
+    if (warm.lost > 0 || warm.errors > 0) log(`  warm-up: ${warm.lost} lost, ${warm.errors} errors (continuing)`);
+
+    for (const [i, phase] of plan.phases.entries()) {
+      const started = Date.now();
+      const r = await runLoad(target, phase.schedule, {
+        ...common,
+        idPrefix: `${scenario.name}-p${i}`,
+        onProgress: (answered, count) => {
+          if (Date.now() - started > 5_000 && Math.floor((Date.now() - started) / 1_000) % 5 === 0)
+            log(`  ${phase.label}: ${answered}/${count} answered`);
+        },
+      });
+      const row = toRow(scenario, system.name, phase, r, running.peakRssMb(), peakRssMb(nats.pid));
+      rows.push(row);
+      log(
+        `  ${phase.label}: ${row.throughput_rps.toFixed(0)} rps, p50 ${row.p50_ms ?? "-"} ms, p99 ${row.p99_ms ?? "-"} ms, ` +
+          `lost ${row.lost}, dup ${row.duplicated}, err ${row.errors + row.send_errors}, sent at ${row.sent_rps.toFixed(0)}/s` +
+          `${r.timedOut ? " (timed out waiting)" : ""}`,
+      );
+      if (plan.stopWhenSaturated && saturated(phase, r)) {
+        const left = plan.phases.length - i - 1;
+        if (left > 0) log(`  saturated at ${phase.label}: skipping the ${left} higher step(s)`);
+        break;
+      }
+    }
+    return rows;
+  } finally {
+    await target?.close();
+    await running?.stop().catch((err: unknown) => log(`  stopping ${system.name}: ${(err as Error).message}`));
+    await worker?.proc.stop();
+    await stopNats(nats);
+  }
+}
+
+interface Summary {
+  throughput_ratio_sluice_over_raw: Record<string, number | null>;
+  gpu_sim: { device_max_rps: number; sluice_share_of_max: number | null; raw_share_of_max: number | null } | null;
+  low_load: { worker_single_request_ms: number; p50_minus_worker_ms: Record<string, number | null> } | null;
+  load_sweep_highest_kept_up_rps: Record<string, number | null> | null;
+  burst_100k_peak_rss_mb: Record<string, number | null> | null;
+}
+
+function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } {
+  const lines: string[] = [];
+  const first = (scenario: string, system: string): Row | undefined => rows.find((r) => r.scenario === scenario && r.system === system);
+  const summary: Summary = {
+    throughput_ratio_sluice_over_raw: {},
+    gpu_sim: null,
+    low_load: null,
+    load_sweep_highest_kept_up_rps: null,
+    burst_100k_peak_rss_mb: null,
+  };
+
+  lines.push("throughput, sluice / jetstream-raw:");
+  for (const s of SCENARIOS) {
+    if (s.name === "load-sweep") continue;
+    const a = first(s.name, "sluice");
+    const b = first(s.name, "jetstream-raw");
+    if (!a || !b) continue;
+    const ratio = b.throughput_rps > 0 ? a.throughput_rps / b.throughput_rps : null;
+    summary.throughput_ratio_sluice_over_raw[s.name] = round(ratio, 3);
+    lines.push(`  ${s.name.padEnd(12)} ${a.throughput_rps.toFixed(0)} / ${b.throughput_rps.toFixed(0)} rps = ${ratio === null ? "-" : ratio.toFixed(2)}x`);
+  }
+
+  const gpu = SCENARIOS.find((s) => s.name === "gpu-sim")!;
+  const max = deviceMaxRps(gpu.device, gpu.batch.maxSize);
+  const gs = first("gpu-sim", "sluice");
+  const gr = first("gpu-sim", "jetstream-raw");
+  if (gs || gr) {
+    summary.gpu_sim = {
+      device_max_rps: round(max, 1)!,
+      sluice_share_of_max: gs ? round(gs.throughput_rps / max, 3) : null,
+      raw_share_of_max: gr ? round(gr.throughput_rps / max, 3) : null,
+    };
+    lines.push(
+      `gpu-sim device maximum = ${gpu.batch.maxSize} / (${gpu.device.baseMs} + ${gpu.device.perItemMs} x ${gpu.batch.maxSize}) ms = ${max.toFixed(0)} rps:`,
+    );
+    if (gs) lines.push(`  sluice        ${gs.throughput_rps.toFixed(0)} rps = ${((gs.throughput_rps / max) * 100).toFixed(0)}% of the device maximum`);
+    if (gr)
+      lines.push(
+        `  jetstream-raw ${gr.throughput_rps.toFixed(0)} rps = ${((gr.throughput_rps / max) * 100).toFixed(0)}% ` +
+          `(batch of one: at most ${(1_000 / deviceSingleMs(gpu.device)).toFixed(0)} rps)`,
+      );
+  }
+
+  const low = SCENARIOS.find((s) => s.name === "low-load")!;
+  const single = deviceSingleMs(low.device);
+  const lows = rows.filter((r) => r.scenario === "low-load");
+  if (lows.length > 0) {
+    summary.low_load = { worker_single_request_ms: single, p50_minus_worker_ms: {} };
+    lines.push(`low-load p50 minus the worker's own time for one request (${single} ms):`);
+    for (const r of lows) {
+      const over = r.p50_ms === null ? null : r.p50_ms - single;
+      summary.low_load.p50_minus_worker_ms[r.system] = round(over, 2);
+      lines.push(`  ${r.system.padEnd(13)} p50 ${r.p50_ms ?? "-"} ms -> +${over === null ? "-" : over.toFixed(2)} ms`);
+    }
+  }
+
+  const sweep = rows.filter((r) => r.scenario === "load-sweep");
+  if (sweep.length > 0) {
+    summary.load_sweep_highest_kept_up_rps = {};
+    lines.push("load-sweep, highest step kept up with (>= 90% served, p99 <= 1 s):");
+    for (const system of [...new Set(sweep.map((r) => r.system))]) {
+      const ok = sweep.filter(
+        (r) =>
+          r.system === system &&
+          r.offered_rps !== null &&
+          r.lost === 0 &&
+          r.throughput_rps >= SATURATED_SHARE * r.offered_rps &&
+          r.p99_ms !== null &&
+          r.p99_ms <= SATURATED_P99_MS,
+      );
+      const best = ok.length > 0 ? Math.max(...ok.map((r) => r.offered_rps!)) : null;
+      summary.load_sweep_highest_kept_up_rps[system] = best;
+      lines.push(`  ${system.padEnd(13)} ${best === null ? "none" : `${best} rps`}`);
+    }
+  }
+
+  const big = rows.filter((r) => r.scenario === "burst-100k");
+  if (big.length > 0) {
+    summary.burst_100k_peak_rss_mb = {};
+    lines.push("burst-100k peak RSS (system process; nats-server holds the backlog):");
+    for (const r of big) {
+      summary.burst_100k_peak_rss_mb[r.system] = r.peak_rss_mb;
+      const zero = first("zero-cost", r.system);
+      lines.push(
+        `  ${r.system.padEnd(13)} ${r.peak_rss_mb ?? "-"} MB` +
+          (zero?.peak_rss_mb ? ` (zero-cost run: ${zero.peak_rss_mb} MB, ${zero.requests} requests)` : "") +
+          `; nats-server ${r.nats_peak_rss_mb ?? "-"} MB`,
+      );
+    }
+  }
+  return { summary, lines };
+}
+
+function sweepSeries(rows: readonly Row[]): SweepSeries[] {
+  const sweep = rows.filter((r) => r.offered_rps !== null && r.scenario === "load-sweep");
+  return [...new Set(sweep.map((r) => r.system))].map((system) => ({
+    system,
+    points: sweep
+      .filter((r) => r.system === system)
+      .map((r) => ({ offered: r.offered_rps!, p50: r.p50_ms ?? Number.NaN, p99: r.p99_ms ?? Number.NaN, throughput: r.throughput_rps })),
+  }));
+}
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      scenario: { type: "string", multiple: true },
+      system: { type: "string", multiple: true },
+      quick: { type: "boolean", default: false },
+      requests: { type: "string" },
+      "max-minutes": { type: "string" },
+      out: { type: "string" },
+      list: { type: "boolean", default: false },
+      help: { type: "boolean", short: "h", default: false },
+    },
+    strict: true,
+  });
+  if (values.help || values.list) {
+    console.log(usage());
+    return 0;
+  }
+  const quick = values.quick === true;
+  const requests = values.requests !== undefined ? Number(values.requests) : undefined;
+  if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
+  const unknown = (values.scenario ?? []).filter((n) => !SCENARIOS.some((s) => s.name === n));
+  if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
+  const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
+  if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
+  const maxMinutes = Number(values["max-minutes"] ?? (quick ? QUICK_MAX_MINUTES : DEFAULT_MAX_MINUTES));
+  const outDir = values.out ?? join(ROOT, "bench", "results");
+
+  // The benchmark stops by itself, whatever hangs.
+  const watchdog = setTimeout(() => {
+    log(`gave up after ${maxMinutes} minutes (--max-minutes); stopping everything`);
+    void stopAll().finally(() => process.exit(2));
+  }, maxMinutes * 60_000);
+  watchdog.unref();
+
+  const explicit = values.scenario !== undefined;
+  const scenarios = SCENARIOS.filter((s) => (explicit ? values.scenario!.includes(s.name) : !(quick && s.skipInQuick)));
+  const systems = SYSTEMS.filter((s) => values.system === undefined || values.system.includes(s.name));
+  const natsVersion = natsServerVersion();
+  const machine = {
+    cores: cpus().length,
+    memory_gb: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    node: process.version,
+    nats_server: natsVersion,
+    /** Load average when the run began: other work on the machine skews every number. */
+    load_avg_1m: Math.round(loadavg()[0]! * 100) / 100,
+  };
+  log(`machine: ${machine.cores} cores, ${machine.memory_gb} GB, node ${machine.node}, nats-server ${machine.nats_server}${quick ? " (quick)" : ""}`);
+  if (machine.load_avg_1m > machine.cores / 2)
+    log(`warning: load average ${machine.load_avg_1m} on ${machine.cores} cores before the run; other processes will skew the numbers`);
+
+  const rows: Row[] = [];
+  const failures: Failure[] = [];
+  const skipped: Array<{ scenario: string; system: string; reason: string }> = [];
+  const startedAt = Date.now();
+  for (const scenario of scenarios) {
+    const plan = scenario.plan({ quick, ...(requests !== undefined ? { requests } : {}) });
+    for (const system of systems) {
+      const reason = scenario.skipSystem?.(system.name, plan, rows);
+      if (reason) {
+        log(`${scenario.name} / ${system.name}: skipped: ${reason}`);
+        skipped.push({ scenario: scenario.name, system: system.name, reason });
+        continue;
+      }
+      log(`${scenario.name} / ${system.name}`);
+      try {
+        rows.push(...(await runSystem(scenario, plan, system, quick)));
+      } catch (err) {
+        const msg = (err as Error)?.stack ?? String(err);
+        log(`${scenario.name} / ${system.name} failed: ${msg}`);
+        failures.push({ scenario: scenario.name, system: system.name, error: (err as Error)?.message ?? String(err) });
+      }
+    }
+  }
+  const elapsedS = (Date.now() - startedAt) / 1_000;
+
+  console.log("");
+  console.log(renderTable(rows));
+  console.log("");
+  const { summary, lines } = summarize(rows);
+  console.log(lines.join("\n"));
+  for (const s of skipped) console.log(`skipped ${s.scenario} / ${s.system}: ${s.reason}`);
+  for (const f of failures) console.log(`FAILED ${f.scenario} / ${f.system}: ${f.error.split("\n")[0]}`);
+  console.log(
+    `\n${machine.cores} cores, ${machine.memory_gb} GB, node ${machine.node}, nats-server ${machine.nats_server}; ` +
+      `load average ${machine.load_avg_1m} at start (${loadavg()[0]!.toFixed(2)} at end); ${elapsedS.toFixed(0)} s`,
+  );
+
+  await mkdir(outDir, { recursive: true });
+  const sweepScenario = SCENARIOS.find((s) => s.name === "load-sweep")!;
+  const result = {
+    date: new Date().toISOString(),
+    machine,
+    quick,
+    elapsed_s: Math.round(elapsedS),
+    scenarios: scenarios.map((s) => ({
+      name: s.name,
+      description: s.description,
+      device: { base_ms: s.device.baseMs, per_item_ms: s.device.perItemMs },
+      batch: { max_size: s.batch.maxSize, max_delay_ms: s.batch.maxDelayMs },
+    })),
+    systems: systems.map((s) => ({ name: s.name, description: s.description })),
+    rows,
+    summary,
+    skipped,
+    failures,
+  };
+  await writeFile(join(outDir, "latest.json"), JSON.stringify(result, null, 2) + "\n");
+  await writeFile(
+    join(outDir, "latency-vs-load.svg"),
+    renderLatencySvg({
+      title: "sluice: latency against offered load",
+      subtitle: `load-sweep: device ${sweepScenario.device.baseMs} ms + ${sweepScenario.device.perItemMs} ms/item, batches <= ${sweepScenario.batch.maxSize}; ${machine.cores} cores, ${new Date().toISOString().slice(0, 10)}`,
+      series: sweepSeries(rows),
+      deviceMaxRps: deviceMaxRps(sweepScenario.device, sweepScenario.batch.maxSize),
+    }) + "\n",
+  );
+  console.log(`wrote ${join(outDir, "latest.json")} and ${join(outDir, "latency-vs-load.svg")}`);
+  clearTimeout(watchdog);
+  return failures.length > 0 ? 1 : 0;
+}
+
+let exiting = false;
+const shutdown = (signal: NodeJS.Signals): void => {
+  if (exiting) return;
+  exiting = true;
+  log(`${signal}: stopping everything`);
+  void stopAll().finally(() => process.exit(130));
+};
+process.once("SIGINT", shutdown);
+process.once("SIGTERM", shutdown);
+// Whatever path leads out, no child outlives the benchmark.
+process.on("exit", killAllNow);
+
+main()
+  .catch((err: unknown): number => {
+    log(`failed: ${(err as Error)?.stack ?? String(err)}`);
+    return 1;
+  })
+  .then(async (code) => {
+    await stopAll();
+    process.exit(code);
+  })
+  .catch(() => process.exit(1));

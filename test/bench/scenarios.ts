@@ -1,0 +1,145 @@
+/**
+ * Benchmark scenarios: a simulated device, the model's batch settings, and the load as one or
+ * more phases. Every system runs the same phases against the same kind of worker.
+ */
+import type { Schedule } from "./load.js";
+
+/** The simulated device: one batch at a time, each costing `baseMs + perItemMs × size`. */
+export interface Device {
+  readonly baseMs: number;
+  readonly perItemMs: number;
+}
+
+export interface BatchSettings {
+  readonly maxSize: number;
+  readonly maxDelayMs: number;
+}
+
+/** One measured stretch of load; one row of the results per system. */
+export interface Phase {
+  readonly label: string;
+  /** Offered load, requests/s, for a rate-driven phase; null for a burst. */
+  readonly offeredRps: number | null;
+  readonly schedule: Schedule;
+}
+
+export interface PlanOptions {
+  readonly quick: boolean;
+  /** `--requests N`: the size of each burst. */
+  readonly requests?: number;
+}
+
+export interface Plan {
+  readonly phases: Phase[];
+  /** A sweep: stop a system's remaining phases once it can no longer keep up. */
+  readonly stopWhenSaturated: boolean;
+}
+
+/** What earlier scenarios of this run measured, for scenarios that decide what to run. */
+export interface EarlierRow {
+  readonly scenario: string;
+  readonly system: string;
+  readonly throughput_rps: number;
+}
+
+export interface Scenario {
+  readonly name: string;
+  readonly description: string;
+  readonly device: Device;
+  readonly batch: BatchSettings;
+  /** Not run with --quick. */
+  readonly skipInQuick?: boolean;
+  plan(o: PlanOptions): Plan;
+  /** Why a system is left out of this scenario, or undefined to run it. */
+  skipSystem?(system: string, plan: Plan, earlier: readonly EarlierRow[]): string | undefined;
+}
+
+/** Sends awaiting their acknowledgement at once, for every schedule. */
+export const PUBLISH_WINDOW = 1_000;
+const BATCH: BatchSettings = { maxSize: 32, maxDelayMs: 5 };
+const ZERO_COST: Device = { baseMs: 0, perItemMs: 0 };
+const GPU_SIM: Device = { baseMs: 8, perItemMs: 0.5 };
+
+/** Highest rate the device can reach: full batches back to back, requests/s. */
+export function deviceMaxRps(d: Device, maxBatch: number): number {
+  const batchMs = d.baseMs + d.perItemMs * maxBatch;
+  return batchMs > 0 ? (maxBatch / batchMs) * 1_000 : Number.POSITIVE_INFINITY;
+}
+
+/** Time the device takes for a batch of one request, ms. */
+export function deviceSingleMs(d: Device): number {
+  return d.baseMs + d.perItemMs;
+}
+
+const burst = (count: number): Phase => ({
+  label: `burst ${count}`,
+  offeredRps: null,
+  schedule: { kind: "burst", count, window: PUBLISH_WINDOW },
+});
+
+const sustained = (rate: number, seconds: number): Phase => ({
+  label: `${rate}/s for ${seconds}s`,
+  offeredRps: rate,
+  schedule: { kind: "sustained", rate, seconds, window: PUBLISH_WINDOW },
+});
+
+/** Longest a raw-loop run of burst-100k may be expected to take before it is left out, s. */
+const RAW_BURST_BUDGET_S = 90;
+
+export const SCENARIOS: readonly Scenario[] = [
+  {
+    name: "zero-cost",
+    description: "worker costs nothing: the overhead of the path itself (queue, pipeline, gRPC, result publish); one burst",
+    device: ZERO_COST,
+    batch: BATCH,
+    plan: (o) => ({ phases: [burst(o.requests ?? (o.quick ? 5_000 : 20_000))], stopWhenSaturated: false }),
+  },
+  {
+    name: "gpu-sim",
+    description: `GPU-like device (${GPU_SIM.baseMs} ms + ${GPU_SIM.perItemMs} ms/item, batches of up to ${BATCH.maxSize}) saturated by a burst`,
+    device: GPU_SIM,
+    batch: BATCH,
+    plan: (o) => ({ phases: [burst(o.requests ?? (o.quick ? 1_500 : 4_000))], stopWhenSaturated: false }),
+  },
+  {
+    name: "low-load",
+    description: "GPU-like device at a trickle of 20 req/s: latency when idle against the device's own time for one request",
+    device: GPU_SIM,
+    batch: BATCH,
+    plan: (o) => ({ phases: [sustained(20, o.quick ? 3 : 6)], stopWhenSaturated: false }),
+  },
+  {
+    name: "load-sweep",
+    description: "GPU-like device under rising steady load (step schedule); a system stops at the first step it cannot keep up with",
+    device: GPU_SIM,
+    batch: BATCH,
+    plan: (o) => ({
+      phases: o.quick
+        ? [100, 400, 800, 1_200].map((r) => sustained(r, 2))
+        : [100, 200, 400, 600, 800, 1_000, 1_200, 1_400].map((r) => sustained(r, 3)),
+      stopWhenSaturated: true,
+    }),
+  },
+  {
+    name: "burst-100k",
+    description: "100,000 requests into an empty system, zero-cost worker: does memory stay flat while the backlog waits in JetStream?",
+    device: ZERO_COST,
+    batch: BATCH,
+    skipInQuick: true,
+    plan: (o) => ({ phases: [burst(o.requests ?? 100_000)], stopWhenSaturated: false }),
+    skipSystem(system, plan, earlier) {
+      if (system === "sluice") return undefined;
+      const count = plan.phases[0]?.schedule.kind === "burst" ? plan.phases[0].schedule.count : 0;
+      const zero = earlier.find((r) => r.scenario === "zero-cost" && r.system === system);
+      if (!zero) return "its zero-cost throughput was not measured in this run (run zero-cost too to decide)";
+      const estimateS = count / Math.max(1, zero.throughput_rps);
+      if (estimateS > RAW_BURST_BUDGET_S) return `estimated ${estimateS.toFixed(0)} s at its zero-cost rate (budget ${RAW_BURST_BUDGET_S} s)`;
+      return undefined;
+    },
+  },
+];
+
+/** Same bytes for every system: request n of a phase. */
+export function requestBody(n: number): Uint8Array {
+  return new TextEncoder().encode(JSON.stringify({ prompt: `bench request ${n}: write a haiku about queues`, parameters: { max_tokens: 16 } }));
+}

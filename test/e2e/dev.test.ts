@@ -1,0 +1,30 @@
+/** `sluice dev` (what `npm run dev` runs) starts everything and answers a request sent with the CLI. */
+import { expect } from "chai";
+import { runCli } from "../support/process.js";
+
+describe("sluice dev", function () {
+  this.timeout(90_000);
+
+  it("prints ready with the server URL, answers `sluice publish`, and stops cleanly on SIGINT", async () => {
+    const dev = runCli(["dev"]);
+    try {
+      const m = await dev.waitFor(/ready.*?(nats:\/\/127\.0\.0\.1:\d+)/, 60_000);
+      const url = m[1]!;
+      const pub = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "echo", "--prompt", "hello sluice"]);
+      expect(await pub.exited).to.equal(0);
+      const line = pub.output().trim().split("\n").pop()!;
+      const r = JSON.parse(line) as { status: string; output: { text: string }; model: string };
+      expect(r.status).to.equal("ok");
+      expect(r.model).to.equal("echo");
+      expect(r.output.text).to.equal("hello sluice");
+
+      const bad = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "nope", "--prompt", "x"]);
+      expect(await bad.exited).to.equal(1);
+      expect(bad.output()).to.contain("NOT_FOUND");
+      dev.kill("SIGINT");
+      expect(await dev.exited).to.equal(0);
+    } finally {
+      dev.kill("SIGKILL");
+    }
+  });
+});
