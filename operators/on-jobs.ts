@@ -1,4 +1,4 @@
-import { filter, merge, share, type OperatorFunction } from "rxjs";
+import { connect, filter, merge, type OperatorFunction } from "rxjs";
 import { isOutcome } from "./outcome.js";
 import type { InferJob, Outcome } from "./types.js";
 
@@ -13,8 +13,7 @@ import type { InferJob, Outcome } from "./types.js";
  * ```
  */
 export function onJobs<J extends InferJob, R>(op: OperatorFunction<J, R>): OperatorFunction<J | Outcome, R | Outcome> {
-  return (source) => {
-    const shared = source.pipe(share());
-    return merge(shared.pipe(filter(isOutcome)), shared.pipe(filter((x): x is J => !isOutcome(x)), op));
-  };
+  // connect, not share: both branches are subscribed before the source starts, so a source
+  // that emits on subscribe does not give everything to the first branch.
+  return connect((shared) => merge(shared.pipe(filter(isOutcome)), shared.pipe(filter((x): x is J => !isOutcome(x)), op)));
 }

@@ -158,7 +158,10 @@ export class WorkerServer {
     const address = hostPort(worker.host, opts.port ?? 0);
     worker.boundPort = await new Promise<number>((resolve, reject) => {
       server.bindAsync(address, grpc.ServerCredentials.createInsecure(), (err, port) => {
-        if (err) reject(new WorkerServerError("BIND_FAILED", `cannot bind ${address}: ${err.message}`, { cause: err }));
+        if (err) {
+          server.forceShutdown();
+          reject(new WorkerServerError("BIND_FAILED", `cannot bind ${address}: ${err.message}`, { cause: err }));
+        }
         else resolve(port);
       });
     });

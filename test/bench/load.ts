@@ -13,8 +13,11 @@ import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 export interface LoadTarget {
   /** Sends one request; resolves once the system has accepted it (stored, for a queue). */
   send(id: string, body: Uint8Array): Promise<void>;
-  /** Calls `onResult` for every result from now on; resolves once listening. */
-  listen(onResult: (id: string, ok: boolean) => void): Promise<void>;
+  /**
+   * Calls `onResult` for every result from now on; resolves once listening. `batchSize` is the
+   * size of the batch the request ran in, when the result says so.
+   */
+  listen(onResult: (id: string, ok: boolean, batchSize?: number) => void): Promise<void>;
   /** Stops listening. */
   unlisten(): void;
   close(): Promise<void>;
@@ -69,6 +72,8 @@ export interface LoadResult {
   readonly sentRps: number;
   /** Answered requests per second, from the first send to the last first answer. */
   readonly throughputRps: number;
+  /** Mean size of the batches the answered requests ran in, by request; NaN when results do not say. */
+  readonly meanBatchSize: number;
   /** Latency of each answered request, ms, sorted. */
   readonly latencies: Float64Array;
   readonly durationMs: number;
@@ -88,8 +93,10 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
   let duplicated = 0;
   let lastProgressAt = performance.now();
   let lastAnswerAt = 0;
+  let batchSizeSum = 0;
+  let batchSizeCount = 0;
 
-  await target.listen((id, ok) => {
+  await target.listen((id, ok, batchSize) => {
     if (!id.startsWith(prefix)) return;
     const n = Number(id.slice(prefix.length));
     if (!Number.isInteger(n) || n < 0 || n >= count) return;
@@ -101,6 +108,10 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
     answeredAt[n] = now;
     answered++;
     if (!ok) errors++;
+    if (batchSize !== undefined) {
+      batchSizeSum += batchSize;
+      batchSizeCount++;
+    }
     lastProgressAt = now;
     lastAnswerAt = now;
   });
@@ -178,6 +189,7 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
       duplicated,
       sentRps: (count / sendSpanMs) * 1_000,
       throughputRps: (answered / spanMs) * 1_000,
+      meanBatchSize: batchSizeCount > 0 ? batchSizeSum / batchSizeCount : Number.NaN,
       latencies: lat,
       durationMs: performance.now() - t0,
       timedOut,
@@ -200,6 +212,8 @@ export function percentile(sorted: Float64Array, p: number): number {
  * with `Nats-Msg-Id`; results on a core subscription of `infer.res.<tenant>.>`, judged by
  * their `Infer-Status` header.
  */
+const BATCH_SIZE_RE = /"batch_size":(\d+)/;
+
 export class NatsLoadTarget implements LoadTarget {
   private sub: Subscription | undefined;
   private readonly js: JetStreamClient;
@@ -224,13 +238,15 @@ export class NatsLoadTarget implements LoadTarget {
     await this.js.publish(`infer.req.${this.priority}.${this.tenant}.${this.model}`, body, { msgID: id, headers: h, timeout: 30_000 });
   }
 
-  async listen(onResult: (id: string, ok: boolean) => void): Promise<void> {
+  async listen(onResult: (id: string, ok: boolean, batchSize?: number) => void): Promise<void> {
     this.unlisten();
     this.sub = this.nc.subscribe(`infer.res.${this.tenant}.>`, {
       callback: (err, msg) => {
         if (err) return;
         const id = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
-        onResult(id, msg.headers?.get("Infer-Status") === "ok");
+        // A regular expression, not JSON.parse: the generator must stay cheap at high rates.
+        const m = BATCH_SIZE_RE.exec(msg.string());
+        onResult(id, msg.headers?.get("Infer-Status") === "ok", m ? Number(m[1]) : undefined);
       },
     });
     // The subscription is known to the server before the first request goes out.

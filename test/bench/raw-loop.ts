@@ -98,7 +98,7 @@ async function main(): Promise<void> {
       );
       const item = reply.results[0];
       result = item
-        ? { id, status: item.status, model, version, output: item.output, usage: item.usage, error: item.error }
+        ? { id, status: item.status, model, version, output: item.output, usage: item.usage, error: item.error, timing: { batch_size: 1 } }
         : { id, status: "error", error: { code: "INTERNAL", message: "no result" } };
     } catch (err) {
       result = { id, status: "error", error: { code: "INTERNAL", message: (err as Error).message } };

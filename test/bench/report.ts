@@ -20,6 +20,8 @@ export interface Row {
   errors: number;
   /** Sends the broker did not accept (not counted as lost). */
   send_errors: number;
+  /** Mean batch size the requests ran in (from the results' timing); null when the system does not say. */
+  mean_batch: number | null;
   /** Rate at which the load generator got its requests accepted, per second. */
   sent_rps: number;
   /** VmHWM of the system's process, MB. */
@@ -39,7 +41,7 @@ function fmt(v: number | null, digits = 1): string {
 
 /** A plain-text table with right-aligned numbers. */
 export function renderTable(rows: readonly Row[]): string {
-  const header = ["scenario", "system", "phase", "requests", "rps", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "dup", "err", "rss MB"];
+  const header = ["scenario", "system", "phase", "requests", "rps", "p50 ms", "p90 ms", "p99 ms", "max ms", "lost", "dup", "err", "batch", "rss MB"];
   const body = rows.map((r) => [
     r.scenario,
     r.system,
@@ -53,6 +55,7 @@ export function renderTable(rows: readonly Row[]): string {
     String(r.lost),
     String(r.duplicated),
     String(r.errors + r.send_errors),
+    fmt(r.mean_batch),
     fmt(r.peak_rss_mb, 0),
   ]);
   const widths = header.map((h, i) => Math.max(h.length, ...body.map((b) => b[i]!.length)));

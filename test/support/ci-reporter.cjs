@@ -13,8 +13,8 @@ class CiReporter extends Mocha.reporters.Spec {
     runner.on(EVENT_TEST_FAIL, () => failed++);
     runner.on(EVENT_TEST_PENDING, () => skipped++);
     runner.once(EVENT_RUN_END, () => {
-      // After the spec reporter's own epilogue.
-      setImmediate(() => process.stdout.write(`\n${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}\n`));
+      // Registered after the spec reporter's epilogue, so it prints last.
+      process.stdout.write(`\n${passed} passed, ${failed} failed${skipped ? `, ${skipped} skipped` : ""}\n`);
     });
   }
 }
