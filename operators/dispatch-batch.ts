@@ -26,10 +26,13 @@ export class DispatchError extends Error {
     message: string,
     readonly code: ErrorCode,
     readonly retriable: boolean,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; noWorker?: boolean },
   ) {
     super(message, options);
+    this.noWorker = options?.noWorker === true;
   }
+  /** No worker could take the call at all (none registered, none healthy): worth waiting for one. */
+  readonly noWorker: boolean;
 }
 
 export interface BatchDispatcher {
@@ -38,6 +41,11 @@ export interface BatchDispatcher {
 
 export interface DispatchBatchOptions {
   now?: () => number;
+  /**
+   * When no worker can take a batch, its requests wait (redelivered with backoff) until their
+   * deadline, or until this long after they were published when they have none.
+   */
+  waitForWorkerMs?: (model: string) => number;
   retryBaseMs?: number;
   retryMaxMs?: number;
 }
@@ -124,12 +132,16 @@ export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOp
               return { kind: "result", job, result: errorResult(job, "DEADLINE_EXCEEDED", "deadline passed while the worker was running the request") };
             }
             if (e.retriable) {
-              return {
+              const retry: Outcome = {
                 kind: "retry",
                 job,
                 delayMs: retryDelayMs(job.delivery.deliveryCount, base, max),
                 lastResort: errorResult(job, e.code, e.message),
+                ...(e.noWorker && opts.waitForWorkerMs
+                  ? { waitUntilMs: job.deadlineMs ?? job.delivery.storedAtMs + opts.waitForWorkerMs(job.model) }
+                  : {}),
               };
+              return retry;
             }
             return { kind: "result", job, result: errorResult(job, e.code, e.message) };
           });

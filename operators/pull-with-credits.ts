@@ -105,7 +105,8 @@ export function pullWithCredits(source: PullSource, opts: PullWithCreditsOptions
       if (closed || draining || retryTimer !== undefined) return;
       const free = max - unsettled - requested;
       if (free <= 0) return;
-      if (pulls.size > 0 && free < minPull) return;
+      // `requested`, not `pulls`: a pull still being opened is outstanding too.
+      if (requested > 0 && free < minPull) return;
       void pullOnce(free);
     };
 
@@ -120,6 +121,8 @@ export function pullWithCredits(source: PullSource, opts: PullWithCreditsOptions
           return;
         }
         pulls.add(batch);
+        // A drain that began while this pull was being opened: end it now, not at its expiry.
+        if (draining) void batch.close().catch(() => undefined);
         for await (const m of batch) {
           got++;
           requested--;

@@ -41,6 +41,7 @@ export interface SettleOutcomesOptions {
   concurrency?: number;
   retryBaseMs?: number;
   retryMaxMs?: number;
+  now?: () => number;
 }
 
 /**
@@ -89,8 +90,13 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         return publishResult(o, o.job, o.result, o.deadLetter === true);
       case "retry": {
         const d = o.job.delivery;
-        if (d.deliveryCount < opts.maxDeliver) {
-          d.nak(o.delayMs);
+        // Waiting for a worker: retry until the wait ends (the last retry lands right at its
+        // end, so a request with a deadline is answered DEADLINE_EXCEEDED at its deadline).
+        // Otherwise: retry until the delivery count runs out.
+        const remaining = o.waitUntilMs !== undefined ? o.waitUntilMs - (opts.now ?? Date.now)() : 0;
+        const again = o.waitUntilMs !== undefined ? remaining > 0 : d.deliveryCount < opts.maxDeliver;
+        if (again) {
+          d.nak(o.waitUntilMs !== undefined ? Math.max(1, Math.min(o.delayMs, Math.ceil(remaining))) : o.delayMs);
           return { outcome: o, action: "nak", deadLettered: false };
         }
         const last = o.lastResort.error

@@ -74,6 +74,11 @@ export interface InferJob {
   readonly delivery: Delivery;
   /** The version chosen by routing; set by the route step. */
   readonly version?: string;
+  /**
+   * A shadow copy: sent to the model's shadow version for comparison. Its result never reaches
+   * the client and its delivery is not the request's (settling it does nothing).
+   */
+  readonly shadow?: boolean;
 }
 
 /** A job whose model version has been chosen. */
@@ -142,6 +147,11 @@ export type Outcome =
       readonly job: InferJob;
       readonly delayMs: number;
       readonly lastResort: InferResult;
+      /**
+       * Keep retrying until this time (epoch ms) whatever the delivery count: the request waits
+       * for a worker to appear rather than failing after a few deliveries.
+       */
+      readonly waitUntilMs?: number;
     }
   | {
       readonly kind: "dead";

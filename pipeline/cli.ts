@@ -12,7 +12,7 @@
 import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { connect } from "@nats-io/transport-node";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { SimulatedEngine } from "../worker/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client.js";
@@ -20,6 +20,7 @@ import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./co
 import { DevStack } from "./dev.js";
 import { ModelRegistry, parseModelSpec } from "./registry.js";
 import { PipelineService } from "./service.js";
+import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./worker-directory.js";
 import type { Priority } from "../operators/types.js";
 
 const USAGE = `usage: sluice <command> [options]
@@ -30,6 +31,7 @@ commands:
   worker    run a gRPC worker with the simulated engine
   publish   send requests and print their results (JSON lines)
   models    list | get <model> | set <model> <json> | rm <model>
+  workers   list (registered workers)
 
 common options:
   --server URL   NATS server (default: $NATS_URL or ${DEFAULT_NATS_URL})
@@ -120,8 +122,16 @@ async function cmdWorker(args: string[]): Promise<number> {
     "base-ms": { type: "string" },
     "per-item-ms": { type: "string" },
     id: { type: "string" },
+    register: { type: "string" },
+    advertise: { type: "string" },
+    capacity: { type: "string" },
   });
-  if (v.help) return usage("sluice worker [--host H] [--port N] [--base-ms N] [--per-item-ms N] [--id NAME]");
+  if (v.help)
+    return usage(
+      "sluice worker [--host H] [--port N] [--base-ms N] [--per-item-ms N] [--id NAME]\n" +
+        "              [--register model@version,... [--advertise host:port] [--capacity N] --server URL]\n" +
+        "  --register: write this worker into the registry (bucket infer_workers) and keep it fresh",
+    );
   const baseMs = intOpt(v, "base-ms");
   const perItemMs = intOpt(v, "per-item-ms");
   const port = intOpt(v, "port");
@@ -135,8 +145,27 @@ async function cmdWorker(args: string[]): Promise<number> {
     ...(port !== undefined ? { port } : {}),
     ...(v.id ? { workerId: v.id as string } : {}),
   });
-  console.log(`sluice worker ready: ${server.endpoint} (simulated engine)`);
+  let registration: WorkerRegistration | undefined;
+  let nc: NatsConnection | undefined;
+  if (v.register) {
+    const serves = (v.register as string).split(",").map((s) => {
+      const m = /^([^@\s]+)@([^@\s]+)$/.exec(s.trim());
+      if (!m) throw new ConfigError(`--register takes model@version,...; got '${s}'`);
+      return { model: m[1]!, version: m[2]! };
+    });
+    nc = await connect({ servers: serverOf(v), name: `sluice-worker-${server.workerId}`, maxReconnectAttempts: -1 });
+    registration = await WorkerRegistration.start(nc, {
+      workerId: server.workerId,
+      endpoint: (v.advertise as string | undefined) ?? server.endpoint,
+      capacity: intOpt(v, "capacity") ?? engine.capacity,
+      serves,
+      onError: (err) => console.error(`sluice worker: registration refresh failed: ${(err as Error).message}`),
+    });
+  }
+  console.log(`sluice worker ready: ${server.endpoint} (simulated engine)${registration ? ", registered" : ""}`);
   await untilSignal();
+  await registration?.stop();
+  await nc?.drain();
   await server.stop();
   await engine.close();
   return 0;
@@ -282,6 +311,28 @@ async function cmdModels(args: string[]): Promise<number> {
   }
 }
 
+async function cmdWorkers(args: string[]): Promise<number> {
+  const { values: v, positionals } = parse(args, {});
+  if (v.help || positionals[0] !== "list") return usage("sluice workers list");
+  const nc = await connect({ servers: serverOf(v), name: "sluice-cli" });
+  try {
+    const kv = await openWorkersBucket(nc);
+    const keys = await kv.keys();
+    console.log("model\tversion\tworker\tendpoint\tcapacity\tage_s");
+    for await (const k of keys) {
+      const e = await kv.get(k);
+      const key = parseWorkerKey(k);
+      if (!e || e.operation !== "PUT" || !key) continue;
+      const val = e.json<{ endpoint?: string; capacity?: number }>();
+      const age = ((Date.now() - e.created.getTime()) / 1000).toFixed(1);
+      console.log(`${key.model}\t${key.version}\t${key.workerId}\t${val.endpoint ?? "?"}\t${val.capacity ?? "?"}\t${age}`);
+    }
+    return 0;
+  } finally {
+    await nc.close();
+  }
+}
+
 function usage(text: string): number {
   console.log(text);
   return 0;
@@ -300,6 +351,8 @@ export async function main(argv: string[]): Promise<number> {
       return cmdPublish(rest);
     case "models":
       return cmdModels(rest);
+    case "workers":
+      return cmdWorkers(rest);
     case undefined:
     case "help":
     case "--help":

@@ -49,6 +49,10 @@ export interface PipelineSettings {
   /** Default call timeout when a model sets none. */
   defaultTimeoutMs: number;
   priorities: Priority[];
+  /** Period of gRPC health checks of each worker; 0 turns them off. */
+  healthIntervalMs: number;
+  /** A registered worker that has not refreshed its entry for this long is dropped. */
+  workerTtlMs: number;
 }
 
 export interface StaticWorker {
@@ -101,6 +105,8 @@ export function defaultConfig(): SluiceConfig {
       retryMaxMs: 10_000,
       defaultTimeoutMs: 30_000,
       priorities: ["high", "normal", "low"],
+      healthIntervalMs: 1_000,
+      workerTtlMs: 15_000,
     },
     models: {},
     workers: [],

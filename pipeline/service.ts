@@ -5,7 +5,7 @@
  */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { map, merge, pipe, Subject, type Observable, type Subscription } from "rxjs";
+import { filter, map, merge, mergeMap, pipe, share, Subject, tap, type Observable, type Subscription } from "rxjs";
 import { admitByDeadline } from "../operators/admit-by-deadline.js";
 import { batchByModelVersion } from "../operators/batch-by-model-version.js";
 import { decodeRequest } from "../operators/decode-request.js";
@@ -14,11 +14,14 @@ import { onJobs } from "../operators/on-jobs.js";
 import { pullWithCredits } from "../operators/pull-with-credits.js";
 import { routeToVersion } from "../operators/route-to-version.js";
 import { settleOutcomes, type Settled } from "../operators/settle-outcome.js";
-import type { Delivery, InferJob, Outcome, Priority } from "../operators/types.js";
+import { withShadowCopies } from "../operators/with-shadow-copies.js";
+import type { Delivery, InferJob, InferResult, Outcome, Priority, RoutedJob } from "../operators/types.js";
 import type { SluiceConfig } from "./config.js";
 import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
+import { subjects } from "./subjects.js";
+import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
 import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
 
@@ -53,10 +56,12 @@ export interface PipelineStats {
   byAction: Record<string, number>;
   byStatus: Record<string, number>;
   pullErrors: number;
+  shadowPublished: number;
+  shadowSkipped: number;
 }
 
 export class PipelineService {
-  readonly stats: PipelineStats = { unsettled: {}, maxUnsettled: {}, settled: 0, byAction: {}, byStatus: {}, pullErrors: 0 };
+  readonly stats: PipelineStats = { unsettled: {}, maxUnsettled: {}, settled: 0, byAction: {}, byStatus: {}, pullErrors: 0, shadowPublished: 0, shadowSkipped: 0 };
   private readonly settledSubject = new Subject<Settled>();
   private readonly drainSignal = new Subject<void>();
   private readonly drained = new Subject<void>();
@@ -71,6 +76,7 @@ export class PipelineService {
     readonly jsm: JetStreamManager,
     readonly registry: ModelRegistry,
     readonly pool: WorkerPool,
+    readonly directory: WorkerDirectory,
     private readonly log: PipelineLogger,
   ) {}
 
@@ -98,9 +104,19 @@ export class PipelineService {
         batchesPerWorker: config.pipeline.batchesPerWorker,
         timeoutMs: (model) => registry.table.timeoutMs(model),
         connect: opts.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
+        healthIntervalMs: config.pipeline.healthIntervalMs,
+        onEvent: (e) => {
+          if (e.type === "unhealthy" || e.type === "ejected" || e.type === "retry-budget-exhausted") log.warn(`worker pool: ${JSON.stringify(e)}`);
+          else if (e.type !== "retry") log.info(`worker pool: ${JSON.stringify(e)}`);
+        },
       });
-      for (const w of config.workers) pool.add(w.model, w.version, w.endpoint);
-      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, log);
+      for (const w of config.workers) pool.add(w.model, w.version, w.endpoint, w.capacity);
+      const directory = await WorkerDirectory.start(nc, pool, {
+        ttlMs: config.pipeline.workerTtlMs,
+        replicas: config.streams.replicas,
+        onInvalid: (key, why) => log.warn(`worker registry: ignoring '${key}': ${why}`),
+      });
+      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log);
       await svc.run();
       return svc;
     } catch (err) {
@@ -133,36 +149,66 @@ export class PipelineService {
 
     const table = this.registry.table;
     const sink = new StreamResultSink(this.js, this.jsm);
-    this.subscription = merge(...sources)
-      .pipe(
-        decodeRequest({ maxPayloadBytes: p.maxPayloadBytes }),
-        map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
-        onJobs(map((job) => giveUpAfter(job, c.maxDeliver))),
-        onJobs(admitByDeadline()),
-        onJobs(routeToVersion((job) => table.resolve(job.model, job.pinnedVersion, job.id))),
-        onJobs(
-          pipe(
-            batchByModelVersion({
-              settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
-              hasIdleCapacity: (key) => this.pool.hasIdleCapacity(key),
-              capacityFreed$: this.pool.capacityFreed$,
-            }),
-            dispatchBatch(this.pool, { retryBaseMs: p.retryBaseMs, retryMaxMs: p.retryMaxMs }),
-          ),
+    const outcomes$ = merge(...sources).pipe(
+      decodeRequest({ maxPayloadBytes: p.maxPayloadBytes }),
+      map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+      onJobs(admitByDeadline()),
+      onJobs(routeToVersion((job) => table.resolve(job.model, job.pinnedVersion, job.id))),
+      onJobs(map((job: RoutedJob) => giveUpAfter(job, c.maxDeliver, table.timeoutMs(job.model)))),
+      onJobs(
+        pipe(
+          withShadowCopies({
+            shadowVersionOf: (job) => table.get(job.model)?.shadow,
+            maxInFlight: p.maxInFlight,
+            onSkipped: () => this.stats.shadowSkipped++,
+          }),
+          batchByModelVersion({
+            settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
+            hasIdleCapacity: (key) => this.pool.hasIdleCapacity(key),
+            capacityFreed$: this.pool.capacityFreed$,
+          }),
+          dispatchBatch(this.pool, {
+            retryBaseMs: p.retryBaseMs,
+            retryMaxMs: p.retryMaxMs,
+            waitForWorkerMs: (model) => table.timeoutMs(model),
+          }),
         ),
-        settleOutcomes(sink, {
-          maxDeliver: c.maxDeliver,
-          concurrency: p.publishConcurrency,
-          retryBaseMs: p.retryBaseMs,
-          retryMaxMs: p.retryMaxMs,
-        }),
-      )
-      .subscribe({
-        next: (s) => this.noteSettled(s),
-        error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
-        complete: () => this.drained.next(),
-      });
+      ),
+      share(),
+    );
+    const shadow$ = outcomes$.pipe(
+      filter((o) => o.kind !== "dead" && o.job.shadow === true),
+      mergeMap((o) => this.publishShadow(o), p.publishConcurrency),
+    );
+    const settled$ = outcomes$.pipe(
+      filter((o) => o.kind === "dead" || o.job.shadow !== true),
+      settleOutcomes(sink, {
+        maxDeliver: c.maxDeliver,
+        concurrency: p.publishConcurrency,
+        retryBaseMs: p.retryBaseMs,
+        retryMaxMs: p.retryMaxMs,
+      }),
+      tap((s) => this.noteSettled(s)),
+    );
+    this.subscription = merge(settled$, shadow$).subscribe({
+      error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
+      complete: () => this.drained.next(),
+    });
     this.log.info(`pipeline consuming ${p.priorities.map((x) => durableName(c, x)).join(", ")} (max ${p.maxInFlight} in flight each)`);
+  }
+
+  /** Publishes a shadow copy's result for comparison; never fails the pipeline. */
+  private async publishShadow(o: Outcome): Promise<void> {
+    if (o.kind === "dead") return;
+    const result: InferResult = o.kind === "result" ? o.result : o.lastResort;
+    try {
+      this.nc.publish(subjects.shadow(o.job.tenant, o.job.id), JSON.stringify({ ...result, version: o.job.version }));
+      this.stats.shadowPublished++;
+    } catch {
+      // shadow results are best effort
+    } finally {
+      o.job.delivery.ack();
+    }
   }
 
   private noteUnsettled(priority: Priority, n: number): void {
@@ -196,6 +242,7 @@ export class PipelineService {
       this.subscription?.unsubscribe();
       this.settledSubject.complete();
       await this.registry.stop();
+      await this.directory.stop();
       await this.pool.stop();
       if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
     })();
@@ -203,9 +250,15 @@ export class PipelineService {
   }
 }
 
-/** A request delivered more often than allowed is answered and dead-lettered, not run again. */
-function giveUpAfter(job: InferJob, maxDeliver: number): InferJob | Outcome {
-  if (job.delivery.deliveryCount <= maxDeliver) return job;
+/**
+ * A request delivered more often than allowed, long after it was published (twice the model's
+ * timeout), is answered and
+ * dead-lettered instead of run again (a request that crashes the pipeline each time must not
+ * loop forever). Requests waiting for a worker are naked on purpose and stay younger than the
+ * model's timeout plus a retry delay, so they are not caught here.
+ */
+function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: number): RoutedJob | Outcome {
+  if (job.delivery.deliveryCount <= maxDeliver || Date.now() - job.delivery.storedAtMs < 2 * timeoutMs) return job;
   return {
     kind: "result",
     job,
@@ -214,7 +267,8 @@ function giveUpAfter(job: InferJob, maxDeliver: number): InferJob | Outcome {
       id: job.id,
       status: "error",
       model: job.model,
-      error: { code: "INTERNAL", message: `request was not completed after ${maxDeliver} deliveries` },
+      version: job.version,
+      error: { code: "INTERNAL", message: `request was not completed after ${job.delivery.deliveryCount - 1} deliveries` },
     },
   };
 }

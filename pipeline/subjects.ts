@@ -14,6 +14,9 @@ export const subjects = {
   cancel: (tenant: string, id: string): string => `infer.cancel.${tenant}.${id}`,
   cancelAll: "infer.cancel.*.*",
   dlq: (tenant: string, model: string): string => `infer.dlq.${tenant}.${model}`,
+  /** Results of shadow copies, for comparison; never seen by clients (core NATS). */
+  shadow: (tenant: string, id: string): string => `infer.shadow.${tenant}.${id}`,
+  shadowAll: "infer.shadow.>",
 };
 
 /** Placeholder token for a DLQ subject when the request's tenant or model is unusable. */

@@ -1,12 +1,23 @@
 /**
- * The workers of each model@version, and the choice of one for each batch: the least loaded
- * (batches in flight against what it can hold) among those not ejected after failures. A batch
- * whose call fails in a way worth retrying goes to another worker, then back to the queue.
+ * The workers of each model@version and the choice of one for each batch.
+ *
+ * - **Least loaded**: items in flight against the worker's advertised capacity.
+ * - **Health-checked**: each worker is asked `grpc.health.v1.Health/Check` every
+ *   `healthIntervalMs`; one that is not SERVING (or does not answer) gets no traffic until it is.
+ * - **Circuit breaker**: after `ejectAfterFailures` consecutive failed calls a worker is ejected
+ *   for `ejectForMs` (doubling while it keeps failing); then one probe call may go through, and
+ *   its success closes the breaker.
+ * - **Retries**: a call that fails with UNAVAILABLE or a lost connection is retried on another
+ *   worker, with backoff, within a retry budget (a fraction of calls), and never past the
+ *   batch's deadline. When no worker can take it, the batch fails as `noWorker`, and its
+ *   requests wait in the queue for one to appear.
+ * - **Draining**: a removed worker takes no new calls; its calls in flight finish, then its
+ *   connection closes.
  */
 import { Subject, type Observable } from "rxjs";
 import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
 import type { Batch, ErrorCode, RoutedJob } from "../operators/types.js";
-import type { WorkerBatch, WorkerRequest } from "./worker-client.js";
+import type { HealthStatus, WorkerBatch, WorkerRequest } from "./worker-client.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {
@@ -14,6 +25,8 @@ export interface WorkerConnection {
     batch: WorkerBatch,
     opts: { deadlineMs?: number; traceparent?: string; tracestate?: string },
   ): Promise<{ results: ItemReply[]; engine_ms?: number }>;
+  /** Standard health check; rejects when the worker cannot be reached. */
+  check?(): Promise<HealthStatus>;
   close(): void | Promise<void>;
 }
 
@@ -26,158 +39,336 @@ export interface WorkerPoolOptions {
   connect: (endpoint: string) => WorkerConnection;
   /** Consecutive failures that eject a worker. */
   ejectAfterFailures?: number;
-  /** How long an ejected worker gets no traffic before it is tried again. */
+  /** First ejection period; doubles while the worker keeps failing, up to `maxEjectForMs`. */
   ejectForMs?: number;
+  maxEjectForMs?: number;
+  /** Health check period; 0 turns health checks off. */
+  healthIntervalMs?: number;
+  /** Retries allowed as a fraction of calls (plus `minRetriesPerSecond`). */
+  retryBudgetRatio?: number;
+  minRetriesPerSecond?: number;
+  /** Backoff before retrying on another worker. */
+  retryBackoffMs?: number;
+  /** Hears pool events (for logs and metrics). Must not throw. */
+  onEvent?: (e: PoolEvent) => void;
 }
 
-export const DEFAULT_EJECT_AFTER_FAILURES = 3;
-export const DEFAULT_EJECT_FOR_MS = 2_000;
+export type PoolEvent =
+  | { type: "added" | "removed"; endpoint: string; key: string }
+  | { type: "healthy" | "unhealthy"; endpoint: string; reason?: string }
+  | { type: "ejected"; endpoint: string; forMs: number }
+  | { type: "restored"; endpoint: string }
+  | { type: "retry"; endpoint: string; key: string; reason: string }
+  | { type: "retry-budget-exhausted"; key: string };
 
-interface Endpoint {
+export const DEFAULT_EJECT_AFTER_FAILURES = 3;
+export const DEFAULT_EJECT_FOR_MS = 1_000;
+export const DEFAULT_MAX_EJECT_FOR_MS = 30_000;
+export const DEFAULT_HEALTH_INTERVAL_MS = 1_000;
+export const DEFAULT_RETRY_BUDGET_RATIO = 0.2;
+export const DEFAULT_MIN_RETRIES_PER_SECOND = 10;
+export const DEFAULT_RETRY_BACKOFF_MS = 25;
+/** Capacity assumed for a worker that does not advertise one. */
+export const DEFAULT_WORKER_CAPACITY = 64;
+
+type BreakerState = "closed" | "open" | "half-open";
+
+interface Worker {
   readonly endpoint: string;
   readonly conn: WorkerConnection;
-  inflight: number;
+  capacity: number;
+  /** Batches and items in flight. */
+  batches: number;
+  items: number;
   failures: number;
-  ejectedUntil: number;
-  /** model@version keys served here */
+  breaker: BreakerState;
+  openUntil: number;
+  ejections: number;
+  /** Health as last checked; a worker starts healthy so traffic flows before the first check. */
+  healthy: boolean;
+  /** Removed from every key: finish what is in flight, then close. */
+  draining: boolean;
   readonly keys: Set<string>;
 }
 
 export interface WorkerSnapshot {
   endpoint: string;
   keys: string[];
-  inflight: number;
+  capacity: number;
+  inflightBatches: number;
+  inflightItems: number;
   failures: number;
-  ejected: boolean;
+  healthy: boolean;
+  breaker: BreakerState;
 }
 
 const keyOf = (model: string, version: string): string => `${model}@${version}`;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
 
 export class WorkerPool implements BatchDispatcher {
-  private readonly endpoints = new Map<string, Endpoint>();
-  private readonly byKey = new Map<string, Set<Endpoint>>();
+  private readonly workers = new Map<string, Worker>();
+  private readonly byKey = new Map<string, Set<Worker>>();
   private readonly freed = new Subject<string>();
+  private healthTimer: NodeJS.Timeout | undefined;
   private stopped = false;
+  /** Retry budget: a sliding count of calls and retries over the last 10 s. */
+  private budget = { since: Date.now(), calls: 0, retries: 0 };
 
-  constructor(private readonly opts: WorkerPoolOptions) {}
+  constructor(private readonly opts: WorkerPoolOptions) {
+    const every = opts.healthIntervalMs ?? DEFAULT_HEALTH_INTERVAL_MS;
+    if (every > 0) {
+      this.healthTimer = setInterval(() => void this.checkHealth(), every);
+      this.healthTimer.unref();
+    }
+  }
 
-  /** Emits a model@version key whenever one of its workers finishes a batch. */
+  /** Emits a model@version key whenever one of its workers finishes a batch or becomes usable. */
   get capacityFreed$(): Observable<string> {
     return this.freed.asObservable();
   }
 
-  add(model: string, version: string, endpoint: string): void {
-    let ep = this.endpoints.get(endpoint);
-    if (!ep) {
-      ep = { endpoint, conn: this.opts.connect(endpoint), inflight: 0, failures: 0, ejectedUntil: 0, keys: new Set() };
-      this.endpoints.set(endpoint, ep);
+  private emit(e: PoolEvent): void {
+    try {
+      this.opts.onEvent?.(e);
+    } catch {
+      // a listener's failure is its own
     }
-    const key = keyOf(model, version);
-    ep.keys.add(key);
-    let set = this.byKey.get(key);
-    if (!set) this.byKey.set(key, (set = new Set()));
-    set.add(ep);
   }
 
+  /** Adds a worker for a model version (again: updates its capacity). */
+  add(model: string, version: string, endpoint: string, capacity = DEFAULT_WORKER_CAPACITY): void {
+    if (this.stopped) return;
+    let w = this.workers.get(endpoint);
+    if (!w || w.draining) {
+      w = {
+        endpoint,
+        conn: this.opts.connect(endpoint),
+        capacity,
+        batches: 0,
+        items: 0,
+        failures: 0,
+        breaker: "closed",
+        openUntil: 0,
+        ejections: 0,
+        healthy: true,
+        draining: false,
+        keys: new Set(),
+      };
+      this.workers.set(endpoint, w);
+    }
+    w.capacity = Math.max(1, capacity);
+    const key = keyOf(model, version);
+    if (!w.keys.has(key)) {
+      w.keys.add(key);
+      let set = this.byKey.get(key);
+      if (!set) this.byKey.set(key, (set = new Set()));
+      set.add(w);
+      this.emit({ type: "added", endpoint, key });
+      this.freed.next(key);
+    }
+  }
+
+  /** Removes a worker from a model version; with no version left it drains and closes. */
   remove(model: string, version: string, endpoint: string): void {
     const key = keyOf(model, version);
-    const ep = this.endpoints.get(endpoint);
-    if (!ep) return;
-    ep.keys.delete(key);
-    this.byKey.get(key)?.delete(ep);
-    if (ep.keys.size === 0) {
-      this.endpoints.delete(endpoint);
-      // In-flight calls finish on their own; the connection closes after them.
-      const close = (): void => void Promise.resolve(ep.conn.close()).catch(() => undefined);
-      if (ep.inflight === 0) close();
-      else (ep as Endpoint & { closeWhenIdle?: () => void }).closeWhenIdle = close;
+    const w = this.workers.get(endpoint);
+    if (!w || !w.keys.has(key)) return;
+    w.keys.delete(key);
+    this.byKey.get(key)?.delete(w);
+    if (this.byKey.get(key)?.size === 0) this.byKey.delete(key);
+    this.emit({ type: "removed", endpoint, key });
+    if (w.keys.size === 0) {
+      w.draining = true;
+      this.workers.delete(endpoint);
+      if (w.batches === 0) this.close(w);
     }
   }
 
-  /** True when some worker of the key could start a batch now: the batcher need not wait. */
+  private close(w: Worker): void {
+    void Promise.resolve()
+      .then(() => w.conn.close())
+      .catch(() => undefined);
+  }
+
+  /** Keys served now. */
+  keys(): string[] {
+    return [...this.byKey.keys()];
+  }
+
+  private usable(w: Worker, now: number): boolean {
+    if (w.draining || !w.healthy) return false;
+    if (w.breaker === "open") return now >= w.openUntil; // time for a probe
+    if (w.breaker === "half-open") return w.batches === 0; // one probe at a time
+    return true;
+  }
+
+  /** True when some usable worker of the key could start a batch now: the batcher need not wait. */
   hasIdleCapacity(key: string): boolean {
     const set = this.byKey.get(key);
     if (!set) return false;
     const now = Date.now();
-    for (const ep of set) if (ep.ejectedUntil <= now && ep.inflight < this.opts.batchesPerWorker) return true;
+    for (const w of set) if (this.usable(w, now) && w.batches < this.opts.batchesPerWorker && w.items < w.capacity) return true;
+    return false;
+  }
+
+  /** True when the key has at least one usable worker. */
+  hasWorker(key: string): boolean {
+    const set = this.byKey.get(key);
+    if (!set) return false;
+    const now = Date.now();
+    for (const w of set) if (this.usable(w, now)) return true;
     return false;
   }
 
   snapshot(): WorkerSnapshot[] {
-    const now = Date.now();
-    return [...this.endpoints.values()].map((ep) => ({
-      endpoint: ep.endpoint,
-      keys: [...ep.keys],
-      inflight: ep.inflight,
-      failures: ep.failures,
-      ejected: ep.ejectedUntil > now,
+    return [...this.workers.values()].map((w) => ({
+      endpoint: w.endpoint,
+      keys: [...w.keys],
+      capacity: w.capacity,
+      inflightBatches: w.batches,
+      inflightItems: w.items,
+      failures: w.failures,
+      healthy: w.healthy,
+      breaker: w.breaker,
     }));
   }
 
-  private pick(key: string, exclude: Set<Endpoint>): Endpoint | undefined {
+  private pick(key: string, exclude: Set<Worker>): Worker | undefined {
     const set = this.byKey.get(key);
     if (!set) return undefined;
     const now = Date.now();
-    let best: Endpoint | undefined;
-    let fallback: Endpoint | undefined;
-    for (const ep of set) {
-      if (exclude.has(ep)) continue;
-      if (ep.ejectedUntil > now) {
-        // An ejected worker is tried only when nothing else is left (a probe).
-        if (!fallback || ep.ejectedUntil < fallback.ejectedUntil) fallback = ep;
-        continue;
+    let best: Worker | undefined;
+    let bestLoad = Infinity;
+    for (const w of set) {
+      if (exclude.has(w) || !this.usable(w, now)) continue;
+      const load = w.items / w.capacity;
+      if (load < bestLoad) {
+        best = w;
+        bestLoad = load;
       }
-      if (!best || ep.inflight < best.inflight) best = ep;
     }
-    return best ?? fallback;
+    return best;
+  }
+
+  private takeRetry(key: string): boolean {
+    const now = Date.now();
+    if (now - this.budget.since > 10_000) this.budget = { since: now, calls: 0, retries: 0 };
+    const seconds = Math.max(1, (now - this.budget.since) / 1000);
+    const allowed =
+      this.budget.calls * (this.opts.retryBudgetRatio ?? DEFAULT_RETRY_BUDGET_RATIO) +
+      seconds * (this.opts.minRetriesPerSecond ?? DEFAULT_MIN_RETRIES_PER_SECOND);
+    if (this.budget.retries >= allowed) {
+      this.emit({ type: "retry-budget-exhausted", key });
+      return false;
+    }
+    this.budget.retries++;
+    return true;
   }
 
   async dispatch(batch: Batch): Promise<BatchReply> {
-    if (this.stopped) throw new DispatchError("the pipeline is stopping", "UNAVAILABLE", true);
-    const tried = new Set<Endpoint>();
+    if (this.stopped) throw new DispatchError("the pipeline is stopping", "UNAVAILABLE", true, { noWorker: true });
+    const tried = new Set<Worker>();
     let lastErr: DispatchError | undefined;
     const request = toWorkerBatch(batch);
     const deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
-    for (;;) {
-      const ep = this.pick(batch.key, tried);
-      if (!ep) {
-        throw lastErr ?? new DispatchError(`no worker serves ${batch.key}`, "UNAVAILABLE", true);
+    const first = batch.jobs.find((j) => j.traceparent !== undefined);
+    const trace = first?.traceparent ? { traceparent: first.traceparent, ...(first.tracestate ? { tracestate: first.tracestate } : {}) } : {};
+    this.budget.calls++;
+    for (let attempt = 0; ; attempt++) {
+      const w = this.pick(batch.key, tried);
+      if (!w) {
+        if (lastErr) throw lastErr;
+        throw new DispatchError(`no healthy worker serves ${batch.key}`, "UNAVAILABLE", true, { noWorker: true });
       }
-      tried.add(ep);
-      ep.inflight++;
+      tried.add(w);
+      if (w.breaker === "open") w.breaker = "half-open";
+      w.batches++;
+      w.items += batch.jobs.length;
       const t0 = performance.now();
       try {
-        const reply = await ep.conn.infer(request, { deadlineMs, ...(batch.jobs[0]?.traceparent ? { traceparent: batch.jobs[0].traceparent } : {}) });
-        ep.failures = 0;
-        ep.ejectedUntil = 0;
-        return { results: reply.results, workerMs: performance.now() - t0, worker: ep.endpoint };
+        const reply = await w.conn.infer(request, { deadlineMs, ...trace });
+        this.succeeded(w);
+        return { results: reply.results, workerMs: performance.now() - t0, worker: w.endpoint };
       } catch (err) {
         const e = asDispatchError(err);
-        if (e.retriable) {
-          ep.failures++;
-          if (ep.failures >= (this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES)) {
-            ep.ejectedUntil = Date.now() + (this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS);
-          }
-          lastErr = e;
-          if (Date.now() < deadlineMs) continue;
+        if (!e.retriable) {
+          // The worker answered (a bad batch, a deadline): not the worker's fault.
+          if (w.breaker === "half-open") this.succeeded(w);
+          throw e;
         }
-        throw e;
+        this.failed(w);
+        lastErr = e;
+        if (Date.now() >= deadlineMs || !this.takeRetry(batch.key)) throw e;
+        this.emit({ type: "retry", endpoint: w.endpoint, key: batch.key, reason: e.message });
       } finally {
-        ep.inflight--;
-        const pending = (ep as Endpoint & { closeWhenIdle?: () => void }).closeWhenIdle;
-        if (pending && ep.inflight === 0) pending();
-        if (!this.stopped) for (const k of ep.keys) this.freed.next(k);
+        w.batches--;
+        w.items -= batch.jobs.length;
+        if (w.draining && w.batches === 0) this.close(w);
+        if (!this.stopped) for (const k of w.keys) this.freed.next(k);
       }
+      await sleep(Math.min((this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS) * 2 ** attempt, 1_000));
     }
+  }
+
+  private succeeded(w: Worker): void {
+    w.failures = 0;
+    if (w.breaker !== "closed") {
+      w.breaker = "closed";
+      w.ejections = 0;
+      this.emit({ type: "restored", endpoint: w.endpoint });
+    }
+  }
+
+  private failed(w: Worker): void {
+    w.failures++;
+    const threshold = this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES;
+    if (w.breaker === "half-open" || w.failures >= threshold) {
+      const base = this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS;
+      const forMs = Math.min(base * 2 ** w.ejections, this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS);
+      w.ejections++;
+      w.breaker = "open";
+      w.openUntil = Date.now() + forMs;
+      this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
+      // Let the batcher know when the probe may go.
+      const t = setTimeout(() => {
+        if (!this.stopped) for (const k of w.keys) this.freed.next(k);
+      }, forMs);
+      t.unref();
+    }
+  }
+
+  /** One round of health checks (run on a timer; exposed for tests). */
+  async checkHealth(): Promise<void> {
+    await Promise.all(
+      [...this.workers.values()].map(async (w) => {
+        if (!w.conn.check || w.draining) return;
+        let ok: boolean;
+        let reason: string | undefined;
+        try {
+          const s = await w.conn.check();
+          ok = s === "SERVING";
+          if (!ok) reason = s;
+        } catch (err) {
+          ok = false;
+          reason = (err as Error)?.message ?? String(err);
+        }
+        if (ok !== w.healthy) {
+          w.healthy = ok;
+          this.emit(ok ? { type: "healthy", endpoint: w.endpoint } : { type: "unhealthy", endpoint: w.endpoint, ...(reason ? { reason } : {}) });
+          if (ok && !this.stopped) for (const k of w.keys) this.freed.next(k);
+        }
+      }),
+    );
   }
 
   /** Closes every connection. Safe to call twice. */
   async stop(): Promise<void> {
     if (this.stopped) return;
     this.stopped = true;
+    if (this.healthTimer) clearInterval(this.healthTimer);
     this.freed.complete();
-    await Promise.all([...this.endpoints.values()].map((ep) => Promise.resolve(ep.conn.close()).catch(() => undefined)));
-    this.endpoints.clear();
+    await Promise.all([...this.workers.values()].map((w) => Promise.resolve().then(() => w.conn.close()).catch(() => undefined)));
+    this.workers.clear();
     this.byKey.clear();
   }
 }
