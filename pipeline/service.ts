@@ -5,17 +5,11 @@
  */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { filter, map, merge, mergeMap, pipe, share, Subject, tap, type Observable, type Subscription } from "rxjs";
-import { admitByDeadline } from "../operators/admit-by-deadline.js";
-import { batchByModelVersion } from "../operators/batch-by-model-version.js";
-import { decodeRequest } from "../operators/decode-request.js";
-import { dispatchBatch } from "../operators/dispatch-batch.js";
-import { onJobs } from "../operators/on-jobs.js";
+import { merge, Subject, tap, type Observable, type Subscription } from "rxjs";
 import { pullWithCredits } from "../operators/pull-with-credits.js";
-import { routeToVersion } from "../operators/route-to-version.js";
-import { settleOutcomes, type Settled } from "../operators/settle-outcome.js";
-import { withShadowCopies } from "../operators/with-shadow-copies.js";
-import type { Delivery, InferJob, InferResult, Outcome, Priority, RoutedJob } from "../operators/types.js";
+import type { Settled } from "../operators/settle-outcome.js";
+import type { Delivery, InferResult, Outcome, Priority } from "../operators/types.js";
+import { inferencePipeline } from "./compose.js";
 import type { SluiceConfig } from "./config.js";
 import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry } from "./registry.js";
@@ -147,50 +141,22 @@ export class PipelineService {
       );
     }
 
-    const table = this.registry.table;
-    const sink = new StreamResultSink(this.js, this.jsm);
-    const outcomes$ = merge(...sources).pipe(
-      decodeRequest({ maxPayloadBytes: p.maxPayloadBytes }),
-      map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
-      onJobs(admitByDeadline()),
-      onJobs(routeToVersion((job) => table.resolve(job.model, job.pinnedVersion, job.id))),
-      onJobs(map((job: RoutedJob) => giveUpAfter(job, c.maxDeliver, table.timeoutMs(job.model)))),
-      onJobs(
-        pipe(
-          withShadowCopies({
-            shadowVersionOf: (job) => table.get(job.model)?.shadow,
-            maxInFlight: p.maxInFlight,
-            onSkipped: () => this.stats.shadowSkipped++,
-          }),
-          batchByModelVersion({
-            settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
-            hasIdleCapacity: (key) => this.pool.hasIdleCapacity(key),
-            capacityFreed$: this.pool.capacityFreed$,
-          }),
-          dispatchBatch(this.pool, {
-            retryBaseMs: p.retryBaseMs,
-            retryMaxMs: p.retryMaxMs,
-            waitForWorkerMs: (model) => table.timeoutMs(model),
-          }),
-        ),
-      ),
-      share(),
-    );
-    const shadow$ = outcomes$.pipe(
-      filter((o) => o.kind !== "dead" && o.job.shadow === true),
-      mergeMap((o) => this.publishShadow(o), p.publishConcurrency),
-    );
-    const settled$ = outcomes$.pipe(
-      filter((o) => o.kind === "dead" || o.job.shadow !== true),
-      settleOutcomes(sink, {
+    const { pipeline: pp } = this.config;
+    const settled$ = merge(...sources).pipe(
+      inferencePipeline({
+        table: this.registry.table,
+        dispatcher: this.pool,
+        sink: new StreamResultSink(this.js, this.jsm),
+        shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
+        maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
-        concurrency: p.publishConcurrency,
-        retryBaseMs: p.retryBaseMs,
-        retryMaxMs: p.retryMaxMs,
+        publishConcurrency: pp.publishConcurrency,
+        retryBaseMs: pp.retryBaseMs,
+        retryMaxMs: pp.retryMaxMs,
       }),
       tap((s) => this.noteSettled(s)),
     );
-    this.subscription = merge(settled$, shadow$).subscribe({
+    this.subscription = settled$.subscribe({
       error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
       complete: () => this.drained.next(),
     });
@@ -248,27 +214,4 @@ export class PipelineService {
     })();
     return this.stopping;
   }
-}
-
-/**
- * A request delivered more often than allowed, long after it was published (twice the model's
- * timeout), is answered and
- * dead-lettered instead of run again (a request that crashes the pipeline each time must not
- * loop forever). Requests waiting for a worker are naked on purpose and stay younger than the
- * model's timeout plus a retry delay, so they are not caught here.
- */
-function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: number): RoutedJob | Outcome {
-  if (job.delivery.deliveryCount <= maxDeliver || Date.now() - job.delivery.storedAtMs < 2 * timeoutMs) return job;
-  return {
-    kind: "result",
-    job,
-    deadLetter: true,
-    result: {
-      id: job.id,
-      status: "error",
-      model: job.model,
-      version: job.version,
-      error: { code: "INTERNAL", message: `request was not completed after ${job.delivery.deliveryCount - 1} deliveries` },
-    },
-  };
 }

@@ -28,10 +28,10 @@
  *
  * ```ts
  * const tracing = startTracing({ serviceName: SERVICE_PIPELINE });
- * const req = tracing.startRequest(delivery, job);         // at pull/decode
- * const batch = tracing.startBatch(batch);                  // at dispatch
- * const call = batch.startWorkerCall(endpoint);             // per attempt: send call.carrier as metadata
- * call.end(); batch.end();
+ * const req = tracing.startRequest(job.delivery, job);     // after decode
+ * const bt = tracing.startBatch(batch);                     // at dispatch
+ * const call = bt.startWorkerCall(endpoint);                // per attempt: send call.carrier as metadata
+ * call.end(); bt.end();
  * const pub = req.startPublish(resultSubject);              // pub.carrier goes in the result's headers
  * pub.end(); tracing.settle(settled);                       // ends the receive span
  * await tracing.shutdown();
@@ -904,7 +904,7 @@ class TracingImpl implements Tracing {
       if (job) existing.setJob(job);
       return existing;
     }
-    const parent = extractFromHeaders((name) => delivery.header(name));
+    const parent = extractFromHeaders((name) => safeHeader(delivery, name));
     const rt = this.attempt<RequestTrace>(
       () => this.openRequest(delivery, parent, job, attributes),
       () => new RequestTraceImpl(this.guard, nonRecording(parent), parent, 0, this, () => undefined),
@@ -1053,7 +1053,10 @@ function nonRecording(parent: Context): Span {
   return trace.wrapSpanContext(trace.getSpanContext(parent) ?? INVALID_SPAN_CONTEXT);
 }
 
-/** Runs `fn` and waits for it at most `ms`; failures are counted, never thrown. */
+/**
+ * Runs `fn` and waits for it at most `ms`; never rejects. A rejection is a failed export,
+ * already counted by the exporter; what throws is counted as an error.
+ */
 function bounded(fn: () => Promise<void>, ms: number, stats: MutableStats): Promise<void> {
   return new Promise<void>((resolve) => {
     const timer = setTimeout(resolve, ms);
@@ -1063,10 +1066,7 @@ function bounded(fn: () => Promise<void>, ms: number, stats: MutableStats): Prom
       resolve();
     };
     try {
-      fn().then(done, () => {
-        stats.errors++;
-        done();
-      });
+      fn().then(done, done);
     } catch {
       stats.errors++;
       done();
@@ -1086,8 +1086,16 @@ function jobAttributes(job: JobInfo): Attributes {
 }
 
 function idAttribute(delivery: DeliveryInfo): Attributes {
-  const id = delivery.header("Nats-Msg-Id");
+  const id = safeHeader(delivery, "Nats-Msg-Id");
   return id ? { [ATTR.messageId]: id } : {};
+}
+
+function safeHeader(delivery: DeliveryInfo, name: string): string | undefined {
+  try {
+    return delivery.header(name);
+  } catch {
+    return undefined;
+  }
 }
 
 /** `infer.req`, `infer.res`, ...: the low-cardinality part of a subject, for span names. */

@@ -1,0 +1,120 @@
+/**
+ * The inference pipeline as one operator, from deliveries to settled outcomes: the same code
+ * serves live traffic (`PipelineService`) and replays.
+ *
+ * ```
+ * deliveries ─ decode ─ admit (deadline) ─ route ─ give up? ─ shadow copies ─ batch ─ dispatch ─┬─ settle ─▶ Settled
+ *                                                                                               └─ shadow results
+ * ```
+ */
+import { filter, map, merge, mergeMap, pipe, share, type Observable, type OperatorFunction } from "rxjs";
+import { admitByDeadline } from "../operators/admit-by-deadline.js";
+import { batchByModelVersion } from "../operators/batch-by-model-version.js";
+import { decodeRequest } from "../operators/decode-request.js";
+import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
+import { onJobs } from "../operators/on-jobs.js";
+import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
+import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
+import type { Delivery, InferJob, Outcome, RoutedJob } from "../operators/types.js";
+import { withShadowCopies } from "../operators/with-shadow-copies.js";
+import type { ModelTable } from "./registry.js";
+
+export interface Dispatcher extends BatchDispatcher {
+  hasIdleCapacity(key: string): boolean;
+  readonly capacityFreed$: Observable<string>;
+}
+
+export interface PipelineSteps {
+  table: ModelTable;
+  dispatcher: Dispatcher;
+  sink: ResultSink;
+  /** Version choice; the registry's (pinned, else weighted) by default. */
+  route?: (job: InferJob) => RouteDecision;
+  /** Shadow traffic; off when omitted. */
+  shadow?: {
+    maxInFlight: number;
+    /** Publishes a shadow copy's outcome; must not reject. */
+    publish: (o: Outcome) => Promise<void>;
+    onSkipped?: () => void;
+  };
+  maxPayloadBytes: number;
+  maxDeliver: number;
+  publishConcurrency: number;
+  retryBaseMs: number;
+  retryMaxMs: number;
+}
+
+export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delivery, Settled> {
+  const { table } = steps;
+  const route = steps.route ?? ((job: InferJob) => table.resolve(job.model, job.pinnedVersion, job.id));
+  return (deliveries) => {
+    const outcomes$ = deliveries.pipe(
+      decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
+      map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+      onJobs(admitByDeadline()),
+      onJobs(routeToVersion(route)),
+      onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
+      onJobs(
+        pipe(
+          steps.shadow
+            ? withShadowCopies({
+                shadowVersionOf: (job) => table.get(job.model)?.shadow,
+                maxInFlight: steps.shadow.maxInFlight,
+                ...(steps.shadow.onSkipped ? { onSkipped: steps.shadow.onSkipped } : {}),
+              })
+            : (x: Observable<RoutedJob>) => x,
+          batchByModelVersion({
+            settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
+            hasIdleCapacity: (key) => steps.dispatcher.hasIdleCapacity(key),
+            capacityFreed$: steps.dispatcher.capacityFreed$,
+          }),
+          dispatchBatch(steps.dispatcher, {
+            retryBaseMs: steps.retryBaseMs,
+            retryMaxMs: steps.retryMaxMs,
+            waitForWorkerMs: (model) => table.timeoutMs(model),
+          }),
+        ),
+      ),
+      share(),
+    );
+    const settled$ = outcomes$.pipe(
+      filter((o) => o.kind === "dead" || o.job.shadow !== true),
+      settleOutcomes(steps.sink, {
+        maxDeliver: steps.maxDeliver,
+        concurrency: steps.publishConcurrency,
+        retryBaseMs: steps.retryBaseMs,
+        retryMaxMs: steps.retryMaxMs,
+      }),
+    );
+    const shadow = steps.shadow;
+    if (!shadow) return settled$;
+    const shadow$ = outcomes$.pipe(
+      filter((o) => o.kind !== "dead" && o.job.shadow === true),
+      mergeMap((o) => shadow.publish(o), steps.publishConcurrency),
+      filter((): false => false),
+    );
+    return merge(settled$, shadow$) as Observable<Settled>;
+  };
+}
+
+/**
+ * A request delivered more often than allowed, long after it was published (twice the model's
+ * timeout), is answered and dead-lettered instead of run again: a request that crashes the
+ * pipeline each time must not loop forever. Requests waiting for a worker are naked on purpose
+ * and stay younger than the model's timeout plus a retry delay, so they are not caught here.
+ */
+export function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: number): RoutedJob | Outcome {
+  if (job.delivery.deliveryCount <= maxDeliver || Date.now() - job.delivery.storedAtMs < 2 * timeoutMs) return job;
+  return {
+    kind: "result",
+    job,
+    deadLetter: true,
+    result: {
+      id: job.id,
+      status: "error",
+      model: job.model,
+      version: job.version,
+      error: { code: "INTERNAL", message: `request was not completed after ${job.delivery.deliveryCount - 1} deliveries` },
+    },
+  };
+}
