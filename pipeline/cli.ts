@@ -13,13 +13,14 @@ import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import { parseArgs, type ParseArgsConfig } from "node:util";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { SimulatedEngine } from "../worker/simulated.js";
+import { createEngine, type EngineName } from "../worker/engines.js";
 import { WorkerServer } from "../worker/server.js";
 import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client.js";
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
 import { DevStack } from "./dev.js";
 import { ModelRegistry, parseModelSpec } from "./registry.js";
 import { PipelineService } from "./service.js";
+import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry.js";
 import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./worker-directory.js";
 import type { Priority } from "../operators/types.js";
 
@@ -58,6 +59,15 @@ function intOpt(v: Record<string, unknown>, name: string): number | undefined {
   return n;
 }
 
+/** A port option: a port number, 0 for any free port, -1 for none. */
+function portOpt(v: Record<string, unknown>, name: string): number | undefined {
+  const s = v[name] as string | undefined;
+  if (s === undefined) return undefined;
+  const n = Number(s);
+  if (!Number.isInteger(n) || n < -1 || n > 65535) throw new ConfigError(`--${name} must be a port, 0 (any free port) or -1 (off); got '${s}'`);
+  return n;
+}
+
 /** Resolves on SIGINT / SIGTERM. */
 function untilSignal(): Promise<NodeJS.Signals> {
   return new Promise((resolve) => {
@@ -72,8 +82,14 @@ function untilSignal(): Promise<NodeJS.Signals> {
 }
 
 async function cmdDev(args: string[]): Promise<number> {
-  const { values: v } = parse(args, { port: { type: "string" }, "base-ms": { type: "string" }, "per-item-ms": { type: "string" } });
-  if (v.help) return usage("sluice dev [--port N] [--base-ms N] [--per-item-ms N]");
+  const { values: v } = parse(args, {
+    port: { type: "string" },
+    "base-ms": { type: "string" },
+    "per-item-ms": { type: "string" },
+    "metrics-port": { type: "string" },
+  });
+  if (v.help) return usage("sluice dev [--port N] [--base-ms N] [--per-item-ms N] [--metrics-port N (default 9464; 0 = any free port, -1 = off)]");
+  const devMetricsPort = portOpt(v, "metrics-port");
   const port = intOpt(v, "port");
   const baseMs = intOpt(v, "base-ms");
   const perItemMs = intOpt(v, "per-item-ms");
@@ -81,8 +97,10 @@ async function cmdDev(args: string[]): Promise<number> {
     ...(port !== undefined ? { port } : {}),
     ...(baseMs !== undefined ? { baseMs } : {}),
     ...(perItemMs !== undefined ? { perItemMs } : {}),
+    config: { telemetry: { metricsPort: devMetricsPort ?? 9464 } },
   });
-  console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store), worker ${dev.worker.endpoint}`);
+  const metricsAt = dev.pipeline.metricsServer ? `, metrics http://127.0.0.1:${dev.pipeline.metricsServer.port}/metrics` : "";
+  console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store), worker ${dev.worker.endpoint}${metricsAt}`);
   console.log(`models: echo, reverse, upper, llm-sim (version v1); any tenant; priorities high, normal, low`);
   console.log(`try:   npx sluice publish --server ${dev.url} --tenant demo --model echo --prompt "hello"`);
   console.log(`stop:  Ctrl-C`);
@@ -97,14 +115,18 @@ async function cmdServe(args: string[]): Promise<number> {
     config: { type: "string", short: "c" },
     workers: { type: "string" },
     "max-in-flight": { type: "string" },
+    "metrics-port": { type: "string" },
   });
-  if (v.help) return usage("sluice serve [--config FILE] [--workers model@version=host:port,...] [--max-in-flight N]");
+  if (v.help)
+    return usage("sluice serve [--config FILE] [--workers model@version=host:port,...] [--max-in-flight N] [--metrics-port N (default 9464)]");
   const maxInFlight = intOpt(v, "max-in-flight");
+  const metricsPort = portOpt(v, "metrics-port");
   const config = loadConfig({
     ...(v.config ? { file: v.config as string } : {}),
     overrides: {
       ...(v.server || !process.env["NATS_URL"] ? { servers: serverOf(v) } : {}),
       ...(maxInFlight !== undefined ? { pipeline: { maxInFlight } } : {}),
+      ...(metricsPort !== undefined ? { telemetry: { metricsPort } } : {}),
     },
   });
   if (v.workers) config.workers.push(...parseWorkerList(v.workers as string));
@@ -125,22 +147,34 @@ async function cmdWorker(args: string[]): Promise<number> {
     register: { type: "string" },
     advertise: { type: "string" },
     capacity: { type: "string" },
+    engine: { type: "string" },
+    "engine-url": { type: "string" },
+    "engine-model": { type: "string" },
+    "engine-chat": { type: "boolean" },
   });
   if (v.help)
     return usage(
-      "sluice worker [--host H] [--port N] [--base-ms N] [--per-item-ms N] [--id NAME]\n" +
+      "sluice worker [--host H] [--port N] [--id NAME]\n" +
+        "              [--engine simulated|vllm|deepspeed-mii] [--engine-url URL] [--engine-model NAME] [--engine-chat]\n" +
+        "              [--base-ms N] [--per-item-ms N]   (simulated engine)\n" +
         "              [--register model@version,... [--advertise host:port] [--capacity N] --server URL]\n" +
         "  --register: write this worker into the registry (bucket infer_workers) and keep it fresh",
     );
   const baseMs = intOpt(v, "base-ms");
   const perItemMs = intOpt(v, "per-item-ms");
   const port = intOpt(v, "port");
-  const engine = new SimulatedEngine({
+  const engineName = (v.engine as string | undefined) ?? process.env["SLUICE_ENGINE"] ?? "simulated";
+  const engine = createEngine({
+    engine: engineName as EngineName,
+    ...(v["engine-url"] ?? process.env["SLUICE_ENGINE_URL"] ? { url: (v["engine-url"] as string | undefined) ?? process.env["SLUICE_ENGINE_URL"]! } : {}),
+    ...(v["engine-model"] ?? process.env["SLUICE_ENGINE_MODEL"] ? { model: (v["engine-model"] as string | undefined) ?? process.env["SLUICE_ENGINE_MODEL"]! } : {}),
+    ...(v["engine-chat"] ? { chat: true } : {}),
     ...(baseMs !== undefined ? { base_ms: baseMs } : {}),
     ...(perItemMs !== undefined ? { per_item_ms: perItemMs } : {}),
   });
+  const tracing = startTracing({ serviceName: SERVICE_WORKER });
   const server = await WorkerServer.start({
-    engine,
+    engine: traceEngine(engine, tracing, ...(v.id ? [{ workerId: v.id as string }] : [])),
     ...(v.host ? { host: v.host as string } : {}),
     ...(port !== undefined ? { port } : {}),
     ...(v.id ? { workerId: v.id as string } : {}),
@@ -162,12 +196,13 @@ async function cmdWorker(args: string[]): Promise<number> {
       onError: (err) => console.error(`sluice worker: registration refresh failed: ${(err as Error).message}`),
     });
   }
-  console.log(`sluice worker ready: ${server.endpoint} (simulated engine)${registration ? ", registered" : ""}`);
+  console.log(`sluice worker ready: ${server.endpoint} (${engineName} engine)${registration ? ", registered" : ""}`);
   await untilSignal();
   await registration?.stop();
   await nc?.drain();
   await server.stop();
   await engine.close();
+  await tracing.shutdown();
   return 0;
 }
 
@@ -193,7 +228,8 @@ async function cmdPublish(args: string[]): Promise<number> {
         "  a line of REQUESTS.jsonl: {\"model\"?, \"prompt\"?, \"inputs\"?, \"parameters\"?, \"id\"?, \"priority\"?, \"version\"?}",
     );
   const tenant = (v.tenant as string | undefined) ?? "default";
-  const client = await InferenceClient.connect({ servers: serverOf(v), tenant });
+  const tracing = startTracing({ serviceName: SERVICE_CLIENT });
+  const client = await InferenceClient.connect({ servers: serverOf(v), tenant, tracing });
   const timeoutMs = intOpt(v, "timeout-ms");
   const deadlineIn = intOpt(v, "deadline-ms");
   let failed = 0;
@@ -260,6 +296,7 @@ async function cmdPublish(args: string[]): Promise<number> {
     }
   } finally {
     await client.close();
+    await tracing.shutdown();
   }
   return failed > 0 ? 1 : 0;
 }

@@ -13,6 +13,7 @@ import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, t
 import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../operators/types.js";
 import { STREAM_RESULTS } from "./jetstream.js";
 import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
+import { fromCarrier, type TraceCarrier, type Tracing } from "./telemetry.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
@@ -55,6 +56,8 @@ export interface ClientOptions {
   servers: string | string[];
   tenant: string;
   name?: string;
+  /** Publish spans (PRODUCER) whose context rides in the request headers. */
+  tracing?: Tracing;
 }
 
 interface Waiter {
@@ -76,6 +79,7 @@ export class InferenceClient {
     readonly nc: NatsConnection,
     readonly tenant: string,
     private readonly ownsConnection = false,
+    private readonly tracing?: Tracing,
   ) {
     if (!TOKEN_RE.test(tenant)) throw new InferenceError("INVALID_ARGUMENT", `tenant '${tenant}' must be 1-64 of a-z 0-9 _ -`);
     this.js = jetstream(nc);
@@ -83,7 +87,7 @@ export class InferenceClient {
 
   static async connect(opts: ClientOptions): Promise<InferenceClient> {
     const nc = await connect({ servers: opts.servers, name: opts.name ?? `sluice-client-${opts.tenant}`, maxReconnectAttempts: -1 });
-    return new InferenceClient(nc, opts.tenant, true);
+    return new InferenceClient(nc, opts.tenant, true, opts.tracing);
   }
 
   /** Publishes a request and resolves with its `ok` result; rejects with an InferenceError. */
@@ -119,15 +123,26 @@ export class InferenceClient {
     else h.set(H.contentType, "application/json");
     if (opts.version) h.set(H.version, opts.version);
     if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
-    if (opts.traceparent) h.set(H.traceparent, opts.traceparent);
-    if (opts.tracestate) h.set(H.tracestate, opts.tracestate);
     if (opts.stream) h.set(H.stream, "1");
     const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
+    const priority = opts.priority ?? "normal";
+    const subject = subjects.request(priority, this.tenant, model);
+    const parent: TraceCarrier = {};
+    if (opts.traceparent) parent.traceparent = opts.traceparent;
+    if (opts.tracestate) parent.tracestate = opts.tracestate;
+    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes: data.length }, fromCarrier(parent));
+    const carrier = span?.carrier ?? parent;
+    if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
+    if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);
     try {
-      const ack = await this.js.publish(subjects.request(opts.priority ?? "normal", this.tenant, model), data, { msgID: id, headers: h });
+      const ack = await this.js.publish(subject, data, { msgID: id, headers: h });
+      span?.setAttributes({ "sluice.stream.sequence": ack.seq });
+      span?.end();
       return { id, seq: ack.seq };
     } catch (err) {
-      throw publishError(err);
+      const e = publishError(err);
+      span?.end(e.code, e);
+      throw e;
     }
   }
 

@@ -7,7 +7,7 @@
  *                                                                                               └─ shadow results
  * ```
  */
-import { filter, map, merge, mergeMap, pipe, share, type Observable, type OperatorFunction } from "rxjs";
+import { filter, map, merge, mergeMap, pipe, share, tap, type Observable, type OperatorFunction } from "rxjs";
 import { admitByDeadline } from "../operators/admit-by-deadline.js";
 import { batchByModelVersion } from "../operators/batch-by-model-version.js";
 import { decodeRequest } from "../operators/decode-request.js";
@@ -18,6 +18,7 @@ import { settleOutcomes, type ResultSink, type Settled } from "../operators/sett
 import type { Delivery, InferJob, Outcome, RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
+import type { Tracing } from "./telemetry.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;
@@ -37,6 +38,8 @@ export interface PipelineSteps {
     publish: (o: Outcome) => Promise<void>;
     onSkipped?: () => void;
   };
+  /** Request spans: started after decoding, ended when settled. */
+  tracing?: Tracing;
   maxPayloadBytes: number;
   maxDeliver: number;
   publishConcurrency: number;
@@ -50,9 +53,17 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
   return (deliveries) => {
     const outcomes$ = deliveries.pipe(
       decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
+      tap((d) => {
+        const t = steps.tracing;
+        if (!t) return;
+        if (d.ok) t.startRequest(d.job.delivery, d.job);
+        else if (d.outcome.kind === "dead") t.startRequest(d.outcome.delivery);
+        else t.startRequest(d.outcome.job.delivery, d.outcome.job);
+      }),
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
       onJobs(admitByDeadline()),
       onJobs(routeToVersion(route)),
+      onJobs(tap((job: RoutedJob) => steps.tracing?.requestOf(job.delivery)?.setJob(job))),
       onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
       onJobs(
         pipe(
@@ -85,6 +96,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         retryBaseMs: steps.retryBaseMs,
         retryMaxMs: steps.retryMaxMs,
       }),
+      tap((s) => steps.tracing?.settle(s)),
     );
     const shadow = steps.shadow;
     if (!shadow) return settled$;

@@ -62,8 +62,22 @@ export interface StaticWorker {
   capacity?: number;
 }
 
+export interface TelemetrySettings {
+  /** Port of `/metrics`, `/healthz`, `/readyz`; 0 picks a free one, -1 turns the server off. */
+  metricsPort: number;
+  metricsHost: string;
+  /**
+   * OTLP traces endpoint (e.g. http://jaeger:4318/v1/traces); empty: the standard OTEL_* variables
+   * decide, and without an endpoint tracing is off.
+   */
+  tracesEndpoint: string;
+  /** Service name of the pipeline's spans (OTEL_SERVICE_NAME overrides). */
+  serviceName: string;
+}
+
 export interface SluiceConfig {
   servers: string[];
+  telemetry: TelemetrySettings;
   streams: StreamsConfig;
   consumer: ConsumerSettings;
   pipeline: PipelineSettings;
@@ -79,6 +93,7 @@ const DAY = 24 * 60 * MINUTE;
 export function defaultConfig(): SluiceConfig {
   return {
     servers: [DEFAULT_NATS_URL],
+    telemetry: { metricsPort: 9464, metricsHost: "0.0.0.0", tracesEndpoint: "", serviceName: "sluice-pipeline" },
     streams: {
       replicas: 1,
       requestsMaxAgeMs: 7 * DAY,
@@ -180,6 +195,12 @@ export function loadConfig(opts: LoadConfigOptions = {}): SluiceConfig {
   if (env["NATS_URL"]) cfg.servers = env["NATS_URL"].split(",").map((s) => s.trim());
   const maxInFlight = envInt(env, "SLUICE_MAX_IN_FLIGHT");
   if (maxInFlight !== undefined) cfg.pipeline.maxInFlight = maxInFlight;
+  const metricsPort = env["SLUICE_METRICS_PORT"];
+  if (metricsPort !== undefined && metricsPort !== "") {
+    const n = Number(metricsPort);
+    if (!Number.isInteger(n) || n < -1 || n > 65535) throw new ConfigError(`SLUICE_METRICS_PORT must be a port, 0 or -1; got '${metricsPort}'`);
+    cfg.telemetry.metricsPort = n;
+  }
   const replicas = envInt(env, "SLUICE_REPLICAS");
   if (replicas !== undefined) cfg.streams.replicas = replicas;
   if (env["SLUICE_WORKERS"]) cfg.workers = [...cfg.workers, ...parseWorkerList(env["SLUICE_WORKERS"])];

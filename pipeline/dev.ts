@@ -9,6 +9,7 @@ import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "./config.
 import { NatsServer } from "./nats-server.js";
 import type { ModelSpec } from "./registry.js";
 import { PipelineService, type PipelineLogger } from "./service.js";
+import { SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "./telemetry.js";
 
 export const DEV_MODELS: Record<string, ModelSpec> = {
   echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },
@@ -34,6 +35,7 @@ export class DevStack {
     readonly worker: WorkerServer,
     readonly engine: SimulatedEngine,
     readonly pipeline: PipelineService,
+    private readonly workerTracing: Tracing,
   ) {}
 
   get url(): string {
@@ -45,7 +47,9 @@ export class DevStack {
     const cleanup: Array<() => Promise<void>> = [() => nats.stop()];
     try {
       const engine = new SimulatedEngine({ base_ms: opts.baseMs ?? 8, per_item_ms: opts.perItemMs ?? 0.5 });
-      const worker = await WorkerServer.start({ engine, workerId: "dev-worker" });
+      const workerTracing = startTracing({ serviceName: SERVICE_WORKER });
+      cleanup.unshift(() => workerTracing.shutdown());
+      const worker = await WorkerServer.start({ engine: traceEngine(engine, workerTracing, { workerId: "dev-worker" }), workerId: "dev-worker" });
       cleanup.unshift(() => worker.stop());
       const config: SluiceConfig = loadConfig({
         env: {},
@@ -60,7 +64,8 @@ export class DevStack {
         },
       });
       const pipeline = await PipelineService.start(config, opts.logger ? { logger: opts.logger } : {});
-      return new DevStack(nats, worker, engine, pipeline);
+      cleanup.unshift(() => pipeline.stop(1_000));
+      return new DevStack(nats, worker, engine, pipeline, workerTracing);
     } catch (err) {
       for (const f of cleanup) await f().catch(() => undefined);
       throw err;
@@ -73,6 +78,7 @@ export class DevStack {
       await this.pipeline.stop(2_000);
       await this.worker.stop();
       await this.engine.close();
+      await this.workerTracing.shutdown();
       await this.nats.stop();
     })();
     return this.stopped;

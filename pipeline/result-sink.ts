@@ -5,6 +5,7 @@ import type { DeadLetter, ResultSink } from "../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../operators/types.js";
 import { STREAM_RESULTS } from "./jetstream.js";
 import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
+import type { Tracing } from "./telemetry.js";
 
 const encoder = new TextEncoder();
 
@@ -15,18 +16,26 @@ export class StreamResultSink implements ResultSink {
   constructor(
     private readonly js: JetStreamClient,
     private readonly jsm: JetStreamManager,
+    private readonly tracing?: Tracing,
   ) {}
 
   async publishResult(job: InferJob, result: InferResult): Promise<void> {
+    const subject = subjects.result(job.tenant, job.id);
+    const span = this.tracing?.requestOf(job.delivery)?.startPublish(subject);
     const h = natsHeaders();
     h.set(H.status, result.status === "ok" ? "ok" : (result.error?.code ?? "INTERNAL"));
-    if (job.traceparent) h.set(H.traceparent, job.traceparent);
-    if (job.tracestate) h.set(H.tracestate, job.tracestate);
+    const traceparent = span?.carrier.traceparent ?? job.traceparent;
+    const tracestate = span?.carrier.tracestate ?? job.tracestate;
+    if (traceparent) h.set(H.traceparent, traceparent);
+    if (tracestate) h.set(H.tracestate, tracestate);
     h.set(H.contentType, "application/json");
-    await this.js.publish(subjects.result(job.tenant, job.id), encoder.encode(JSON.stringify(result)), {
-      msgID: job.id,
-      headers: h,
-    });
+    try {
+      await this.js.publish(subject, encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: h });
+      span?.end();
+    } catch (err) {
+      span?.end("PUBLISH_FAILED", err);
+      throw err;
+    }
   }
 
   async hasResult(job: InferJob): Promise<boolean> {

@@ -10,6 +10,8 @@ import { pullWithCredits } from "../operators/pull-with-credits.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { Delivery, InferResult, Outcome, Priority } from "../operators/types.js";
 import { inferencePipeline } from "./compose.js";
+import { MetricsServer, PipelineMetrics } from "./metrics.js";
+import { SERVICE_PIPELINE, startTracing, type Tracing } from "./telemetry.js";
 import type { SluiceConfig } from "./config.js";
 import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry } from "./registry.js";
@@ -34,6 +36,8 @@ export const consoleLogger: PipelineLogger = {
 export const silentLogger: PipelineLogger = { info: () => undefined, warn: () => undefined, error: () => undefined };
 
 export interface PipelineStartOptions {
+  /** Tracing to use instead of starting one from the configuration (not shut down on stop). */
+  tracing?: Tracing;
   /** Use this connection instead of opening one (it is not closed on stop). */
   nc?: NatsConnection;
   logger?: PipelineLogger;
@@ -72,7 +76,19 @@ export class PipelineService {
     readonly pool: WorkerPool,
     readonly directory: WorkerDirectory,
     private readonly log: PipelineLogger,
+    readonly tracing: Tracing,
+    private readonly ownsTracing: boolean,
+    readonly metrics: PipelineMetrics,
   ) {}
+
+  /** The `/metrics` server, when one runs. */
+  metricsServer: MetricsServer | undefined;
+  private running = false;
+
+  /** Pulling and connected: what `/readyz` answers. */
+  get ready(): boolean {
+    return this.running && !this.nc.isClosed() && this.stopping === undefined;
+  }
 
   /** Every settled outcome (for tests, metrics and the CLI). */
   get settled$(): Observable<Settled> {
@@ -81,6 +97,16 @@ export class PipelineService {
 
   static async start(config: SluiceConfig, opts: PipelineStartOptions = {}): Promise<PipelineService> {
     const log = opts.logger ?? consoleLogger;
+    const t = config.telemetry;
+    const tracing =
+      opts.tracing ??
+      startTracing({
+        serviceName: t.serviceName || SERVICE_PIPELINE,
+        ...(t.tracesEndpoint ? { tracesEndpoint: t.tracesEndpoint } : {}),
+        onWarning: (m) => log.warn(`tracing: ${m}`),
+      });
+    const metrics = new PipelineMetrics({ priorities: config.pipeline.priorities });
+    metrics.trackTracing(() => tracing.stats());
     const nc =
       opts.nc ??
       (await connect({ servers: config.servers, name: "sluice-pipeline", maxReconnectAttempts: -1, reconnectTimeWait: 250 }));
@@ -99,6 +125,8 @@ export class PipelineService {
         timeoutMs: (model) => registry.table.timeoutMs(model),
         connect: opts.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
         healthIntervalMs: config.pipeline.healthIntervalMs,
+        tracing,
+        onBatch: (b) => metrics.batchDispatched(b),
         onEvent: (e) => {
           if (e.type === "unhealthy" || e.type === "ejected" || e.type === "retry-budget-exhausted") log.warn(`worker pool: ${JSON.stringify(e)}`);
           else if (e.type !== "retry") log.info(`worker pool: ${JSON.stringify(e)}`);
@@ -110,11 +138,21 @@ export class PipelineService {
         replicas: config.streams.replicas,
         onInvalid: (key, why) => log.warn(`worker registry: ignoring '${key}': ${why}`),
       });
-      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log);
+      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics);
       await svc.run();
+      if (t.metricsPort >= 0) {
+        try {
+          svc.metricsServer = await MetricsServer.start({ port: t.metricsPort, host: t.metricsHost, metrics, ready: () => svc.ready });
+          log.info(`metrics on http://${t.metricsHost}:${svc.metricsServer.port}/metrics`);
+        } catch (err) {
+          // Telemetry never stops the pipeline: serve without the endpoint and say so.
+          log.warn(`metrics endpoint not started: ${(err as Error).message}`);
+        }
+      }
       return svc;
     } catch (err) {
       if (!opts.nc) await nc.close().catch(() => undefined);
+      if (!opts.tracing) await tracing.shutdown();
       throw err;
     }
   }
@@ -133,6 +171,7 @@ export class PipelineService {
           workingIntervalMs: Math.max(100, Math.floor(c.ackWaitMs / 3)),
           onPullError: (err) => {
             this.stats.pullErrors++;
+            this.metrics.pullFailed(priority);
             this.log.warn(`pull from ${durableName(c, priority)} failed: ${(err as Error)?.message ?? err}`);
           },
           onUnsettledChange: (n) => this.noteUnsettled(priority, n),
@@ -146,7 +185,8 @@ export class PipelineService {
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
-        sink: new StreamResultSink(this.js, this.jsm),
+        sink: new StreamResultSink(this.js, this.jsm, this.tracing),
+        tracing: this.tracing,
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
@@ -160,6 +200,17 @@ export class PipelineService {
       error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
       complete: () => this.drained.next(),
     });
+    const consumers = await Promise.all(p.priorities.map(async (pr) => [pr, await this.js.consumers.get(STREAM_REQUESTS, durableName(c, pr))] as const));
+    this.metrics.onCollect(async () => {
+      this.metrics.setWorkers(this.pool.snapshot());
+      await Promise.all(
+        consumers.map(async ([pr, consumer]) => {
+          const info = await consumer.info();
+          this.metrics.setConsumerState(pr, info.num_pending, info.num_ack_pending);
+        }),
+      );
+    });
+    this.running = true;
     this.log.info(`pipeline consuming ${p.priorities.map((x) => durableName(c, x)).join(", ")} (max ${p.maxInFlight} in flight each)`);
   }
 
@@ -178,11 +229,13 @@ export class PipelineService {
   }
 
   private noteUnsettled(priority: Priority, n: number): void {
+    this.metrics.setInflight(priority, n);
     this.stats.unsettled[priority] = n;
     if (n > (this.stats.maxUnsettled[priority] ?? 0)) this.stats.maxUnsettled[priority] = n;
   }
 
   private noteSettled(s: Settled): void {
+    this.metrics.settled(s);
     this.stats.settled++;
     this.stats.byAction[s.action] = (this.stats.byAction[s.action] ?? 0) + 1;
     const status = s.result ? (s.result.status === "ok" ? "ok" : (s.result.error?.code ?? "INTERNAL")) : s.action;
@@ -207,9 +260,12 @@ export class PipelineService {
       await done;
       this.subscription?.unsubscribe();
       this.settledSubject.complete();
+      this.running = false;
+      await this.metricsServer?.stop();
       await this.registry.stop();
       await this.directory.stop();
       await this.pool.stop();
+      if (this.ownsTracing) await this.tracing.shutdown();
       if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
     })();
     return this.stopping;

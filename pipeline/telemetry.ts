@@ -983,16 +983,21 @@ class TracingImpl implements Tracing {
       const first = contexts.find((ctx) => isSpanContextValid(trace.getSpanContext(ctx) ?? INVALID_SPAN_CONTEXT)) ?? ROOT_CONTEXT;
       return new BatchTraceImpl(this.guard, nonRecording(first), first, this, []);
     }
-    // A span has one parent and a batch has many requests: the batch is a trace of its own,
-    // linked to each request, and each request's trace gets a `batch` span linked back to it.
-    const span = this.createSpan("process infer.req", SpanKind.CONSUMER, ROOT_CONTEXT, attrs, links);
+    // A span has one parent and a batch has many requests. The batch span is a child of its
+    // first request (so that request's trace holds the whole path: batch, gRPC call, worker,
+    // engine) and is linked to every request; each other request's trace gets a `batch` span
+    // linked to it, from which Jaeger follows the link to the call.
+    // (The first sampled request, so a batch is sampled when any of its requests is.)
+    const first = requests.find((r) => r.recording) ?? requests[0];
+    const parent = first?.context ?? ROOT_CONTEXT;
+    const span = this.createSpan("process infer.req", SpanKind.CONSUMER, parent, attrs, links);
     const batchSpan = span.spanContext();
     const memberAttrs: Attributes = { [ATTR.batchSize]: batch.jobs.length, [ATTR.model]: batch.model, [ATTR.version]: batch.version };
-    const members = requests.map((request) => {
+    const members = requests.filter((r) => r !== first).map((request) => {
       const member = this.createSpan("batch", SpanKind.INTERNAL, request.context, memberAttrs, isSpanContextValid(batchSpan) ? [{ context: batchSpan }] : []);
       return new SpanHandleImpl(this.guard, member, request.context);
     });
-    return new BatchTraceImpl(this.guard, span, ROOT_CONTEXT, this, members);
+    return new BatchTraceImpl(this.guard, span, parent, this, members);
   }
 
   settle(settled: Settled): void {

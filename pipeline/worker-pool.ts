@@ -17,6 +17,7 @@
 import { Subject, type Observable } from "rxjs";
 import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
 import type { Batch, ErrorCode, RoutedJob } from "../operators/types.js";
+import type { BatchTrace, Tracing } from "./telemetry.js";
 import type { HealthStatus, WorkerBatch, WorkerRequest } from "./worker-client.js";
 
 /** What the pool needs of a connection to one worker. */
@@ -51,6 +52,10 @@ export interface WorkerPoolOptions {
   retryBackoffMs?: number;
   /** Hears pool events (for logs and metrics). Must not throw. */
   onEvent?: (e: PoolEvent) => void;
+  /** Batch and gRPC client spans. */
+  tracing?: Tracing;
+  /** Hears each finished batch call (for metrics). Must not throw. */
+  onBatch?: (b: { model: string; version: string; size: number; workerSeconds: number; ok: boolean }) => void;
 }
 
 export type PoolEvent =
@@ -266,13 +271,39 @@ export class WorkerPool implements BatchDispatcher {
   }
 
   async dispatch(batch: Batch): Promise<BatchReply> {
+    let bt: BatchTrace | undefined;
+    try {
+      bt = this.opts.tracing?.startBatch(batch);
+    } catch {
+      bt = undefined;
+    }
+    const t0 = performance.now();
+    let ok = false;
+    try {
+      const reply = await this.attempts(batch, bt);
+      ok = true;
+      bt?.end();
+      return reply;
+    } catch (err) {
+      bt?.end((err as DispatchError).code ?? "INTERNAL", err);
+      throw err;
+    } finally {
+      try {
+        this.opts.onBatch?.({ model: batch.model, version: batch.version, size: batch.jobs.length, workerSeconds: (performance.now() - t0) / 1000, ok });
+      } catch {
+        // metrics never break a call
+      }
+    }
+  }
+
+  private async attempts(batch: Batch, bt: BatchTrace | undefined): Promise<BatchReply> {
     if (this.stopped) throw new DispatchError("the pipeline is stopping", "UNAVAILABLE", true, { noWorker: true });
     const tried = new Set<Worker>();
     let lastErr: DispatchError | undefined;
     const request = toWorkerBatch(batch);
     const deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
     const first = batch.jobs.find((j) => j.traceparent !== undefined);
-    const trace = first?.traceparent ? { traceparent: first.traceparent, ...(first.tracestate ? { tracestate: first.tracestate } : {}) } : {};
+    const passThrough = first?.traceparent ? { traceparent: first.traceparent, ...(first.tracestate ? { tracestate: first.tracestate } : {}) } : {};
     this.budget.calls++;
     for (let attempt = 0; ; attempt++) {
       const w = this.pick(batch.key, tried);
@@ -285,12 +316,16 @@ export class WorkerPool implements BatchDispatcher {
       w.batches++;
       w.items += batch.jobs.length;
       const t0 = performance.now();
+      const call = bt?.startWorkerCall(w.endpoint, "Infer");
+      const trace = call?.carrier.traceparent ? call.carrier : passThrough;
       try {
         const reply = await w.conn.infer(request, { deadlineMs, ...trace });
+        call?.end();
         this.succeeded(w);
         return { results: reply.results, workerMs: performance.now() - t0, worker: w.endpoint };
       } catch (err) {
         const e = asDispatchError(err);
+        call?.end(e.code, e);
         if (!e.retriable) {
           // The worker answered (a bad batch, a deadline): not the worker's fault.
           if (w.breaker === "half-open") this.succeeded(w);

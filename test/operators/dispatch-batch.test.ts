@@ -318,6 +318,52 @@ describe("dispatchBatch", () => {
     });
   });
 
+  it("when no worker can take the call, retries until the deadline, or waitForWorkerMs after publishing", () => {
+    ts.run(({ cold, expectObservable, flush }) => {
+      const due = job("due", { deadlineMs: 40 });
+      const free = job("free");
+      const worker = new ScriptedWorker(ts, 1).answer({ error: new DispatchError("no worker for m@v1", "UNAVAILABLE", true, { noWorker: true }) });
+      const source = cold("-x------|", { x: batch([due, free]) });
+      const waits: string[] = [];
+      const waitForWorkerMs = (model: string): number => {
+        waits.push(model);
+        return 25;
+      };
+      // storedAtMs is 0: the job without a deadline waits until 0 + 25.
+      expectObservable(source.pipe(dispatchBatch(worker, { ...opts(), waitForWorkerMs }))).toBe("--(df)--|", {
+        d: { ...retryOf(due, "UNAVAILABLE", "no worker for m@v1"), waitUntilMs: 40 },
+        f: { ...retryOf(free, "UNAVAILABLE", "no worker for m@v1"), waitUntilMs: 25 },
+      });
+      flush();
+      expect(waits).to.deep.equal(["m"]);
+    });
+  });
+
+  it("does not wait for a worker when the failure is of a worker", () => {
+    ts.run(({ cold, expectObservable }) => {
+      const [a, b] = [job("a"), job("b")];
+      const worker = new ScriptedWorker(ts, 1)
+        .answer({ error: new DispatchError("worker crashed", "UNAVAILABLE", true) })
+        .answer({ error: new DispatchError("no worker for m@v1", "UNAVAILABLE", true, { noWorker: true }) });
+      const source = cold("-x-y-|", { x: batch([a]), y: batch([b]) });
+      const withWait = dispatchBatch(worker, { ...opts(), waitForWorkerMs: () => 25 });
+      expectObservable(source.pipe(withWait)).toBe("--a-b|", {
+        a: retryOf(a, "UNAVAILABLE", "worker crashed"),
+        b: { ...retryOf(b, "UNAVAILABLE", "no worker for m@v1"), waitUntilMs: 25 },
+      });
+    });
+  });
+
+  it("does not wait for a worker when waitForWorkerMs is not given", () => {
+    ts.run(({ cold, expectObservable }) => {
+      const a = job("a");
+      const worker = new ScriptedWorker(ts, 1).answer({ error: new DispatchError("no worker for m@v1", "UNAVAILABLE", true, { noWorker: true }) });
+      expectObservable(cold("-x-|", { x: batch([a]) }).pipe(dispatchBatch(worker, opts()))).toBe("--a|", {
+        a: retryOf(a, "UNAVAILABLE", "no worker for m@v1"),
+      });
+    });
+  });
+
   it("answers every job with the error of a call failure that is not retriable", () => {
     ts.run(({ cold, expectObservable }) => {
       const [a, b] = [job("a"), job("b")];

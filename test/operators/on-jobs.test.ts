@@ -90,7 +90,8 @@ describe("onJobs", () => {
     ts.run(({ expectObservable }) => {
       // Both branches must be subscribed before the source starts, or the first branch
       // would see every value and the jobs branch none of them.
-      const source = of<InferJob | Outcome>(a, x, b);
+      const items: Array<InferJob | Outcome> = [a, x, b];
+      const source = of(...items);
       expectObservable(source.pipe(onJobs(stamp))).toBe("(AxB|)", { A, B, x });
     });
   });

@@ -30,6 +30,7 @@ export function testConfig(url: string, overrides: SluiceConfigInput = {}): Slui
     overrides: {
       ...overrides,
       servers: [url],
+      telemetry: { metricsPort: -1, ...(overrides.telemetry ?? {}) },
       consumer: { ackWaitMs: 5_000, ...(overrides.consumer ?? {}) },
       pipeline: { pullExpiresMs: 1_000, retryBaseMs: 50, retryMaxMs: 500, ...(overrides.pipeline ?? {}) },
     },
