@@ -46,6 +46,8 @@ export interface DispatchBatchOptions {
    * deadline, or until this long after they were published when they have none.
    */
   waitForWorkerMs?: (model: string) => number;
+  /** True when the client cancelled the request: it is answered CANCELLED, not sent (or not kept). */
+  isCancelled?: (job: RoutedJob) => boolean;
   retryBaseMs?: number;
   retryMaxMs?: number;
 }
@@ -79,8 +81,17 @@ export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOp
     const t0 = now();
     const expired: Outcome[] = [];
     const live: RoutedJob[] = [];
+    const cancelled = (job: RoutedJob): boolean => {
+      try {
+        return opts.isCancelled?.(job) === true;
+      } catch {
+        return false;
+      }
+    };
     for (const job of batch.jobs) {
-      if (job.deadlineMs !== undefined && job.deadlineMs <= t0) {
+      if (cancelled(job)) {
+        expired.push({ kind: "result", job, result: errorResult(job, "CANCELLED", "cancelled by the client before it was sent to a worker") });
+      } else if (job.deadlineMs !== undefined && job.deadlineMs <= t0) {
         expired.push({
           kind: "result",
           job,
@@ -101,6 +112,9 @@ export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOp
         (reply): Outcome[] =>
           live.map((job, i): Outcome => {
             const item = reply.results[i];
+            if (cancelled(job)) {
+              return { kind: "result", job, result: errorResult(job, "CANCELLED", "cancelled by the client while it ran") };
+            }
             if (!item || item.id !== job.id) {
               return { kind: "result", job, result: errorResult(job, "INTERNAL", "the worker returned no result for this request") };
             }

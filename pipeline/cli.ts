@@ -220,11 +220,13 @@ async function cmdPublish(args: string[]): Promise<number> {
     "deadline-ms": { type: "string" },
     "timeout-ms": { type: "string" },
     concurrency: { type: "string" },
+    stream: { type: "boolean" },
   });
   if (v.help)
     return usage(
       "sluice publish --tenant T --model M (--prompt TEXT | --inputs JSON | --file REQUESTS.jsonl) [--parameters JSON]\n" +
         "               [--id ID] [--priority high|normal|low] [--version V] [--deadline-ms N] [--timeout-ms N] [--concurrency N]\n" +
+        "               [--stream]   print tokens as they are generated, then the result\n" +
         "  a line of REQUESTS.jsonl: {\"model\"?, \"prompt\"?, \"inputs\"?, \"parameters\"?, \"id\"?, \"priority\"?, \"version\"?}",
     );
   const tenant = (v.tenant as string | undefined) ?? "default";
@@ -292,7 +294,16 @@ async function cmdPublish(args: string[]): Promise<number> {
       if (v.prompt !== undefined) body.prompt = v.prompt as string;
       if (v.inputs !== undefined) body.inputs = JSON.parse(v.inputs as string);
       if (v.parameters !== undefined) body.parameters = JSON.parse(v.parameters as string) as Record<string, unknown>;
-      await one(v.model as string, body, baseOpts({}));
+      if (v.stream) {
+        for await (const ev of client.stream(v.model as string, body, baseOpts({}))) {
+          if ("text" in ev) process.stdout.write(ev.text);
+          else {
+            process.stdout.write("\n");
+            console.log(JSON.stringify(ev.result));
+            if (ev.result.status !== "ok") failed++;
+          }
+        }
+      } else await one(v.model as string, body, baseOpts({}));
     }
   } finally {
     await client.close();

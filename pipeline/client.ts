@@ -60,6 +60,9 @@ export interface ClientOptions {
   tracing?: Tracing;
 }
 
+/** What {@link InferenceClient.stream} yields: chunks, then the result. */
+export type StreamEvent = { seq: number; text: string } | { result: InferResult };
+
 interface Waiter {
   resolve: (r: InferResult) => void;
   reject: (e: Error) => void;
@@ -111,6 +114,87 @@ export class InferenceClient {
       throw err;
     }
     return waiting;
+  }
+
+  /**
+   * Streams a generation: yields each chunk (`{ seq, text }`, in order, no gaps or repeats) as
+   * the worker makes it, then the final result (`{ result }`), then ends. Leaving the loop early
+   * cancels the request (the worker stops generating).
+   *
+   * ```ts
+   * for await (const ev of client.stream("llm", { prompt: "Tell me a story" })) {
+   *   if ("text" in ev) process.stdout.write(ev.text);
+   *   else console.log("\n", ev.result.usage);
+   * }
+   * ```
+   */
+  async *stream(model: string, body: InferBody, opts: InferOptions = {}): AsyncGenerator<StreamEvent, void, undefined> {
+    const id = opts.id ?? nuid.next();
+    const events: Array<StreamEvent | Error> = [];
+    let wake: (() => void) | undefined;
+    const push = (e: StreamEvent | Error): void => {
+      events.push(e);
+      wake?.();
+    };
+    const tokens = this.nc.subscribe(subjects.tokens(this.tenant, id), {
+      callback: (err, msg) => {
+        if (err) return;
+        try {
+          const c = JSON.parse(decoder.decode(msg.data)) as { seq: number; text: string };
+          if (Number.isInteger(c.seq) && typeof c.text === "string") push({ seq: c.seq, text: c.text });
+        } catch {
+          // an unreadable chunk is skipped; the final result carries the whole text
+        }
+      },
+    });
+    let finished = false;
+    const resultP = this.result(id, { timeoutMs: opts.timeoutMs, checkStored: false });
+    resultP.then(
+      (result) => push({ result }),
+      (err: unknown) => push(err instanceof Error ? err : new Error(String(err))),
+    );
+    try {
+      await this.publish(model, body, { ...opts, id, stream: true });
+      let next = 0;
+      const pending = new Map<number, string>();
+      for (;;) {
+        while (events.length === 0) await new Promise<void>((r) => (wake = r));
+        wake = undefined;
+        const e = events.shift()!;
+        if (e instanceof Error) throw e;
+        if ("result" in e) {
+          finished = true;
+          yield e;
+          return;
+        }
+        // In order, without repeats: a generation that was started over (a redelivery) sends
+        // its chunks again from 0; those already seen are skipped.
+        if (e.seq < next) continue;
+        pending.set(e.seq, e.text);
+        while (pending.has(next)) {
+          const text = pending.get(next)!;
+          pending.delete(next);
+          yield { seq: next, text };
+          next++;
+        }
+      }
+    } finally {
+      tokens.unsubscribe();
+      if (!finished) {
+        this.dropWaiters(id, new InferenceError("CANCELLED", "stream left by the caller"));
+        await resultP.catch(() => undefined);
+        try {
+          this.nc.publish(subjects.cancel(this.tenant, id));
+        } catch {
+          // the connection is gone: nothing to cancel with
+        }
+      }
+    }
+  }
+
+  /** Asks the pipeline to cancel a request still queued or running (`CANCELLED` result). */
+  cancel(id: string): void {
+    this.nc.publish(subjects.cancel(this.tenant, id));
   }
 
   /** Sends a request without waiting for its result; resolves with its id once it is queued. */

@@ -7,15 +7,16 @@
  *                                                                                               └─ shadow results
  * ```
  */
-import { filter, map, merge, mergeMap, pipe, share, tap, type Observable, type OperatorFunction } from "rxjs";
+import { connect, filter, map, merge, mergeMap, pipe, share, tap, type Observable, type OperatorFunction } from "rxjs";
 import { admitByDeadline } from "../operators/admit-by-deadline.js";
 import { batchByModelVersion } from "../operators/batch-by-model-version.js";
 import { decodeRequest } from "../operators/decode-request.js";
 import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
+import { generateEach, type Chunk, type Generator } from "../operators/generate-each.js";
 import { onJobs } from "../operators/on-jobs.js";
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
-import type { Delivery, InferJob, Outcome, RoutedJob } from "../operators/types.js";
+import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
 import type { Tracing } from "./telemetry.js";
@@ -29,6 +30,12 @@ export interface PipelineSteps {
   table: ModelTable;
   dispatcher: Dispatcher;
   sink: ResultSink;
+  /** Generations (streamed requests, generative models); without it they are batched too. */
+  generator?: Generator;
+  /** Publishes a chunk of a streamed request on `infer.tok.<tenant>.<id>`. */
+  publishChunk?: (job: RoutedJob, chunk: Chunk) => Promise<void> | void;
+  /** Cancelled requests are answered CANCELLED wherever they are. */
+  isCancelled?: (tenant: string, id: string) => boolean;
   /** Version choice; the registry's (pinned, else weighted) by default. */
   route?: (job: InferJob) => RouteDecision;
   /** Shadow traffic; off when omitted. */
@@ -50,8 +57,19 @@ export interface PipelineSteps {
 export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delivery, Settled> {
   const { table } = steps;
   const route = steps.route ?? ((job: InferJob) => table.resolve(job.model, job.pinnedVersion, job.id));
+  const generator = steps.generator;
+  const generative = (job: RoutedJob): boolean => generator !== undefined && (job.stream || table.get(job.model)?.generate === true);
+  const isCancelled = (job: InferJob): boolean => steps.isCancelled?.(job.tenant, job.id) === true;
+  const shadowStep: OperatorFunction<RoutedJob, RoutedJob> = steps.shadow
+    ? withShadowCopies({
+        shadowVersionOf: (job) => table.get(job.model)?.shadow,
+        maxInFlight: steps.shadow.maxInFlight,
+        ...(steps.shadow.onSkipped ? { onSkipped: steps.shadow.onSkipped } : {}),
+      })
+    : (x) => x;
   return (deliveries) => {
-    const outcomes$ = deliveries.pipe(
+    // (Two pipes: RxJS types at most nine operators in one.)
+    const admitted$ = deliveries.pipe(
       decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
       tap((d) => {
         const t = steps.tracing;
@@ -61,29 +79,43 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         else t.startRequest(d.outcome.job.delivery, d.outcome.job);
       }),
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+    );
+    const outcomes$ = admitted$.pipe(
+      onJobs(map((job: InferJob) => (isCancelled(job) ? cancelledOutcome(job) : job))),
       onJobs(admitByDeadline()),
       onJobs(routeToVersion(route)),
       onJobs(tap((job: RoutedJob) => steps.tracing?.requestOf(job.delivery)?.setJob(job))),
       onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
-      onJobs(
+      onJobs<RoutedJob, Outcome>(
         pipe(
-          steps.shadow
-            ? withShadowCopies({
-                shadowVersionOf: (job) => table.get(job.model)?.shadow,
-                maxInFlight: steps.shadow.maxInFlight,
-                ...(steps.shadow.onSkipped ? { onSkipped: steps.shadow.onSkipped } : {}),
-              })
-            : (x: Observable<RoutedJob>) => x,
-          batchByModelVersion({
-            settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
-            hasIdleCapacity: (key) => steps.dispatcher.hasIdleCapacity(key),
-            capacityFreed$: steps.dispatcher.capacityFreed$,
-          }),
-          dispatchBatch(steps.dispatcher, {
-            retryBaseMs: steps.retryBaseMs,
-            retryMaxMs: steps.retryMaxMs,
-            waitForWorkerMs: (model) => table.timeoutMs(model),
-          }),
+          shadowStep,
+          connect((routed: Observable<RoutedJob>) =>
+            merge(
+              routed.pipe(
+                filter((job) => !generative(job)),
+                batchByModelVersion({
+                  settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
+                  hasIdleCapacity: (key) => steps.dispatcher.hasIdleCapacity(key),
+                  capacityFreed$: steps.dispatcher.capacityFreed$,
+                }),
+                dispatchBatch(steps.dispatcher, {
+                  retryBaseMs: steps.retryBaseMs,
+                  retryMaxMs: steps.retryMaxMs,
+                  waitForWorkerMs: (model) => table.timeoutMs(model),
+                  isCancelled,
+                }),
+              ),
+              routed.pipe(
+                filter(generative),
+                generateEach(generator ?? noGenerator, {
+                  retryBaseMs: steps.retryBaseMs,
+                  retryMaxMs: steps.retryMaxMs,
+                  waitForWorkerMs: (model) => table.timeoutMs(model),
+                  publishChunk: (job, c) => (job.stream && !job.shadow ? steps.publishChunk?.(job, c) : undefined),
+                }),
+              ),
+            ),
+          ),
         ),
       ),
       share(),
@@ -130,3 +162,10 @@ export function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: numbe
     },
   };
 }
+
+function cancelledOutcome(job: InferJob): Outcome {
+  return { kind: "result", job, result: errorResult(job, "CANCELLED", "cancelled by the client before it was served") };
+}
+
+/** Stands in when the pipeline has no generator (nothing is routed to it then). */
+const noGenerator: Generator = { generate: () => Promise.reject(new Error("this pipeline runs no generations")) };

@@ -1,7 +1,8 @@
 /**
  * `sluice dev`: the whole thing on one machine, with nothing installed but nats-server. A local
  * nats-server child process (temporary store), a simulated GPU worker and the pipeline, with a
- * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim`.
+ * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim` (a generative
+ * model: served through Generate, tokens streamed with `Infer-Stream: 1`).
  */
 import { SimulatedEngine } from "../worker/simulated.js";
 import { WorkerServer } from "../worker/server.js";
@@ -15,7 +16,7 @@ export const DEV_MODELS: Record<string, ModelSpec> = {
   echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },
   reverse: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
   upper: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
-  "llm-sim": { versions: { v1: { weight: 100 } }, batch: { max_size: 16, max_delay_ms: 10 } },
+  "llm-sim": { versions: { v1: { weight: 100 } }, generate: true },
 };
 
 export interface DevOptions {

@@ -18,6 +18,11 @@ const INITIAL_LOAD_TIMEOUT_MS = 5_000;
 export interface ModelSpec {
   versions: Record<string, { weight: number }>;
   shadow?: string;
+  /**
+   * A generative model (an LLM): every request goes through the worker's `Generate`, one per
+   * worker slot, instead of being batched (the engine batches continuously on the GPU).
+   */
+  generate?: boolean;
   batch?: { max_size?: number; max_delay_ms?: number };
   timeout_ms?: number;
 }
@@ -41,7 +46,7 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return fail("value must be a JSON object");
   const v = value as Record<string, unknown>;
   for (const k of Object.keys(v))
-    if (!["versions", "shadow", "batch", "timeout_ms"].includes(k)) fail(`unknown field '${k}'`);
+    if (!["versions", "shadow", "batch", "timeout_ms", "generate"].includes(k)) fail(`unknown field '${k}'`);
   const versions = v["versions"];
   if (typeof versions !== "object" || versions === null || Array.isArray(versions)) return fail("'versions' must be an object");
   const out: ModelSpec = { versions: {} };
@@ -68,6 +73,10 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
       if (typeof b["max_delay_ms"] !== "number" || b["max_delay_ms"] < 0) fail("batch.max_delay_ms must be a number >= 0");
       out.batch.max_delay_ms = b["max_delay_ms"] as number;
     }
+  }
+  if (v["generate"] !== undefined) {
+    if (typeof v["generate"] !== "boolean") fail("'generate' must be true or false");
+    out.generate = v["generate"] as boolean;
   }
   if (v["timeout_ms"] !== undefined) {
     if (typeof v["timeout_ms"] !== "number" || v["timeout_ms"] <= 0) fail("timeout_ms must be a number > 0");

@@ -48,7 +48,7 @@ import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferRes
 import { inferencePipeline } from "./compose.js";
 import { defaultConfig, type SluiceConfig } from "./config.js";
 import { STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
-import { ModelRegistry } from "./registry.js";
+import { ModelRegistry, type ModelTable } from "./registry.js";
 import { silentLogger, type PipelineLogger } from "./service.js";
 import { H, ID_RE, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
 import { WorkerClient } from "./worker-client.js";
@@ -86,8 +86,12 @@ export const DEFAULT_MAX_RERUNS = 10;
 const FETCH_BATCH = 256;
 /** How long a pull waits on a selection with nothing (more) in it. */
 const FETCH_EXPIRES_MS = 1_000;
-/** Recorded results looked up ahead of the request being injected. */
-const LOOKAHEAD = 64;
+/** The server drops a replay's consumer idle this long (a paced replay may wait long between pulls). */
+const CONSUMER_INACTIVE_MS = 60 * 60_000;
+/** Failed pulls of one read before it gives up. */
+const MAX_PULL_FAILURES = 3;
+/** Recorded results looked up ahead of the request being injected (lookups overlap the pipeline). */
+const LOOKAHEAD = 256;
 /** How long to wait for the worker directory to load the registered workers. */
 const DIRECTORY_WARMUP_MS = 2_000;
 export const DEFAULT_PROGRESS_INTERVAL_MS = 1_000;
@@ -261,32 +265,44 @@ interface ReadRange {
  * Reads `INFER_REQ` in order with an ephemeral ordered consumer from the start of the range to
  * its end, yielding every message the server's filter lets through (the caller filters the
  * rest). Ends at `toSeq`, when nothing is pending, or when a pull finds nothing; deletes the
- * consumer when done or abandoned.
+ * consumer when done or abandoned. A pull that fails (the server dropped an idle consumer
+ * during a long paced gap, a reconnect) reopens the consumer after the last message read.
  */
 async function* readRequests(js: JetStreamClient, s: ReplaySelection, range: ReadRange, headersOnly: boolean): AsyncGenerator<JsMsg> {
-  const opts: Partial<OrderedConsumerOptions> = {
-    // A string (not an array) becomes `filter_subject`, which nats-server 2.9 understands.
-    filter_subjects: filterSubjectOf(s),
-    headers_only: headersOnly,
-  };
-  if (range.fromSeq !== undefined) opts.opt_start_seq = range.fromSeq;
-  else if (range.since !== undefined) opts.opt_start_time = range.since.toISOString();
-  else opts.deliver_policy = DeliverPolicy.All;
-  const consumer = await js.consumers.get(STREAM_REQUESTS, opts);
-  try {
-    for (;;) {
-      const batch = await consumer.fetch({ max_messages: FETCH_BATCH, expires: FETCH_EXPIRES_MS });
-      let n = 0;
-      for await (const m of batch) {
-        n++;
-        if (m.seq > range.toSeq) return;
-        yield m;
-        if (m.seq >= range.toSeq || m.info.pending === 0) return;
+  let lastSeq: number | undefined;
+  for (let failures = 0; ; ) {
+    const opts: Partial<OrderedConsumerOptions> = {
+      // A string (not an array) becomes `filter_subject`, which nats-server 2.9 understands.
+      filter_subjects: filterSubjectOf(s),
+      headers_only: headersOnly,
+      inactive_threshold: CONSUMER_INACTIVE_MS,
+    };
+    if (lastSeq !== undefined) opts.opt_start_seq = lastSeq + 1;
+    else if (range.fromSeq !== undefined) opts.opt_start_seq = range.fromSeq;
+    else if (range.since !== undefined) opts.opt_start_time = range.since.toISOString();
+    else opts.deliver_policy = DeliverPolicy.All;
+    const consumer = await js.consumers.get(STREAM_REQUESTS, opts);
+    try {
+      for (;;) {
+        let n = 0;
+        try {
+          const batch = await consumer.fetch({ max_messages: FETCH_BATCH, expires: FETCH_EXPIRES_MS });
+          for await (const m of batch) {
+            n++;
+            if (m.seq > range.toSeq) return;
+            lastSeq = m.seq;
+            yield m;
+            if (m.seq >= range.toSeq || m.info.pending === 0) return;
+          }
+        } catch (err) {
+          if (++failures > MAX_PULL_FAILURES) throw err;
+          break;
+        }
+        if (n === 0) return;
       }
-      if (n === 0) return;
+    } finally {
+      await consumer.delete().catch(() => false);
     }
-  } finally {
-    await consumer.delete().catch(() => false);
   }
 }
 
@@ -660,7 +676,8 @@ export class ReplayResultSink implements ResultSink {
   async publishResult(job: InferJob, result: InferResult): Promise<void> {
     const rec = recordOf(job.delivery);
     const h = natsHeaders();
-    h.set(H.msgId, job.id);
+    // No Nats-Msg-Id: a stream that keeps replay results would drop a second session's result
+    // of the same request as a duplicate.
     h.set(H.status, result.status === "ok" ? "ok" : (result.error?.code ?? "INTERNAL"));
     if (job.traceparent) h.set(H.traceparent, job.traceparent);
     if (job.tracestate) h.set(H.tracestate, job.tracestate);
@@ -705,14 +722,15 @@ export interface ReplayItem {
   seq: number;
   /** When the original was stored, ISO 8601. */
   time: string;
-  tenant: string | undefined;
-  model: string | undefined;
+  tenant: string | null;
+  model: string | null;
   original: ResultView | null;
   replayed: ResultView;
   verdict: Verdict;
   similarity?: Similarity;
   diff?: string[];
-  original_traceparent: string | undefined;
+  /** The original request's `traceparent` (the link to its trace); null when it had none. */
+  original_traceparent: string | null;
   traceparent: string;
   reruns: number;
 }
@@ -772,6 +790,11 @@ export interface ReplayOptions {
   dryRun?: boolean;
   /** Pipeline settings and static workers (default: the defaults, no static workers). */
   config?: SluiceConfig;
+  /**
+   * Route with this table (a running pipeline's `registry.table`) instead of opening and
+   * watching the registry for the replay.
+   */
+  table?: ModelTable;
   /** Requests in the pipeline at once (default `config.pipeline.maxInFlight`). */
   maxInFlight?: number;
   /** Re-runs of a request whose attempt was naked (default {@link DEFAULT_MAX_RERUNS}). */
@@ -922,14 +945,20 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
   const jsm = await jetstreamManager(nc);
   // The same registry and worker directory as live, with a pool of its own: the replay reaches
   // the same workers, but its batches and breakers do not mix with live traffic.
-  const registry = await ModelRegistry.open(nc, {
-    replicas: config.streams.replicas,
-    timeoutMs: config.pipeline.defaultTimeoutMs,
-    onInvalid: (key, err) => log.warn(`replay registry: ignoring invalid value of '${key}': ${err.message}`),
-  });
+  let registry: ModelRegistry | undefined;
+  let table: ModelTable;
+  if (options.table) table = options.table;
+  else {
+    registry = await ModelRegistry.open(nc, {
+      replicas: config.streams.replicas,
+      timeoutMs: config.pipeline.defaultTimeoutMs,
+      onInvalid: (key, err) => log.warn(`replay registry: ignoring invalid value of '${key}': ${err.message}`),
+    });
+    table = registry.table;
+  }
   const pool = new WorkerPool({
     batchesPerWorker: config.pipeline.batchesPerWorker,
-    timeoutMs: (model) => registry.table.timeoutMs(model),
+    timeoutMs: (model) => table.timeoutMs(model),
     connect: options.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
     healthIntervalMs: config.pipeline.healthIntervalMs,
     onEvent: (e) => {
@@ -952,6 +981,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
 
     // Credits: a request holds one from its injection to its verdict, re-runs included.
     let inFlight = 0;
+    let firstInjectedAt: number | undefined;
     let failure: { error: unknown } | undefined;
     const waiters = new Set<{ ready: () => boolean; resolve: () => void }>();
     const wake = (): void => {
@@ -966,6 +996,8 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
 
     const progress = (finished: boolean): void => {
       const elapsedMs = Date.now() - started;
+      // The rate counts from the first injection, not from the count and the start-up.
+      const runningMs = firstInjectedAt !== undefined ? Date.now() - firstInjectedAt : 0;
       try {
         options.onProgress?.({
           session,
@@ -975,7 +1007,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
           counts: { ...report.counts },
           reruns: report.reruns,
           elapsedMs,
-          perSecond: elapsedMs > 0 ? Math.round((report.done / elapsedMs) * 10_000) / 10 : 0,
+          perSecond: runningMs > 0 ? Math.round((report.done / runningMs) * 10_000) / 10 : 0,
           finished,
         });
       } catch {
@@ -1004,14 +1036,14 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
         id: idOf(rec),
         seq: rec.seq,
         time: new Date(rec.originalStoredAtMs).toISOString(),
-        tenant: rec.tenant,
-        model: rec.model,
+        tenant: rec.tenant ?? null,
+        model: rec.model ?? null,
         original: original ?? null,
         replayed: mine,
         verdict: cmp.verdict,
         ...(cmp.similarity ? { similarity: cmp.similarity } : {}),
         ...(cmp.diff ? { diff: cmp.diff } : {}),
-        original_traceparent: rec.originalTraceparent,
+        original_traceparent: rec.originalTraceparent ?? null,
         traceparent: rec.traceparent,
         reruns: rec.reruns,
       };
@@ -1080,14 +1112,14 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
       if (options.version !== undefined) return { ok: true, version: options.version };
       const v = recordOf(job.delivery)?.recorded?.version;
       if (v !== undefined && VERSION_RE.test(v)) return { ok: true, version: v };
-      return registry.table.resolve(job.model, job.pinnedVersion, job.id);
+      return table.resolve(job.model, job.pinnedVersion, job.id);
     };
 
     const pipelineDone = new Promise<void>((resolve) => {
       deliveries
         .pipe(
           inferencePipeline({
-            table: registry.table,
+            table,
             dispatcher: pool,
             sink,
             route,
@@ -1174,6 +1206,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
         replayed: undefined,
       };
       inFlight++;
+      firstInjectedAt ??= now;
       deliveries.next(new ReplayDelivery(rec, 1));
     };
 
@@ -1205,7 +1238,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
     if (progressTimer) clearInterval(progressTimer);
     for (const t of reruns.keys()) clearTimeout(t);
     await directory?.stop();
-    await registry.stop();
+    await registry?.stop();
     await pool.stop();
   }
 }

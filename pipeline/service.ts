@@ -16,6 +16,7 @@ import type { SluiceConfig } from "./config.js";
 import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
+import { CancelRegistry } from "./cancel.js";
 import { subjects } from "./subjects.js";
 import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
@@ -80,6 +81,9 @@ export class PipelineService {
     private readonly ownsTracing: boolean,
     readonly metrics: PipelineMetrics,
   ) {}
+
+  /** Cancellations heard on `infer.cancel.*.*`. */
+  readonly cancels = new CancelRegistry();
 
   /** The `/metrics` server, when one runs. */
   metricsServer: MetricsServer | undefined;
@@ -159,6 +163,8 @@ export class PipelineService {
 
   private async run(): Promise<void> {
     const { pipeline: p, consumer: c } = this.config;
+    this.cancels.listen(this.nc);
+    this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
     const sources: Observable<Delivery>[] = [];
     for (const priority of p.priorities) {
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
@@ -187,6 +193,11 @@ export class PipelineService {
         dispatcher: this.pool,
         sink: new StreamResultSink(this.js, this.jsm, this.tracing),
         tracing: this.tracing,
+        generator: this.pool,
+        publishChunk: (job, c) => {
+          this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
+        },
+        isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
@@ -262,6 +273,7 @@ export class PipelineService {
       this.settledSubject.complete();
       this.running = false;
       await this.metricsServer?.stop();
+      this.cancels.stop();
       await this.registry.stop();
       await this.directory.stop();
       await this.pool.stop();

@@ -18,10 +18,15 @@ import { Subject, type Observable } from "rxjs";
 import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
 import type { Batch, ErrorCode, RoutedJob } from "../operators/types.js";
 import type { BatchTrace, Tracing } from "./telemetry.js";
-import type { HealthStatus, WorkerBatch, WorkerRequest } from "./worker-client.js";
+import type { Chunk, GenerationReply, Generator } from "../operators/generate-each.js";
+import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./worker-client.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {
+  generate?(
+    req: WorkerGenerateRequest,
+    opts: { deadlineMs?: number; traceparent?: string; tracestate?: string; signal?: AbortSignal },
+  ): AsyncIterable<WorkerChunk>;
   infer(
     batch: WorkerBatch,
     opts: { deadlineMs?: number; traceparent?: string; tracestate?: string },
@@ -110,7 +115,7 @@ export interface WorkerSnapshot {
 const keyOf = (model: string, version: string): string => `${model}@${version}`;
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
 
-export class WorkerPool implements BatchDispatcher {
+export class WorkerPool implements BatchDispatcher, Generator {
   private readonly workers = new Map<string, Worker>();
   private readonly byKey = new Map<string, Set<Worker>>();
   private readonly freed = new Subject<string>();
@@ -118,6 +123,10 @@ export class WorkerPool implements BatchDispatcher {
   private stopped = false;
   /** Retry budget: a sliding count of calls and retries over the last 10 s. */
   private budget = { since: Date.now(), calls: 0, retries: 0 };
+  /** Generations waiting for a free slot, per key. */
+  private readonly slotWaiters = new Map<string, Set<() => void>>();
+  /** Aborts for generations (cancellation), by job. */
+  signalFor: (job: RoutedJob) => { signal: AbortSignal; done: () => void } = () => ({ signal: new AbortController().signal, done: () => undefined });
 
   constructor(private readonly opts: WorkerPoolOptions) {
     const every = opts.healthIntervalMs ?? DEFAULT_HEALTH_INTERVAL_MS;
@@ -130,6 +139,17 @@ export class WorkerPool implements BatchDispatcher {
   /** Emits a model@version key whenever one of its workers finishes a batch or becomes usable. */
   get capacityFreed$(): Observable<string> {
     return this.freed.asObservable();
+  }
+
+  private notifyFreed(key: string): void {
+    this.freed.next(key);
+    this.wake(key);
+  }
+
+  private wake(key: string): void {
+    const set = this.slotWaiters.get(key);
+    if (!set) return;
+    for (const f of [...set]) f();
   }
 
   private emit(e: PoolEvent): void {
@@ -169,7 +189,7 @@ export class WorkerPool implements BatchDispatcher {
       if (!set) this.byKey.set(key, (set = new Set()));
       set.add(w);
       this.emit({ type: "added", endpoint, key });
-      this.freed.next(key);
+      this.notifyFreed(key);
     }
   }
 
@@ -339,10 +359,132 @@ export class WorkerPool implements BatchDispatcher {
         w.batches--;
         w.items -= batch.jobs.length;
         if (w.draining && w.batches === 0) this.close(w);
-        if (!this.stopped) for (const k of w.keys) this.freed.next(k);
+        if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
       }
       await sleep(Math.min((this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS) * 2 ** attempt, 1_000));
     }
+  }
+
+  /**
+   * Runs one generation on the least-loaded worker with a free slot (items in flight below its
+   * advertised capacity), waiting for a slot when all are busy. Chunks go to `onChunk` in order.
+   * A failure before the first chunk is retried on another worker; after it, the generation
+   * cannot be resumed and fails retriably (the request is delivered again and starts over).
+   */
+  async generate(job: RoutedJob, onChunk: (c: Chunk) => Promise<void> | void): Promise<GenerationReply> {
+    const key = keyOf(job.model, job.version);
+    const deadlineMs = job.deadlineMs ?? Date.now() + this.opts.timeoutMs(job.model);
+    const cancel = this.signalFor(job);
+    const tried = new Set<Worker>();
+    let lastErr: DispatchError | undefined;
+    try {
+      for (let attempt = 0; ; attempt++) {
+        const w = await this.acquireSlot(key, tried, deadlineMs, cancel.signal);
+        if (!w) {
+          if (lastErr) throw lastErr;
+          throw new DispatchError(`no healthy worker serves ${key}`, "UNAVAILABLE", true, { noWorker: true });
+        }
+        tried.add(w);
+        if (w.breaker === "open") w.breaker = "half-open";
+        const call = this.opts.tracing?.requestOf(job.delivery)?.startWorkerCall(w.endpoint, "Generate");
+        const trace = call?.carrier.traceparent ? call.carrier : job.traceparent ? { traceparent: job.traceparent, ...(job.tracestate ? { tracestate: job.tracestate } : {}) } : {};
+        const t0 = performance.now();
+        let chunks = 0;
+        let firstChunkMs: number | undefined;
+        try {
+          if (!w.conn.generate) throw new DispatchError(`worker ${w.endpoint} cannot stream`, "UNAVAILABLE", true);
+          const stream = w.conn.generate(
+            { model: job.model, version: job.version, request: toWorkerRequest(job) },
+            { deadlineMs, signal: cancel.signal, ...trace },
+          );
+          for await (const c of stream) {
+            if (c.final) {
+              const f = c.final;
+              call?.end(f.status === "ok" ? "ok" : (f.error?.code ?? "INTERNAL"));
+              this.succeeded(w);
+              const reply: GenerationReply = {
+                text: f.output?.text ?? "",
+                usage: f.usage ?? { prompt_tokens: 0, completion_tokens: chunks },
+                workerMs: performance.now() - t0,
+                worker: w.endpoint,
+                ...(firstChunkMs !== undefined ? { firstChunkMs } : {}),
+                ...(f.output?.data !== undefined ? { data: f.output.data } : {}),
+                ...(f.status !== "ok" ? { error: f.error ?? { code: "INTERNAL", message: "generation failed" } } : {}),
+              };
+              return reply;
+            }
+            if (chunks === 0) firstChunkMs = performance.now() - t0;
+            chunks++;
+            await onChunk({ seq: c.seq, text: c.text });
+          }
+          throw new DispatchError(`worker ${w.endpoint} ended the generation without a result`, "UNAVAILABLE", true);
+        } catch (err) {
+          if (cancel.signal.aborted) {
+            call?.end("CANCELLED");
+            throw new DispatchError("cancelled by the client", "CANCELLED", false, { cause: err });
+          }
+          const e = asDispatchError(err);
+          call?.end(e.code, e);
+          if (!e.retriable) throw e;
+          this.failed(w);
+          lastErr = chunks > 0 ? new DispatchError(`generation broke off after ${chunks} chunks: ${e.message}`, "UNAVAILABLE", true, { cause: e }) : e;
+          if (chunks > 0 || Date.now() >= deadlineMs || !this.takeRetry(key)) throw lastErr;
+          this.emit({ type: "retry", endpoint: w.endpoint, key, reason: e.message });
+        } finally {
+          this.releaseSlot(w);
+        }
+        await sleep(Math.min((this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS) * 2 ** attempt, 1_000));
+      }
+    } finally {
+      cancel.done();
+    }
+  }
+
+  /** Waits for a usable worker of the key with a free slot; undefined when the key has none. */
+  private async acquireSlot(key: string, exclude: Set<Worker>, deadlineMs: number, signal: AbortSignal): Promise<Worker | undefined> {
+    for (;;) {
+      if (signal.aborted) throw new DispatchError("cancelled by the client", "CANCELLED", false);
+      if (this.stopped) return undefined;
+      const set = this.byKey.get(key);
+      const now = Date.now();
+      let best: Worker | undefined;
+      let anyUsable = false;
+      for (const w of set ?? []) {
+        if (exclude.has(w) || !this.usable(w, now)) continue;
+        anyUsable = true;
+        if (w.items >= w.capacity) continue;
+        if (!best || w.items / w.capacity < best.items / best.capacity) best = w;
+      }
+      if (best) {
+        best.items++;
+        best.batches++;
+        return best;
+      }
+      if (!anyUsable) return undefined;
+      if (now >= deadlineMs) throw new DispatchError(`no free worker slot for ${key} before the deadline`, "DEADLINE_EXCEEDED", false);
+      // All busy: wait for a slot to free (or the deadline, or a cancel).
+      await new Promise<void>((resolve) => {
+        let waiters = this.slotWaiters.get(key);
+        if (!waiters) this.slotWaiters.set(key, (waiters = new Set()));
+        const done = (): void => {
+          waiters.delete(done);
+          clearTimeout(t);
+          signal.removeEventListener("abort", done);
+          resolve();
+        };
+        const t = setTimeout(done, Math.max(1, deadlineMs - now));
+        t.unref();
+        signal.addEventListener("abort", done, { once: true });
+        waiters.add(done);
+      });
+    }
+  }
+
+  private releaseSlot(w: Worker): void {
+    w.items--;
+    w.batches--;
+    if (w.draining && w.batches === 0) this.close(w);
+    if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
   }
 
   private succeeded(w: Worker): void {
@@ -366,7 +508,7 @@ export class WorkerPool implements BatchDispatcher {
       this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
       // Let the batcher know when the probe may go.
       const t = setTimeout(() => {
-        if (!this.stopped) for (const k of w.keys) this.freed.next(k);
+        if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
       }, forMs);
       t.unref();
     }
@@ -390,7 +532,7 @@ export class WorkerPool implements BatchDispatcher {
         if (ok !== w.healthy) {
           w.healthy = ok;
           this.emit(ok ? { type: "healthy", endpoint: w.endpoint } : { type: "unhealthy", endpoint: w.endpoint, ...(reason ? { reason } : {}) });
-          if (ok && !this.stopped) for (const k of w.keys) this.freed.next(k);
+          if (ok && !this.stopped) for (const k of w.keys) this.notifyFreed(k);
         }
       }),
     );

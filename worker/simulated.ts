@@ -15,6 +15,7 @@
  * `parameters.simulate_error` set to an error code (e.g. `"NOT_FOUND"`) makes that request
  * fail with that code, and only that request.
  */
+import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
 import { ERROR_CODES, type ErrorCode } from "../operators/types.js";
 import {
@@ -127,6 +128,8 @@ export class SimulatedEngine implements Engine {
   private logHead = 0;
 
   constructor(options: SimulatedEngineOptions = {}) {
+    // Every generation in progress listens on this one signal.
+    setMaxListeners(0, this.closing.signal);
     this.baseMs = nonNegative("base_ms", options.base_ms ?? DEFAULT_BASE_MS);
     this.perItemMs = nonNegative("per_item_ms", options.per_item_ms ?? DEFAULT_PER_ITEM_MS);
     this.ttftMs = nonNegative("ttft_ms", options.ttft_ms ?? DEFAULT_TTFT_MS);

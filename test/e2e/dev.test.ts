@@ -18,6 +18,14 @@ describe("sluice dev", function () {
       expect(r.model).to.equal("echo");
       expect(r.output.text).to.equal("hello sluice");
 
+      const streamed = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "llm-sim", "--prompt", "one two three", "--stream"]);
+      expect(await streamed.exited).to.equal(0);
+      const [tokens, resultLine] = streamed.output().trim().split("\n");
+      const final = JSON.parse(resultLine!) as { status: string; output: { text: string } };
+      expect(final.status).to.equal("ok");
+      expect(tokens).to.equal(final.output.text);
+      expect(final.output.text).to.equal("llm-sim@v1: one two three");
+
       const bad = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "nope", "--prompt", "x"]);
       expect(await bad.exited).to.equal(1);
       expect(bad.output()).to.contain("NOT_FOUND");
