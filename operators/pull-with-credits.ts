@@ -197,7 +197,7 @@ export function pullWithCredits(source: PullSource, opts: PullWithCreditsOptions
 }
 
 /** A delivery that hands its credit back the first time it is settled. */
-class CreditedDelivery implements Delivery {
+export class CreditedDelivery implements Delivery {
   private done = false;
   constructor(
     private readonly inner: Delivery,

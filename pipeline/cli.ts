@@ -18,6 +18,8 @@ import { WorkerServer } from "../worker/server.js";
 import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client.js";
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
 import { DevStack } from "./dev.js";
+import { cmdDlq } from "./dlq-cli.js";
+import { cmdReplay } from "./replay-cli.js";
 import { ModelRegistry, parseModelSpec } from "./registry.js";
 import { PipelineService } from "./service.js";
 import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry.js";
@@ -33,6 +35,8 @@ commands:
   publish   send requests and print their results (JSON lines)
   models    list | get <model> | set <model> <json> | rm <model>
   workers   list (registered workers)
+  dlq       list | show <seq> | requeue (--id|--seq|--tenant|--model|--all) [--dry-run]
+  replay    re-run recorded requests against a model version and compare (--help)
 
 common options:
   --server URL   NATS server (default: $NATS_URL or ${DEFAULT_NATS_URL})
@@ -401,6 +405,10 @@ export async function main(argv: string[]): Promise<number> {
       return cmdModels(rest);
     case "workers":
       return cmdWorkers(rest);
+    case "dlq":
+      return cmdDlq(rest);
+    case "replay":
+      return cmdReplay(rest);
     case undefined:
     case "help":
     case "--help":

@@ -14,12 +14,14 @@ import { decodeRequest } from "../operators/decode-request.js";
 import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
 import { generateEach, type Chunk, type Generator } from "../operators/generate-each.js";
 import { onJobs } from "../operators/on-jobs.js";
+import { admitByTenantLimits, DEFAULT_TENANT_MAX_WAIT_MS } from "../operators/admit-by-tenant-limits.js";
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
 import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
 import type { Tracing } from "./telemetry.js";
+import type { TenantLimiter } from "./tenant-limits.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;
@@ -34,6 +36,9 @@ export interface PipelineSteps {
   generator?: Generator;
   /** Publishes a chunk of a streamed request on `infer.tok.<tenant>.<id>`. */
   publishChunk?: (job: RoutedJob, chunk: Chunk) => Promise<void> | void;
+  /** Per-tenant rate, token and concurrency limits. */
+  tenantLimits?: TenantLimiter;
+  tenantMaxWaitMs?: number;
   /** Cancelled requests are answered CANCELLED wherever they are. */
   isCancelled?: (tenant: string, id: string) => boolean;
   /** Version choice; the registry's (pinned, else weighted) by default. */
@@ -83,6 +88,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
     const outcomes$ = admitted$.pipe(
       onJobs(map((job: InferJob) => (isCancelled(job) ? cancelledOutcome(job) : job))),
       onJobs(admitByDeadline()),
+      onJobs(steps.tenantLimits ? admitByTenantLimits(steps.tenantLimits, { maxWaitMs: steps.tenantMaxWaitMs ?? DEFAULT_TENANT_MAX_WAIT_MS }) : (x: Observable<InferJob>) => x),
       onJobs(routeToVersion(route)),
       onJobs(tap((job: RoutedJob) => steps.tracing?.requestOf(job.delivery)?.setJob(job))),
       onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
@@ -128,7 +134,10 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         retryBaseMs: steps.retryBaseMs,
         retryMaxMs: steps.retryMaxMs,
       }),
-      tap((s) => steps.tracing?.settle(s)),
+      tap((s) => {
+        steps.tracing?.settle(s);
+        steps.tenantLimits?.releasedOutcome(s.outcome);
+      }),
     );
     const shadow = steps.shadow;
     if (!shadow) return settled$;

@@ -5,6 +5,7 @@
 import { readFileSync } from "node:fs";
 import type { Priority } from "../operators/types.js";
 import type { ModelSpec } from "./registry.js";
+import { parseTenantsConfig, type TenantLimits } from "./tenant-limits.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 
@@ -35,8 +36,10 @@ export interface ConsumerSettings {
 }
 
 export interface PipelineSettings {
-  /** The client-side bound: unsettled messages held by this process, per priority. */
+  /** The client-side bound: unsettled messages held by this process, all priorities together. */
   maxInFlight: number;
+  /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
+  priorityWeights: Record<Priority, number>;
   maxPayloadBytes: number;
   pullExpiresMs: number;
   /** Concurrent result publishes awaiting their acknowledgement. */
@@ -49,6 +52,8 @@ export interface PipelineSettings {
   /** Default call timeout when a model sets none. */
   defaultTimeoutMs: number;
   priorities: Priority[];
+  /** Longest a request held back by its tenant's limits (policy `delay`) waits before it is refused. */
+  tenantMaxWaitMs: number;
   /** Period of gRPC health checks of each worker; 0 turns them off. */
   healthIntervalMs: number;
   /** A registered worker that has not refreshed its entry for this long is dropped. */
@@ -85,6 +90,11 @@ export interface SluiceConfig {
   models: Record<string, ModelSpec>;
   /** Workers known from configuration (besides those that register themselves). */
   workers: StaticWorker[];
+  /**
+   * Per-tenant limits written to the tenant registry (bucket `infer_tenants`) at start-up when it
+   * does not have them yet; `"*"` applies to tenants not listed.
+   */
+  tenants: Record<string, TenantLimits>;
 }
 
 const MINUTE = 60_000;
@@ -112,6 +122,7 @@ export function defaultConfig(): SluiceConfig {
     },
     pipeline: {
       maxInFlight: 256,
+      priorityWeights: { high: 8, normal: 4, low: 1 },
       maxPayloadBytes: 256 * 1024,
       pullExpiresMs: 5_000,
       publishConcurrency: 256,
@@ -120,11 +131,13 @@ export function defaultConfig(): SluiceConfig {
       retryMaxMs: 10_000,
       defaultTimeoutMs: 30_000,
       priorities: ["high", "normal", "low"],
+      tenantMaxWaitMs: 30_000,
       healthIntervalMs: 1_000,
       workerTtlMs: 15_000,
     },
     models: {},
     workers: [],
+    tenants: {},
   };
 }
 
@@ -144,8 +157,9 @@ function merge<T>(base: T, over: unknown, path: string): T {
   if (!isPlainObject(base) || !isPlainObject(over)) return over as T;
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(over)) {
-    if (!(k in base) && path !== "models") throw new ConfigError(`unknown configuration key '${path ? path + "." : ""}${k}'`);
-    out[k] = path === "models" || k === "models" ? v : merge((base as Record<string, unknown>)[k], v, path ? `${path}.${k}` : k);
+    const free = path === "models" || path === "tenants";
+    if (!(k in base) && !free) throw new ConfigError(`unknown configuration key '${path ? path + "." : ""}${k}'`);
+    out[k] = free || k === "models" || k === "tenants" ? v : merge((base as Record<string, unknown>)[k], v, path ? `${path}.${k}` : k);
   }
   return out as T;
 }
@@ -215,12 +229,21 @@ export function validateConfig(cfg: SluiceConfig): void {
   };
   if (cfg.servers.length === 0) throw new ConfigError("no NATS server given");
   pos(cfg.pipeline.maxInFlight, "pipeline.maxInFlight");
+  for (const [p, w] of Object.entries(cfg.pipeline.priorityWeights)) {
+    if (!["high", "normal", "low"].includes(p)) throw new ConfigError(`pipeline.priorityWeights: unknown priority '${p}'`);
+    if (typeof w !== "number" || !Number.isFinite(w) || w <= 0) throw new ConfigError(`pipeline.priorityWeights.${p} must be a number > 0`);
+  }
   pos(cfg.pipeline.maxPayloadBytes, "pipeline.maxPayloadBytes");
   pos(cfg.pipeline.batchesPerWorker, "pipeline.batchesPerWorker");
   pos(cfg.consumer.ackWaitMs, "consumer.ackWaitMs");
   pos(cfg.consumer.maxDeliver, "consumer.maxDeliver");
   pos(cfg.consumer.maxAckPending, "consumer.maxAckPending");
   pos(cfg.streams.replicas, "streams.replicas");
+  try {
+    parseTenantsConfig(cfg.tenants);
+  } catch (err) {
+    throw new ConfigError((err as Error).message);
+  }
   if (cfg.consumer.maxAckPending < cfg.pipeline.maxInFlight)
     throw new ConfigError("consumer.maxAckPending must be at least pipeline.maxInFlight");
 }

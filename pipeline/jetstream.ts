@@ -182,7 +182,8 @@ export class JsDelivery implements Delivery {
 export class ConsumerPullSource implements PullSource {
   constructor(private readonly consumer: Consumer) {}
   async pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>> {
-    const it = await this.consumer.fetch({ max_messages: max, expires: expiresMs });
+    // The client refuses pulls that expire in under a second.
+    const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
     return {
       close: () => it.close(),
       async *[Symbol.asyncIterator]() {

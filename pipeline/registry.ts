@@ -232,7 +232,8 @@ export class ModelRegistry {
         } else {
           this.table.delete(e.key);
         }
-        if (!e.isUpdate && (e.delta ?? 0) === 0) markReady();
+        // The last entry of the initial load has delta 0 (the client marks it as an update).
+        if ((e.delta ?? 0) === 0) markReady();
       }
     })().catch(() => undefined);
     const t = setTimeout(markReady, INITIAL_LOAD_TIMEOUT_MS);

@@ -220,6 +220,11 @@ export async function cmdReplay(args: string[]): Promise<number> {
       onProgress: (p) => progress.update(p),
       progressIntervalMs: progress.intervalMs,
     });
+  } catch (e) {
+    if (!(e instanceof ReplayError)) throw e;
+    progress.end();
+    err(`sluice replay: ${e.message}`);
+    return e.code === "INVALID_ARGUMENT" ? 2 : 1;
   } finally {
     progress.end();
     process.off("SIGINT", onSignal);

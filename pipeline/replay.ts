@@ -9,10 +9,11 @@
  * ```
  *
  * - **Never live.** Requests are read with an ephemeral ordered consumer (the durable
- *   consumers of the live pipeline are not touched), results go to `infer.replay.<session>.>`
- *   on core NATS, never to `infer.res`, and deliveries are wrappers whose ack/nak/term do
- *   nothing to the stream. A nak with a delay re-runs the request after the delay, at most
- *   `maxReruns` times (there is no redelivery to count on).
+ *   consumers of the live pipeline are not touched), results (and the chunks of streamed
+ *   requests) go to `infer.replay.<session>.>` on core NATS, never to `infer.res` or
+ *   `infer.tok`; live cancels and shadow copies do not apply. Deliveries are wrappers whose
+ *   ack/nak/term do nothing to the stream: a nak with a delay re-runs the request after the
+ *   delay, at most `maxReruns` times (there is no redelivery to count on).
  * - **Counted first.** A headers-only pass counts the selection (and lists it for a dry run)
  *   before anything runs; the replay pass reads the same range again.
  * - **Bounded.** At most `maxInFlight` requests are in the pipeline at once; the backlog waits
@@ -62,6 +63,8 @@ export const replaySubjects = {
   all: (session: string): string => `infer.replay.${session}.>`,
   result: (session: string, tenant: string, id: string): string => `infer.replay.${session}.res.${tenant}.${id}`,
   results: (session: string): string => `infer.replay.${session}.res.>`,
+  /** Chunks of a replayed streamed request (live: `infer.tok.<tenant>.<id>`). */
+  tokens: (session: string, tenant: string, id: string): string => `infer.replay.${session}.tok.${tenant}.${id}`,
   dlq: (session: string, tenant: string, model: string): string => `infer.replay.${session}.dlq.${tenant}.${model}`,
 };
 
@@ -1123,6 +1126,12 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
             dispatcher: pool,
             sink,
             route,
+            // Streamed requests and generative models take the Generate path, as live; their
+            // chunks go to the session's subjects.
+            generator: pool,
+            publishChunk: (job, c) => {
+              nc.publish(replaySubjects.tokens(session, job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
+            },
             maxPayloadBytes: config.pipeline.maxPayloadBytes,
             // The last allowed re-run ends in the pipeline's own last-resort answer.
             maxDeliver: maxReruns + 1,

@@ -5,10 +5,10 @@
  */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { merge, Subject, tap, type Observable, type Subscription } from "rxjs";
-import { pullWithCredits } from "../operators/pull-with-credits.js";
+import { Subject, tap, type Observable, type Subscription } from "rxjs";
+import { pullByPriority, type PriorityClass } from "../operators/pull-by-priority.js";
 import type { Settled } from "../operators/settle-outcome.js";
-import type { Delivery, InferResult, Outcome, Priority } from "../operators/types.js";
+import type { InferResult, Outcome, Priority } from "../operators/types.js";
 import { inferencePipeline } from "./compose.js";
 import { MetricsServer, PipelineMetrics } from "./metrics.js";
 import { SERVICE_PIPELINE, startTracing, type Tracing } from "./telemetry.js";
@@ -17,6 +17,7 @@ import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
 import { CancelRegistry } from "./cancel.js";
+import { TenantRegistry } from "./tenant-limits.js";
 import { subjects } from "./subjects.js";
 import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
@@ -80,6 +81,7 @@ export class PipelineService {
     readonly tracing: Tracing,
     private readonly ownsTracing: boolean,
     readonly metrics: PipelineMetrics,
+    readonly tenants: TenantRegistry,
   ) {}
 
   /** Cancellations heard on `infer.cancel.*.*`. */
@@ -142,7 +144,12 @@ export class PipelineService {
         replicas: config.streams.replicas,
         onInvalid: (key, why) => log.warn(`worker registry: ignoring '${key}': ${why}`),
       });
-      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics);
+      const tenants = await TenantRegistry.open(nc, {
+        replicas: config.streams.replicas,
+        seed: config.tenants,
+        onInvalid: (key, err) => log.warn(`tenant registry: ignoring '${key}': ${err.message}`),
+      });
+      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics, tenants);
       await svc.run();
       if (t.metricsPort >= 0) {
         try {
@@ -165,29 +172,27 @@ export class PipelineService {
     const { pipeline: p, consumer: c } = this.config;
     this.cancels.listen(this.nc);
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
-    const sources: Observable<Delivery>[] = [];
+    const classes: PriorityClass[] = [];
     for (const priority of p.priorities) {
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
-      sources.push(
-        pullWithCredits(new ConsumerPullSource(consumer), {
-          maxUnsettled: p.maxInFlight,
-          expiresMs: p.pullExpiresMs,
-          workingIntervalMs: Math.max(100, Math.floor(c.ackWaitMs / 3)),
-          onPullError: (err) => {
-            this.stats.pullErrors++;
-            this.metrics.pullFailed(priority);
-            this.log.warn(`pull from ${durableName(c, priority)} failed: ${(err as Error)?.message ?? err}`);
-          },
-          onUnsettledChange: (n) => this.noteUnsettled(priority, n),
-          drain: this.drainSignal,
-        }),
-      );
+      classes.push({ name: priority, source: new ConsumerPullSource(consumer), weight: p.priorityWeights[priority] ?? 1 });
     }
-
+    const source$ = pullByPriority(classes, {
+      maxUnsettled: p.maxInFlight,
+      expiresMs: p.pullExpiresMs,
+      workingIntervalMs: Math.max(100, Math.floor(c.ackWaitMs / 3)),
+      onPullError: (priority, err) => {
+        this.stats.pullErrors++;
+        this.metrics.pullFailed(priority);
+        this.log.warn(`pull from ${durableName(c, priority as Priority)} failed: ${(err as Error)?.message ?? err}`);
+      },
+      onUnsettledChange: (priority, n) => this.noteUnsettled(priority as Priority, n),
+      drain: this.drainSignal,
+    });
     const { pipeline: pp } = this.config;
-    const settled$ = merge(...sources).pipe(
+    const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
@@ -198,6 +203,8 @@ export class PipelineService {
           this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
         },
         isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
+        tenantLimits: this.tenants.limiter,
+        tenantMaxWaitMs: pp.tenantMaxWaitMs,
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
@@ -275,6 +282,7 @@ export class PipelineService {
       await this.metricsServer?.stop();
       this.cancels.stop();
       await this.registry.stop();
+      await this.tenants.stop();
       await this.directory.stop();
       await this.pool.stop();
       if (this.ownsTracing) await this.tracing.shutdown();

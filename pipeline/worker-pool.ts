@@ -16,7 +16,7 @@
  */
 import { Subject, type Observable } from "rxjs";
 import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
-import type { Batch, ErrorCode, RoutedJob } from "../operators/types.js";
+import type { Batch, ErrorCode, Priority, RoutedJob } from "../operators/types.js";
 import type { BatchTrace, Tracing } from "./telemetry.js";
 import type { Chunk, GenerationReply, Generator } from "../operators/generate-each.js";
 import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./worker-client.js";
@@ -113,6 +113,7 @@ export interface WorkerSnapshot {
 }
 
 const keyOf = (model: string, version: string): string => `${model}@${version}`;
+const PRIORITY_RANK: Record<Priority, number> = { high: 0, normal: 1, low: 2 };
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
 
 export class WorkerPool implements BatchDispatcher, Generator {
@@ -123,8 +124,9 @@ export class WorkerPool implements BatchDispatcher, Generator {
   private stopped = false;
   /** Retry budget: a sliding count of calls and retries over the last 10 s. */
   private budget = { since: Date.now(), calls: 0, retries: 0 };
-  /** Generations waiting for a free slot, per key. */
-  private readonly slotWaiters = new Map<string, Set<() => void>>();
+  /** Calls waiting for a free slot, per key: served by priority rank, then in arrival order. */
+  private readonly slotWaiters = new Map<string, Array<{ rank: number; seq: number; wake: () => void }>>();
+  private waiterSeq = 0;
   /** Aborts for generations (cancellation), by job. */
   signalFor: (job: RoutedJob) => { signal: AbortSignal; done: () => void } = () => ({ signal: new AbortController().signal, done: () => undefined });
 
@@ -147,9 +149,35 @@ export class WorkerPool implements BatchDispatcher, Generator {
   }
 
   private wake(key: string): void {
-    const set = this.slotWaiters.get(key);
-    if (!set) return;
-    for (const f of [...set]) f();
+    const list = this.slotWaiters.get(key);
+    if (!list || list.length === 0) return;
+    this.slotWaiters.delete(key);
+    // Highest priority first, then oldest: each re-checks for a slot in this order.
+    list.sort((a, b) => a.rank - b.rank || a.seq - b.seq);
+    for (const w of list) w.wake();
+  }
+
+  /** Waits until `wake(key)`, the deadline or an abort; the caller then checks again. */
+  private waitForSlot(key: string, rank: number, deadlineMs: number, signal?: AbortSignal): Promise<void> {
+    return new Promise<void>((resolve) => {
+      let list = this.slotWaiters.get(key);
+      if (!list) this.slotWaiters.set(key, (list = []));
+      const entry = { rank, seq: this.waiterSeq++, wake: (): void => done() };
+      const done = (): void => {
+        clearTimeout(t);
+        signal?.removeEventListener("abort", done);
+        const l = this.slotWaiters.get(key);
+        if (l) {
+          const i = l.indexOf(entry);
+          if (i >= 0) l.splice(i, 1);
+        }
+        resolve();
+      };
+      const t = setTimeout(done, Math.max(1, deadlineMs - Date.now()));
+      t.unref();
+      signal?.addEventListener("abort", done, { once: true });
+      list.push(entry);
+    });
   }
 
   private emit(e: PoolEvent): void {
@@ -258,6 +286,14 @@ export class WorkerPool implements BatchDispatcher, Generator {
     }));
   }
 
+  private hasBatchSlot(key: string, exclude: Set<Worker>): boolean {
+    const now = Date.now();
+    for (const w of this.byKey.get(key) ?? []) {
+      if (!exclude.has(w) && this.usable(w, now) && w.batches < this.opts.batchesPerWorker) return true;
+    }
+    return false;
+  }
+
   private pick(key: string, exclude: Set<Worker>): Worker | undefined {
     const set = this.byKey.get(key);
     if (!set) return undefined;
@@ -266,7 +302,8 @@ export class WorkerPool implements BatchDispatcher, Generator {
     let bestLoad = Infinity;
     for (const w of set) {
       if (exclude.has(w) || !this.usable(w, now)) continue;
-      const load = w.items / w.capacity;
+      // Busy workers (all batch slots taken) only when no other is free.
+      const load = w.items / w.capacity + (w.batches >= this.opts.batchesPerWorker ? 1_000 : 0);
       if (load < bestLoad) {
         best = w;
         bestLoad = load;
@@ -325,7 +362,12 @@ export class WorkerPool implements BatchDispatcher, Generator {
     const first = batch.jobs.find((j) => j.traceparent !== undefined);
     const passThrough = first?.traceparent ? { traceparent: first.traceparent, ...(first.tracestate ? { tracestate: first.tracestate } : {}) } : {};
     this.budget.calls++;
+    const rank = Math.min(...batch.jobs.map((j) => PRIORITY_RANK[j.priority]));
     for (let attempt = 0; ; attempt++) {
+      // Every worker busy with its batches: wait for one, high priority first.
+      while (!this.stopped && this.pick(batch.key, tried) !== undefined && !this.hasBatchSlot(batch.key, tried) && Date.now() < deadlineMs) {
+        await this.waitForSlot(batch.key, rank, deadlineMs);
+      }
       const w = this.pick(batch.key, tried);
       if (!w) {
         if (lastErr) throw lastErr;
@@ -379,7 +421,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
     let lastErr: DispatchError | undefined;
     try {
       for (let attempt = 0; ; attempt++) {
-        const w = await this.acquireSlot(key, tried, deadlineMs, cancel.signal);
+        const w = await this.acquireSlot(key, tried, deadlineMs, cancel.signal, PRIORITY_RANK[job.priority]);
         if (!w) {
           if (lastErr) throw lastErr;
           throw new DispatchError(`no healthy worker serves ${key}`, "UNAVAILABLE", true, { noWorker: true });
@@ -441,7 +483,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
   }
 
   /** Waits for a usable worker of the key with a free slot; undefined when the key has none. */
-  private async acquireSlot(key: string, exclude: Set<Worker>, deadlineMs: number, signal: AbortSignal): Promise<Worker | undefined> {
+  private async acquireSlot(key: string, exclude: Set<Worker>, deadlineMs: number, signal: AbortSignal, rank: number): Promise<Worker | undefined> {
     for (;;) {
       if (signal.aborted) throw new DispatchError("cancelled by the client", "CANCELLED", false);
       if (this.stopped) return undefined;
@@ -463,20 +505,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
       if (!anyUsable) return undefined;
       if (now >= deadlineMs) throw new DispatchError(`no free worker slot for ${key} before the deadline`, "DEADLINE_EXCEEDED", false);
       // All busy: wait for a slot to free (or the deadline, or a cancel).
-      await new Promise<void>((resolve) => {
-        let waiters = this.slotWaiters.get(key);
-        if (!waiters) this.slotWaiters.set(key, (waiters = new Set()));
-        const done = (): void => {
-          waiters.delete(done);
-          clearTimeout(t);
-          signal.removeEventListener("abort", done);
-          resolve();
-        };
-        const t = setTimeout(done, Math.max(1, deadlineMs - now));
-        t.unref();
-        signal.addEventListener("abort", done, { once: true });
-        waiters.add(done);
-      });
+      await this.waitForSlot(key, rank, deadlineMs, signal);
     }
   }
 

@@ -13,7 +13,21 @@ import { headers as natsHeaders } from "@nats-io/transport-node";
 import { InferenceClient } from "../../pipeline/client.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
 import { STREAM_REQUESTS } from "../../pipeline/jetstream.js";
-import { countSelection, replay, REPLAY_HEADERS, replaySubjects, type ReplayItem, type ReplayProgress, type ReplaySelection } from "../../pipeline/replay.js";
+import {
+  compareResults,
+  countSelection,
+  filterSubjectOf,
+  lineDiff,
+  parsePace,
+  parseTimeSpec,
+  replay,
+  REPLAY_HEADERS,
+  replaySubjects,
+  textSimilarity,
+  type ReplayItem,
+  type ReplayProgress,
+  type ReplaySelection,
+} from "../../pipeline/replay.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { WorkerRegistration } from "../../pipeline/worker-directory.js";
 import type { InferResult } from "../../operators/types.js";
@@ -121,7 +135,8 @@ describe("replay", function () {
         const prompt = i % 4 === 0 ? `please change ${i}` : `keep ${i}`;
         if (i % 4 === 0) changed.add(id);
         const tp = traceparent();
-        const result = await client.request("m", { prompt }, { id, traceparent: tp });
+        // Two are streamed: they take the Generate path, live and in the replay.
+        const result = await client.request("m", { prompt }, { id, traceparent: tp, stream: i === 1 || i === 2 });
         return { id, prompt, traceparent: tp, result };
       }),
     );
@@ -148,12 +163,14 @@ describe("replay", function () {
   it("replays a time window against v2 and names exactly the requests whose outputs changed", async () => {
     const session = "v2check";
     const published: Array<{ subject: string; traceparent?: string; of?: string }> = [];
-    const sub = nats.nc.subscribe(replaySubjects.all(session), {
-      callback: (_e, m) => published.push({ subject: m.subject, traceparent: m.headers?.get("traceparent"), of: m.headers?.get(REPLAY_HEADERS.ofTraceparent) }),
+    const sub = nats.nc.subscribe(replaySubjects.results(session), {
+      callback: (_e, m) => {
+        published.push({ subject: m.subject, traceparent: m.headers?.get("traceparent"), of: m.headers?.get(REPLAY_HEADERS.ofTraceparent) });
+      },
     });
     const items: ReplayItem[] = [];
     const progress: ReplayProgress[] = [];
-    const before = v2.engine.inner.counters.items;
+    const c0 = { ...v2.engine.inner.counters };
     const report = await replay(nats.nc, {
       selection: window,
       version: "v2",
@@ -169,7 +186,9 @@ describe("replay", function () {
     expect(report.selected).to.equal(30);
     expect(report.counts).to.deep.equal({ equal: 30 - changed.size, different: changed.size, missing: 0, error: 0 });
     expect([...report.different].sort()).to.deep.equal([...changed].sort());
-    expect(v2.engine.inner.counters.items - before).to.equal(30);
+    // All 30 reached the v2 worker: the 2 streamed ones as generations, the rest in batches.
+    expect(v2.engine.inner.counters.generations - c0.generations).to.equal(2);
+    expect(v2.engine.inner.counters.items - c0.items).to.equal(28);
     expect(progress.at(-1)).to.include({ finished: true, done: 30, selected: 30 });
 
     const byId = new Map(recorded.map((r) => [r.id, r]));
@@ -199,13 +218,16 @@ describe("replay", function () {
   });
 
   it("replays against each request's original version by default", async () => {
-    const report = await replay(nats.nc, { selection: window, config });
+    // Routed with the live pipeline's table (no registry watch of its own).
+    const report = await replay(nats.nc, { selection: window, config, table: pipeline.registry.table });
     expect(report.counts).to.deep.equal({ equal: 30, different: 0, missing: 0, error: 0 });
   });
 
   it("leaves live traffic untouched: no result on infer.res, live requests answered, live consumers unchanged", async () => {
     const liveResults = new Map<string, number>();
     let recResults = 0;
+    let recChunks = 0;
+    let replayChunks = 0;
     const sub = nats.nc.subscribe("infer.res.>", {
       callback: (_e, m) => {
         const [, , tenant, id] = m.subject.split(".");
@@ -213,6 +235,19 @@ describe("replay", function () {
         else if (tenant === "live") liveResults.set(id!, (liveResults.get(id!) ?? 0) + 1);
       },
     });
+    const tokens = nats.nc.subscribe("infer.tok.rec.>", {
+      callback: () => {
+        recChunks++;
+      },
+    });
+    const session = "beside-live";
+    const replayTokens = nats.nc.subscribe(replaySubjects.tokens(session, "rec", "*"), {
+      callback: () => {
+        replayChunks++;
+      },
+    });
+    const jsm = await jetstreamManager(nats.nc);
+    const durableBefore = await jsm.consumers.info(STREAM_REQUESTS, "sluice-normal");
     const live = new InferenceClient(nats.nc, "live");
     const answers: InferResult[] = [];
     let replaying = true;
@@ -222,23 +257,27 @@ describe("replay", function () {
         await sleep(10);
       }
     })();
-    const jsm = await jetstreamManager(nats.nc);
-    const durableBefore = await jsm.consumers.info(STREAM_REQUESTS, "sluice-normal");
     let report;
     try {
       // 30 requests at 30/s: about a second of replay alongside the live requests.
-      report = await replay(nats.nc, { selection: window, version: "v2", pace: { kind: "rate", perSecond: 30 }, config });
+      report = await replay(nats.nc, { selection: window, version: "v2", session, pace: { kind: "rate", perSecond: 30 }, config, table: pipeline.registry.table });
     } finally {
       replaying = false;
       await traffic;
     }
     await nats.nc.flush();
     sub.unsubscribe();
+    tokens.unsubscribe();
+    replayTokens.unsubscribe();
     await live.close();
 
     expect(report.done).to.equal(30);
     expect(report.elapsedMs).to.be.at.least(900);
     expect(recResults, "replayed results on infer.res").to.equal(0);
+    // The streamed requests' chunks went to the session's subjects, none to infer.tok.
+    expect(recChunks, "replayed chunks on infer.tok").to.equal(0);
+    expect(replayChunks).to.be.greaterThan(0);
+    expect(report.counts.error).to.equal(0);
     expect(answers.length).to.be.greaterThan(10);
     for (const a of answers) expect(a, JSON.stringify(a)).to.deep.include({ status: "ok", version: "v1" });
     expect(liveResults.size).to.equal(answers.length);
@@ -254,17 +293,42 @@ describe("replay", function () {
   });
 
   it("re-runs a naked request after the delay, a bounded number of times", async () => {
+    const table = pipeline.registry.table;
     // v3 has no worker: each attempt is naked to wait for one.
-    const gaveUp = await replay(nats.nc, { selection: { ...window, ids: ["rec-1", "rec-2"] }, version: "v3", maxReruns: 2, config });
+    const failed: ReplayItem[] = [];
+    const gaveUp = await replay(nats.nc, {
+      selection: { ...window, ids: ["rec-1", "rec-2"] },
+      version: "v3",
+      maxReruns: 2,
+      config,
+      table,
+      onResult: (i) => failed.push(i),
+    });
     expect(gaveUp.counts.error).to.equal(2);
     expect(gaveUp.reruns).to.equal(4);
+    for (const f of failed) {
+      expect(f.verdict).to.equal("error");
+      expect(f.reruns).to.equal(2);
+      expect(f.replayed.error?.code).to.equal("UNAVAILABLE");
+      expect(f.replayed.error?.message).to.match(/no healthy worker serves m@v3.*gave up after 2 re-runs/);
+    }
 
+    // A worker for v3 appears once the request has been naked: its re-run is served.
     const items: ReplayItem[] = [];
-    const running = replay(nats.nc, { selection: { ...window, ids: ["rec-1"] }, version: "v3", maxReruns: 20, config, onResult: (i) => items.push(i) });
-    await sleep(300);
-    const v3 = await revisedWorker("v1");
-    await register("w-v3", v3.endpoint, "v3");
-    const report = await running;
+    let registering: Promise<void> | undefined;
+    const report = await replay(nats.nc, {
+      selection: { ...window, ids: ["rec-1"] },
+      version: "v3",
+      maxReruns: 20,
+      config,
+      table,
+      onResult: (i) => items.push(i),
+      progressIntervalMs: 20,
+      onProgress: (p) => {
+        if (p.reruns > 0) registering ??= revisedWorker("v1").then((v3) => register("w-v3", v3.endpoint, "v3"));
+      },
+    });
+    await registering;
     expect(report.counts.equal).to.equal(1);
     expect(items[0]!.replayed).to.deep.include({ status: "ok", version: "v3" });
     expect(items[0]!.reruns).to.be.at.least(1);
@@ -311,7 +375,11 @@ describe("replay", function () {
       );
     }
     let onLive = 0;
-    const sub = nats.nc.subscribe("infer.res.bulk.>", { callback: () => onLive++ });
+    const sub = nats.nc.subscribe("infer.res.bulk.>", {
+      callback: () => {
+        onLive++;
+      },
+    });
     const cli = await runReplayCli(["--server", nats.url, "--tenant", "bulk", "--priority", "low", "--json", "--progress-every", "250ms", "--max-in-flight", "1024"]);
     sub.unsubscribe();
     expect(cli.code, cli.stderr).to.equal(0);
@@ -331,5 +399,37 @@ describe("replay", function () {
     expect(progressLines.at(-1)).to.match(/^sluice replay: done 10000\/10000 100%/);
     expect(cli.stderr).to.match(/10000 requests selected/);
     expect(onLive).to.equal(0);
+  });
+});
+
+describe("replay: selection, pace and comparison helpers", () => {
+  it("parses times, paces and the one server-side filter subject", () => {
+    const now = Date.parse("2024-05-01T12:00:00Z");
+    expect(parseTimeSpec("15m", now).toISOString()).to.equal("2024-05-01T11:45:00.000Z");
+    expect(parseTimeSpec("1h30m", now).toISOString()).to.equal("2024-05-01T10:30:00.000Z");
+    expect(parseTimeSpec("2024-04-30T08:00:00Z", now).toISOString()).to.equal("2024-04-30T08:00:00.000Z");
+    expect(() => parseTimeSpec("yesterday", now)).to.throw(/ISO 8601/);
+    expect(parsePace("max")).to.deep.equal({ kind: "max" });
+    expect(parsePace("original")).to.deep.equal({ kind: "original" });
+    expect(parsePace("250/s")).to.deep.equal({ kind: "rate", perSecond: 250 });
+    expect(() => parsePace("0/s")).to.throw(/pace/);
+    expect(filterSubjectOf({})).to.equal("infer.req.>");
+    expect(filterSubjectOf({ tenants: ["acme"], models: ["m"] })).to.equal("infer.req.*.acme.m");
+    expect(filterSubjectOf({ tenants: ["a", "b"], priorities: ["high"] })).to.equal("infer.req.high.*.*");
+  });
+
+  it("judges results: equal, different (diff and similarity), missing, error", () => {
+    const ok = (text: string) => ({ status: "ok" as const, output: { text } });
+    expect(compareResults(ok("a"), ok("a")).verdict).to.equal("equal");
+    expect(compareResults(undefined, ok("a")).verdict).to.equal("missing");
+    expect(compareResults(ok("a"), { status: "error", error: { code: "UNAVAILABLE", message: "x" } }).verdict).to.equal("error");
+    const err = { status: "error" as const, error: { code: "INVALID_ARGUMENT" as const, message: "bad" } };
+    expect(compareResults(err, { ...err, error: { ...err.error, message: "other words" } }).verdict).to.equal("equal");
+    const d = compareResults(ok("one\ntwo\nthree"), ok("one\n2\nthree"));
+    expect(d.verdict).to.equal("different");
+    expect(d.diff).to.deep.equal(["--- original", "+++ replayed", "@@ -1,3 +1,3 @@", " one", "-two", "+2", " three"]);
+    expect(textSimilarity("kitten", "sitting")).to.deep.equal({ metric: "levenshtein", value: 0.571 });
+    expect(textSimilarity("same", "same").value).to.equal(1);
+    expect(lineDiff("a", "a")).to.deep.equal(["--- original", "+++ replayed"]);
   });
 });
