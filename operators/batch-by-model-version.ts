@@ -20,6 +20,14 @@ export interface BatchByModelVersionOptions {
   scheduler?: SchedulerLike;
   /** Clock for `Batch.closedAtMs` (default the scheduler's clock). */
   now?: () => number;
+  /**
+   * Form batches only when a worker can take them: while every worker of the key is busy, jobs
+   * stay here (past `maxSize`), and each time capacity frees the next batch is chosen from them
+   * fairly: higher priority first, then one job per tenant in turn, so one tenant's burst does not
+   * fill every batch ahead of another tenant's trickle. Needs `hasIdleCapacity` and
+   * `capacityFreed$`.
+   */
+  holdWhileBusy?: boolean;
 }
 
 /** Longest delay a timer can be set to (setTimeout's limit); longer ones would fire at once. */
@@ -31,7 +39,7 @@ interface OpenBatch {
   readonly version: string;
   readonly key: string;
   readonly maxSize: number;
-  readonly jobs: RoutedJob[];
+  jobs: RoutedJob[];
   timer: Subscription | undefined;
   idleFlush: Subscription | undefined;
 }
@@ -73,11 +81,22 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         b.idleFlush = undefined;
       };
 
+      const hold = opts.holdWhileBusy === true;
+      const idle = (key: string): boolean => opts.hasIdleCapacity?.(key) === true;
+
       const flush = (b: OpenBatch): void => {
         // A late timer of a batch that already closed finds another (or no) batch under the key.
         if (open.get(b.key) !== b) return;
-        open.delete(b.key);
         cancelTimers(b);
+        if (hold && b.jobs.length > b.maxSize) {
+          // More waiting than one batch holds: take a fair share, keep the rest for the next slot.
+          const { taken, rest } = takeFair(b.jobs, b.maxSize);
+          b.jobs = rest;
+          subscriber.next({ model: b.model, version: b.version, key: b.key, jobs: sortByDeadline(taken), closedAtMs: now() });
+          if (idle(b.key)) b.idleFlush = scheduler.schedule(() => guard(() => flush(b)), 0);
+          return;
+        }
+        open.delete(b.key);
         if (b.jobs.length === 0) return;
         subscriber.next({
           model: b.model,
@@ -86,6 +105,12 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
           jobs: sortByDeadline(b.jobs),
           closedAtMs: now(),
         });
+      };
+
+      /** Size and delay close a batch only when a worker can take it (in hold mode). */
+      const flushIfTaken = (b: OpenBatch): void => {
+        if (hold && !idle(b.key)) return;
+        flush(b);
       };
 
       const clearAll = (): void => {
@@ -123,7 +148,7 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         // The window opens at the first job; an infinite delay leaves only size and capacity to close it.
         if (s.maxDelayMs !== Number.POSITIVE_INFINITY) {
           const delay = Math.min(MAX_TIMER_MS, Math.max(0, s.maxDelayMs || 0));
-          b.timer = scheduler.schedule(() => guard(() => flush(b)), delay);
+          b.timer = scheduler.schedule(() => guard(() => flushIfTaken(b)), delay);
         }
         return b;
       };
@@ -150,7 +175,7 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
             const b = open.get(key) ?? openBatch(job, key);
             b.jobs.push(job);
             if (b.jobs.length >= b.maxSize) {
-              flush(b);
+              flushIfTaken(b);
             } else if (b.idleFlush === undefined && opts.hasIdleCapacity?.(key) === true) {
               // Delay 0: jobs that arrive in this same turn still join before the batch leaves.
               b.idleFlush = scheduler.schedule(() => guard(() => flush(b)), 0);
@@ -159,7 +184,7 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         error: fail,
         complete: () =>
           guard(() => {
-            for (const b of [...open.values()]) flush(b);
+            for (const b of [...open.values()]) while (open.get(b.key) === b) flush(b);
             subscriber.complete();
           }),
       });
@@ -184,4 +209,35 @@ function sortByDeadline(jobs: readonly RoutedJob[]): RoutedJob[] {
     const db = b.deadlineMs ?? Number.POSITIVE_INFINITY;
     return da === db ? 0 : da < db ? -1 : 1;
   });
+}
+
+const RANK: Record<string, number> = { high: 0, normal: 1, low: 2 };
+
+/**
+ * Picks `n` jobs: higher priority first; within a priority, one job per tenant in turn (tenants
+ * in the order their oldest job arrived), each tenant's jobs in arrival order.
+ */
+export function takeFair(jobs: readonly RoutedJob[], n: number): { taken: RoutedJob[]; rest: RoutedJob[] } {
+  const byRank = new Map<number, Map<string, RoutedJob[]>>();
+  for (const j of jobs) {
+    const r = RANK[j.priority] ?? 1;
+    let tenants = byRank.get(r);
+    if (!tenants) byRank.set(r, (tenants = new Map()));
+    let list = tenants.get(j.tenant);
+    if (!list) tenants.set(j.tenant, (list = []));
+    list.push(j);
+  }
+  const chosen = new Set<RoutedJob>();
+  for (const r of [...byRank.keys()].sort((a, b) => a - b)) {
+    const queues = [...byRank.get(r)!.values()];
+    for (let i = 0; chosen.size < n && queues.some((q) => i < q.length); i++) {
+      for (const q of queues) {
+        if (chosen.size >= n) break;
+        const j = q[i];
+        if (j) chosen.add(j);
+      }
+    }
+    if (chosen.size >= n) break;
+  }
+  return { taken: jobs.filter((j) => chosen.has(j)), rest: jobs.filter((j) => !chosen.has(j)) };
 }

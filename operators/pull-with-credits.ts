@@ -201,7 +201,7 @@ export class CreditedDelivery implements Delivery {
   private done = false;
   constructor(
     private readonly inner: Delivery,
-    private readonly onSettle: (d: CreditedDelivery) => void,
+    private readonly onSettle: (d: CreditedDelivery, how: "ack" | "nak" | "term") => void,
   ) {}
   get subject(): string {
     return this.inner.subject;
@@ -230,23 +230,23 @@ export class CreditedDelivery implements Delivery {
   headerEntries(): Array<[string, string]> {
     return this.inner.headerEntries();
   }
-  private settle(f: () => void): void {
+  private settle(how: "ack" | "nak" | "term", f: () => void): void {
     if (this.done) return;
     this.done = true;
     try {
       f();
     } finally {
-      this.onSettle(this);
+      this.onSettle(this, how);
     }
   }
   ack(): void {
-    this.settle(() => this.inner.ack());
+    this.settle("ack", () => this.inner.ack());
   }
   nak(delayMs?: number): void {
-    this.settle(() => this.inner.nak(delayMs));
+    this.settle("nak", () => this.inner.nak(delayMs));
   }
   term(reason?: string): void {
-    this.settle(() => this.inner.term(reason));
+    this.settle("term", () => this.inner.term(reason));
   }
   working(): void {
     if (!this.done) this.inner.working();

@@ -103,6 +103,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
                   settings: (key) => table.batchSettings(key.slice(0, key.indexOf("@"))),
                   hasIdleCapacity: (key) => steps.dispatcher.hasIdleCapacity(key),
                   capacityFreed$: steps.dispatcher.capacityFreed$,
+                  holdWhileBusy: true,
                 }),
                 dispatchBatch(steps.dispatcher, {
                   retryBaseMs: steps.retryBaseMs,

@@ -38,6 +38,11 @@ export interface ConsumerSettings {
 export interface PipelineSettings {
   /** The client-side bound: unsettled messages held by this process, all priorities together. */
   maxInFlight: number;
+  /**
+   * Fair share between tenants inside a priority: pull from one lane (consumer) per tenant, so a
+   * tenant's burst does not hold up another's trickle. Off: one consumer per priority, stream order.
+   */
+  tenantLanes: boolean;
   /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
   priorityWeights: Record<Priority, number>;
   maxPayloadBytes: number;
@@ -123,6 +128,7 @@ export function defaultConfig(): SluiceConfig {
     pipeline: {
       maxInFlight: 256,
       priorityWeights: { high: 8, normal: 4, low: 1 },
+      tenantLanes: true,
       maxPayloadBytes: 256 * 1024,
       pullExpiresMs: 5_000,
       publishConcurrency: 256,

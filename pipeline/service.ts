@@ -17,6 +17,7 @@ import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
 import { CancelRegistry } from "./cancel.js";
+import { ensureDiscoveryConsumers, tenantLaneSource } from "./tenant-lanes.js";
 import { TenantRegistry } from "./tenant-limits.js";
 import { subjects } from "./subjects.js";
 import { WorkerDirectory } from "./worker-directory.js";
@@ -120,6 +121,7 @@ export class PipelineService {
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);
       await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
+      if (config.pipeline.tenantLanes) await ensureDiscoveryConsumers(jsm, config.consumer, config.pipeline.priorities);
       const registry = await ModelRegistry.open(nc, {
         replicas: config.streams.replicas,
         seed: config.models,
@@ -179,18 +181,34 @@ export class PipelineService {
       this.stats.maxUnsettled[priority] = 0;
       classes.push({ name: priority, source: new ConsumerPullSource(consumer), weight: p.priorityWeights[priority] ?? 1 });
     }
-    const source$ = pullByPriority(classes, {
-      maxUnsettled: p.maxInFlight,
-      expiresMs: p.pullExpiresMs,
-      workingIntervalMs: Math.max(100, Math.floor(c.ackWaitMs / 3)),
-      onPullError: (priority, err) => {
-        this.stats.pullErrors++;
-        this.metrics.pullFailed(priority);
-        this.log.warn(`pull from ${durableName(c, priority as Priority)} failed: ${(err as Error)?.message ?? err}`);
-      },
-      onUnsettledChange: (priority, n) => this.noteUnsettled(priority as Priority, n),
-      drain: this.drainSignal,
-    });
+    const onPullError = (priority: Priority, err: unknown): void => {
+      this.stats.pullErrors++;
+      this.metrics.pullFailed(priority);
+      this.log.warn(`pull (${priority}) failed: ${(err as Error)?.message ?? err}`);
+    };
+    const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
+    const source$ = p.tenantLanes
+      ? tenantLaneSource({
+          js: this.js,
+          jsm: this.jsm,
+          consumer: c,
+          priorities: p.priorities,
+          weights: p.priorityWeights,
+          maxUnsettled: p.maxInFlight,
+          expiresMs: p.pullExpiresMs,
+          workingIntervalMs,
+          onPullError,
+          onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
+          drain: this.drainSignal,
+        })
+      : pullByPriority(classes, {
+          maxUnsettled: p.maxInFlight,
+          expiresMs: p.pullExpiresMs,
+          workingIntervalMs,
+          onPullError: (priority, err) => onPullError(priority as Priority, err),
+          onUnsettledChange: (priority, n) => this.noteUnsettled(priority as Priority, n),
+          drain: this.drainSignal,
+        });
     const { pipeline: pp } = this.config;
     const settled$ = source$.pipe(
       inferencePipeline({

@@ -255,13 +255,20 @@ export class WorkerPool implements BatchDispatcher, Generator {
     return true;
   }
 
-  /** True when some usable worker of the key could start a batch now: the batcher need not wait. */
+  /**
+   * True when the batcher need not wait: some usable worker of the key could start a batch now,
+   * or the key has no usable worker at all (then waiting here helps nothing: the batch goes to
+   * dispatch, which answers "no worker" and the requests wait in the queue, deadlines counted).
+   */
   hasIdleCapacity(key: string): boolean {
-    const set = this.byKey.get(key);
-    if (!set) return false;
     const now = Date.now();
-    for (const w of set) if (this.usable(w, now) && w.batches < this.opts.batchesPerWorker && w.items < w.capacity) return true;
-    return false;
+    let usable = false;
+    for (const w of this.byKey.get(key) ?? []) {
+      if (!this.usable(w, now)) continue;
+      usable = true;
+      if (w.batches < this.opts.batchesPerWorker && w.items < w.capacity) return true;
+    }
+    return !usable;
   }
 
   /** True when the key has at least one usable worker. */

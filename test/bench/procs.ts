@@ -4,7 +4,9 @@
  * went wrong, and the benchmark never leaves a process behind.
  */
 import { spawn, type ChildProcess } from "node:child_process";
-import { readFileSync } from "node:fs";
+import { readFileSync, rmSync } from "node:fs";
+import { mkdtemp, rm } from "node:fs/promises";
+import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { NatsServer } from "../../pipeline/nats-server.js";
@@ -120,12 +122,38 @@ export class BenchChild {
 
 const children = new Set<BenchChild>();
 const servers = new Set<NatsServer>();
+const tempDirs = new Set<string>();
 
-/** Starts `node <args>` in the repository root, with its output captured. */
+/** A temporary directory, removed by `removeTempDir` or, failing that, by `stopAll()`. */
+export async function makeTempDir(prefix: string): Promise<string> {
+  const dir = await mkdtemp(join(tmpdir(), prefix));
+  tempDirs.add(dir);
+  return dir;
+}
+
+export async function removeTempDir(dir: string): Promise<void> {
+  tempDirs.delete(dir);
+  await rm(dir, { recursive: true, force: true });
+}
+
+/**
+ * This process's environment without what would change a system's behaviour (`SLUICE_*`,
+ * `NATS_URL`, `OTEL_*`), so a developer's shell does not change what is measured.
+ */
+export function cleanEnv(extra: NodeJS.ProcessEnv = {}): NodeJS.ProcessEnv {
+  const env: NodeJS.ProcessEnv = {};
+  for (const [k, v] of Object.entries(process.env)) {
+    if (k.startsWith("SLUICE_") || k.startsWith("OTEL_") || k === "NATS_URL") continue;
+    env[k] = v;
+  }
+  return { ...env, ...extra };
+}
+
+/** Starts `node <args>` in the repository root with `cleanEnv(env)`, its output captured. */
 export function spawnNode(label: string, args: string[], env: NodeJS.ProcessEnv = {}): BenchChild {
   const child = spawn(process.execPath, args, {
     cwd: ROOT,
-    env: { ...process.env, ...env },
+    env: cleanEnv(env),
     stdio: ["ignore", "pipe", "pipe"],
   });
   const c = new BenchChild(label, child);
@@ -149,10 +177,12 @@ export async function stopNats(s: NatsServer): Promise<void> {
 export async function stopAll(): Promise<void> {
   await Promise.all([...children].map((c) => c.stop().catch(() => undefined)));
   await Promise.all([...servers].map((s) => stopNats(s).catch(() => undefined)));
+  await Promise.all([...tempDirs].map((d) => removeTempDir(d).catch(() => undefined)));
 }
 
-/** Synchronous last resort (process 'exit'): SIGKILL whatever is left. */
+/** Synchronous last resort (process 'exit'): SIGKILL whatever is left, remove temporary files. */
 export function killAllNow(): void {
+  for (const d of tempDirs) rmSync(d, { recursive: true, force: true });
   for (const c of children) if (c.running) c.child.kill("SIGKILL");
   for (const s of servers) {
     const pid = s.pid;

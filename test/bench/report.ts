@@ -98,6 +98,8 @@ export function renderLatencySvg(opts: {
   subtitle: string;
   series: readonly SweepSeries[];
   deviceMaxRps?: number;
+  /** The device's time for a single request, ms: no system can answer faster. */
+  deviceSingleMs?: number;
 }): string {
   const W = 820;
   const H = 500;
@@ -116,7 +118,7 @@ export function renderLatencySvg(opts: {
     return out.join("\n");
   }
   const xMax = Math.max(...all.map((p) => p.offered), opts.deviceMaxRps ?? 0) * 1.08;
-  const lats = all.flatMap((p) => [p.p50, p.p99]).filter((v) => Number.isFinite(v) && v > 0);
+  const lats = [...all.flatMap((p) => [p.p50, p.p99]), opts.deviceSingleMs ?? Number.NaN].filter((v) => Number.isFinite(v) && v > 0);
   const yLo = 10 ** Math.floor(Math.log10(Math.max(0.1, Math.min(...lats))));
   const yHi = 10 ** Math.ceil(Math.log10(Math.max(yLo * 10, ...lats)));
   const x = (v: number): number => m.left + (v / xMax) * pw;
@@ -147,6 +149,12 @@ export function renderLatencySvg(opts: {
     const xx = x(opts.deviceMaxRps).toFixed(1);
     out.push(`<line x1="${xx}" x2="${xx}" y1="${m.top}" y2="${m.top + ph}" stroke="#444" stroke-dasharray="2 4"/>`);
     out.push(`<text x="${xx}" y="${m.top - 6}" text-anchor="middle" fill="#444">device max ${opts.deviceMaxRps.toFixed(0)}/s</text>`);
+  }
+
+  if (opts.deviceSingleMs !== undefined && opts.deviceSingleMs > 0) {
+    const yy = y(opts.deviceSingleMs).toFixed(1);
+    out.push(`<line x1="${m.left}" x2="${m.left + pw}" y1="${yy}" y2="${yy}" stroke="#444" stroke-dasharray="2 4"/>`);
+    out.push(`<text x="${m.left + pw - 4}" y="${Number(yy) - 6}" text-anchor="end" fill="#444">device time, one request: ${opts.deviceSingleMs} ms</text>`);
   }
 
   // Series.

@@ -3,11 +3,11 @@
  * worker the benchmark started for that run, so its peak memory can be read on its own.
  * A new baseline (another broker, another queue library) is one more {@link BenchSystem}.
  */
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
+import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { defaultConfig } from "../../pipeline/config.js";
-import { peakRssMb, ROOT, spawnNode, type BenchChild } from "./procs.js";
+import type { LoadTarget } from "./load.js";
+import { ChildFailedError, makeTempDir, peakRssMb, removeTempDir, ROOT, spawnNode, type BenchChild } from "./procs.js";
 
 /** What a system run is given. */
 /**
@@ -29,6 +29,10 @@ export interface RunningSystem {
   readonly pid: number | undefined;
   /** Peak resident set size so far, MB. */
   peakRssMb(): number | undefined;
+  /** Throws when the system's process has exited (a crash would otherwise read as lost requests). */
+  assertAlive(): void;
+  /** What the system printed lately, for error messages. */
+  recentOutput(): string;
   stop(): Promise<void>;
 }
 
@@ -37,6 +41,11 @@ export interface BenchSystem {
   readonly description: string;
   /** Starts the system; resolves once it consumes requests. */
   start(ctx: SystemContext): Promise<RunningSystem>;
+  /**
+   * How the load generator reaches this system; requests on NATS as PROTOCOL.md has them when
+   * omitted. A baseline on another broker brings its own.
+   */
+  connectLoad?(ctx: SystemContext, tenant: string): Promise<LoadTarget>;
 }
 
 class ChildSystem implements RunningSystem {
@@ -49,6 +58,12 @@ class ChildSystem implements RunningSystem {
   }
   peakRssMb(): number | undefined {
     return peakRssMb(this.proc.pid);
+  }
+  recentOutput(): string {
+    return this.proc.output().split("\n").slice(-30).join("\n");
+  }
+  assertAlive(): void {
+    if (!this.proc.running) throw new ChildFailedError(this.proc.label, "exited during the run", this.proc.output());
   }
   async stop(): Promise<void> {
     try {
@@ -64,8 +79,8 @@ export const sluiceSystem: BenchSystem = {
   name: "sluice",
   description: "the pipeline (`sluice serve`), default settings, model and worker from its config file",
   async start(ctx) {
-    const dir = await mkdtemp(join(tmpdir(), "sluice-bench-"));
-    const removeDir = (): Promise<void> => rm(dir, { recursive: true, force: true });
+    const dir = await makeTempDir("sluice-bench-");
+    const removeDir = (): Promise<void> => removeTempDir(dir);
     const configFile = join(dir, "sluice.json");
     await writeFile(
       configFile,
@@ -84,7 +99,10 @@ export const sluiceSystem: BenchSystem = {
         2,
       ),
     );
-    const proc = spawnNode("sluice serve", [join(ROOT, "bin", "sluice.js"), "serve", "--config", configFile, "--server", ctx.natsUrl]);
+    // Metrics on, as deployed, but on a free port so runs never collide over 9464.
+    const proc = spawnNode("sluice serve", [join(ROOT, "bin", "sluice.js"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
+      SLUICE_METRICS_PORT: "0",
+    });
     try {
       await proc.waitFor(/sluice serve ready/);
     } catch (err) {

@@ -10,6 +10,7 @@ import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
 import { defaultConfig } from "../../pipeline/config.js";
+import { laneName } from "../../pipeline/tenant-lanes.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
@@ -73,7 +74,8 @@ describe("backpressure: a 20,000-request backlog and a slow worker", function ()
     const heaps: number[] = [];
     const sampler = setInterval(() => {
       maxHeldByPipeline = Math.max(maxHeldByPipeline, pipeline!.stats.unsettled["normal"] ?? 0);
-      void jsm.consumers.info(STREAM_REQUESTS, "sluice-normal").then(
+      // The tenant's lane: the consumer the pipeline pulls this tenant's requests from.
+      void jsm.consumers.info(STREAM_REQUESTS, laneName(defaultConfig().consumer, "normal", "bp")).then(
         (ci) => {
           maxAckPending = Math.max(maxAckPending, ci.num_ack_pending);
           maxPendingInStream = Math.max(maxPendingInStream, ci.num_pending);

@@ -84,7 +84,11 @@ describe("registry and worker pool", function () {
     const afterOneSecond = results.filter((x) => x.sentAt > flippedAt + 1_000);
     expect(before.length).to.be.greaterThan(0);
     expect(afterOneSecond.length).to.be.greaterThan(0);
-    for (const x of before) expect(x.r.version).to.equal("v1");
+    // Routing happens when the pipeline takes a request, so one still queued at the flip may go
+    // either way; those answered well before it went to v1.
+    const settledBefore = before.filter((x) => x.sentAt < flippedAt - 300);
+    expect(settledBefore.length).to.be.greaterThan(0);
+    for (const x of settledBefore) expect(x.r.version).to.equal("v1");
     for (const x of afterOneSecond) expect(x.r.version).to.equal("v2");
     expect(afterOneSecond[0]!.r.output?.text).to.match(/^flip@v2: /);
   });
