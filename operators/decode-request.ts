@@ -177,6 +177,23 @@ interface RequestBody {
   parameters?: Record<string, unknown>;
 }
 
+/** Deepest nesting of JSON values a request may carry (what the gRPC mapping of JSON allows). */
+export const MAX_BODY_DEPTH = 64;
+
+/** True when `v` nests more than `limit` levels of arrays/objects (iterative: no stack overflow). */
+function depthOver(v: unknown, limit: number): boolean {
+  const stack: Array<[unknown, number]> = [[v, 1]];
+  while (stack.length > 0) {
+    const [x, d] = stack.pop()!;
+    if (typeof x !== "object" || x === null) continue;
+    if (d > limit) return true;
+    for (const child of Array.isArray(x) ? x : Object.values(x as Record<string, unknown>)) {
+      if (typeof child === "object" && child !== null) stack.push([child, d + 1]);
+    }
+  }
+  return false;
+}
+
 function parseJsonBody(data: Uint8Array): RequestBody {
   let text: string;
   try {
@@ -191,6 +208,8 @@ function parseJsonBody(data: Uint8Array): RequestBody {
     reject(`body is not valid JSON: ${describe(err)}`);
   }
   if (!isPlainObject(parsed)) reject(`body must be a JSON object, got ${typeName(parsed)}`);
+  // Workers take JSON values nested at most MAX_BODY_DEPTH deep; deeper would fail the batch.
+  if (depthOver(parsed, MAX_BODY_DEPTH)) reject(`body is nested deeper than ${MAX_BODY_DEPTH} levels`);
 
   const unknown = Object.keys(parsed).filter((k) => !BODY_FIELDS.includes(k));
   if (unknown.length > 0) {

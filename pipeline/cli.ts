@@ -12,7 +12,7 @@
 import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import { parseArgs, type ParseArgsConfig } from "node:util";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { createEngine, type EngineName } from "../worker/engines.js";
 import { WorkerServer } from "../worker/server.js";
 import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client.js";
@@ -25,6 +25,7 @@ import { PipelineService } from "./service.js";
 import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry.js";
 import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./worker-directory.js";
 import type { Priority } from "../operators/types.js";
+import { connectNats } from "./connection.js";
 
 const USAGE = `usage: sluice <command> [options]
 
@@ -191,7 +192,7 @@ async function cmdWorker(args: string[]): Promise<number> {
       if (!m) throw new ConfigError(`--register takes model@version,...; got '${s}'`);
       return { model: m[1]!, version: m[2]! };
     });
-    nc = await connect({ servers: serverOf(v), name: `sluice-worker-${server.workerId}`, maxReconnectAttempts: -1 });
+    nc = await connectNats(serverOf(v), `sluice-worker-${server.workerId}`);
     registration = await WorkerRegistration.start(nc, {
       workerId: server.workerId,
       endpoint: (v.advertise as string | undefined) ?? server.endpoint,
@@ -320,7 +321,7 @@ async function cmdModels(args: string[]): Promise<number> {
   const { values: v, positionals } = parse(args, {});
   const [sub, model, json] = positionals;
   if (v.help || !sub) return usage("sluice models list | get <model> | set <model> '<json>' | rm <model>");
-  const nc = await connect({ servers: serverOf(v), name: "sluice-cli" });
+  const nc = await connectNats(serverOf(v), "sluice-cli");
   try {
     const kv = await ModelRegistry.openBucket(nc);
     switch (sub) {
@@ -366,7 +367,7 @@ async function cmdModels(args: string[]): Promise<number> {
 async function cmdWorkers(args: string[]): Promise<number> {
   const { values: v, positionals } = parse(args, {});
   if (v.help || positionals[0] !== "list") return usage("sluice workers list");
-  const nc = await connect({ servers: serverOf(v), name: "sluice-cli" });
+  const nc = await connectNats(serverOf(v), "sluice-cli");
   try {
     const kv = await openWorkersBucket(nc);
     const keys = await kv.keys();

@@ -8,12 +8,13 @@
  * await client.close();
  * ```
  */
-import { connect, headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../operators/types.js";
 import { STREAM_RESULTS } from "./jetstream.js";
 import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
 import { fromCarrier, type TraceCarrier, type Tracing } from "./telemetry.js";
+import { connectNats } from "./connection.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
@@ -89,7 +90,7 @@ export class InferenceClient {
   }
 
   static async connect(opts: ClientOptions): Promise<InferenceClient> {
-    const nc = await connect({ servers: opts.servers, name: opts.name ?? `sluice-client-${opts.tenant}`, maxReconnectAttempts: -1 });
+    const nc = await connectNats(opts.servers, opts.name ?? `sluice-client-${opts.tenant}`);
     return new InferenceClient(nc, opts.tenant, true, opts.tracing);
   }
 

@@ -3,9 +3,10 @@
  * table, or JSON lines with `--json`); errors to stderr.
  */
 import { parseArgs } from "node:util";
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { DEFAULT_NATS_URL } from "./config.js";
 import { DlqError, listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry, type RequeueItem, type RequeueSelector } from "./dlq.js";
+import { connectNats } from "./connection.js";
 
 const DEFAULT_LIST_LIMIT = 100;
 
@@ -187,7 +188,7 @@ export async function cmdDlq(args: string[]): Promise<number> {
     throw err;
   }
 
-  const nc = await connect({ servers: serverOf(v), name: "sluice-dlq" });
+  const nc = await connectNats(serverOf(v), "sluice-dlq");
   try {
     return await run(nc);
   } catch (err) {

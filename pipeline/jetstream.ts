@@ -17,7 +17,7 @@ import {
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import type { PullBatch, PullSource } from "../operators/pull-with-credits.js";
-import type { Delivery, Priority } from "../operators/types.js";
+import { PRIORITIES, type Delivery, type Priority } from "../operators/types.js";
 import type { ConsumerSettings, StreamsConfig } from "./config.js";
 import { subjects } from "./subjects.js";
 
@@ -36,7 +36,9 @@ export function streamConfigs(s: StreamsConfig): StreamConfig[] {
     {
       ...common,
       name: STREAM_REQUESTS,
-      subjects: [subjects.requestsAll],
+      // Exactly the subjects the consumers read: a request on any other subject is refused at
+      // publish (no stream answers) instead of being stored and never served.
+      subjects: PRIORITIES.map((p) => subjects.requestsOfPriority(p)),
       retention: RetentionPolicy.Limits,
       max_age: nanos(s.requestsMaxAgeMs),
       max_msgs: s.requestsMaxMsgs > 0 ? s.requestsMaxMsgs : -1,
@@ -145,17 +147,37 @@ export class JsDelivery implements Delivery {
   get settled(): boolean {
     return this.done;
   }
+  /**
+   * Headers, or undefined when the message has none or its header block cannot be parsed (any
+   * client may send one this client cannot read: such a request must still be answered or
+   * dead-lettered, never loop).
+   */
+  private get headersSafe(): JsMsg["headers"] {
+    try {
+      return this.msg.headers;
+    } catch {
+      return undefined;
+    }
+  }
   header(name: string): string | undefined {
-    const h = this.msg.headers;
+    const h = this.headersSafe;
     if (!h) return undefined;
     const want = name.toLowerCase();
-    for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
+    try {
+      for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
+    } catch {
+      return undefined;
+    }
     return undefined;
   }
   headerEntries(): Array<[string, string]> {
     const out: Array<[string, string]> = [];
-    const h = this.msg.headers;
-    if (h) for (const [k, vs] of h) for (const v of vs) out.push([k, v]);
+    const h = this.headersSafe;
+    try {
+      if (h) for (const [k, vs] of h) for (const v of vs) out.push([k, v]);
+    } catch {
+      return [];
+    }
     return out;
   }
   ack(): void {

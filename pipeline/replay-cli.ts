@@ -4,7 +4,6 @@
  * `--json`); progress goes to stderr, as a bar on a terminal, otherwise as periodic lines.
  */
 import { parseArgs } from "node:util";
-import { connect } from "@nats-io/transport-node";
 import type { Priority } from "../operators/types.js";
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
 import {
@@ -21,6 +20,7 @@ import {
   type ReplaySelection,
   type SelectedRequest,
 } from "./replay.js";
+import { connectNats } from "./connection.js";
 
 export const REPLAY_USAGE = `usage: sluice replay [selection] [options]
 
@@ -189,7 +189,7 @@ export async function cmdReplay(args: string[]): Promise<number> {
   process.once("SIGTERM", onSignal);
 
   if (dryRun && !json) out(["id", "seq", "time", "tenant", "model"].join("\t"));
-  const nc = await connect({ servers: config.servers, name: "sluice-replay" });
+  const nc = await connectNats(config.servers, "sluice-replay");
   let report: ReplayReport;
   try {
     report = await replay(nc, {

@@ -176,13 +176,15 @@ export function validateSelection(s: ReplaySelection): void {
 }
 
 /**
- * The one filter subject of the ordered consumer (nats-server 2.9 takes one): a token is fixed
- * when the selection names exactly one value for it. The rest is filtered here.
+ * The one filter subject of the ordered consumer (nats-server 2.9 takes one), or undefined for
+ * the whole stream. A filter must lie inside one of the stream's subjects
+ * (`infer.req.<priority>.*.*`), so it is used only when the selection names exactly one priority;
+ * tenant and model tokens are fixed when exactly one value is named. The rest is filtered here.
  */
-export function filterSubjectOf(s: ReplaySelection): string {
+export function filterSubjectOf(s: ReplaySelection): string | undefined {
   const one = (xs: readonly string[] | undefined): string => (xs && xs.length === 1 ? xs[0]! : "*");
   const [p, t, m] = [one(s.priorities), one(s.tenants), one(s.models)];
-  return p === "*" && t === "*" && m === "*" ? subjects.requestsAll : `infer.req.${p}.${t}.${m}`;
+  return p === "*" ? undefined : `infer.req.${p}.${t}.${m}`;
 }
 
 /** The parts of a request subject; undefined tokens when it is not `infer.req.<p>.<t>.<m>`. */
@@ -275,11 +277,12 @@ async function* readRequests(js: JetStreamClient, s: ReplaySelection, range: Rea
   let lastSeq: number | undefined;
   for (let failures = 0; ; ) {
     const opts: Partial<OrderedConsumerOptions> = {
-      // A string (not an array) becomes `filter_subject`, which nats-server 2.9 understands.
-      filter_subjects: filterSubjectOf(s),
       headers_only: headersOnly,
       inactive_threshold: CONSUMER_INACTIVE_MS,
     };
+    // A string (not an array) becomes `filter_subject`, which nats-server 2.9 understands.
+    const filter = filterSubjectOf(s);
+    if (filter !== undefined) opts.filter_subjects = filter;
     if (lastSeq !== undefined) opts.opt_start_seq = lastSeq + 1;
     else if (range.fromSeq !== undefined) opts.opt_start_seq = range.fromSeq;
     else if (range.since !== undefined) opts.opt_start_time = range.since.toISOString();

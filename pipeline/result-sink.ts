@@ -57,7 +57,22 @@ export class StreamResultSink implements ResultSink {
     const tenant = letter.tenant !== undefined && TOKEN_RE.test(letter.tenant) ? letter.tenant : UNKNOWN_TOKEN;
     const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
     // One dead letter per stored request, however often it is redelivered.
-    await this.js.publish(subjects.dlq(tenant, model), d.data, { msgID: `dlq-${d.seq}`, headers: h });
+    try {
+      await this.js.publish(subjects.dlq(tenant, model), d.data, { msgID: `dlq-${d.seq}`, headers: h });
+    } catch (err) {
+      if (!tooLarge(err)) throw err;
+      // The request with its headers does not fit in a letter: keep the reason and where the
+      // whole request is (INFER_REQ sequence), without the original body and headers.
+      const small = natsHeaders();
+      if (originalId !== undefined) small.set("Infer-Request-Id", sanitizeHeader(originalId).slice(0, 128));
+      small.set(H.originalSubject, d.subject.slice(0, 1024));
+      small.set(H.errorCode, letter.error.code);
+      small.set(H.errorReason, sanitizeHeader(letter.error.message));
+      small.set(H.deliveries, String(d.deliveryCount));
+      small.set("Infer-Original-Seq", String(d.seq));
+      small.set("Infer-Body-Omitted", `request of ${d.data.length} bytes with its headers is over the message size limit; read it from INFER_REQ sequence ${d.seq}`);
+      await this.js.publish(subjects.dlq(tenant, model), new Uint8Array(0), { msgID: `dlq-${d.seq}`, headers: small });
+    }
   }
 }
 
@@ -65,4 +80,8 @@ export class StreamResultSink implements ResultSink {
 function sanitizeHeader(s: string): string {
   // eslint-disable-next-line no-control-regex
   return s.replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
+}
+
+function tooLarge(err: unknown): boolean {
+  return /maximum payload|payload.*exceed|message size|too large|max_payload|header/i.test((err as Error)?.message ?? "");
 }

@@ -3,7 +3,7 @@
  * decodes and validates them, routes them to a model version, batches them per model@version,
  * dispatches each batch to a worker and publishes every result before acknowledging its request.
  */
-import { connect, type NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { Subject, tap, type Observable, type Subscription } from "rxjs";
 import { pullByPriority, type PriorityClass } from "../operators/pull-by-priority.js";
@@ -23,6 +23,7 @@ import { subjects } from "./subjects.js";
 import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
 import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
+import { connectNats } from "./connection.js";
 
 export interface PipelineLogger {
   info(msg: string): void;
@@ -116,7 +117,7 @@ export class PipelineService {
     metrics.trackTracing(() => tracing.stats());
     const nc =
       opts.nc ??
-      (await connect({ servers: config.servers, name: "sluice-pipeline", maxReconnectAttempts: -1, reconnectTimeWait: 250 }));
+      (await connectNats(config.servers, "sluice-pipeline"));
     try {
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);

@@ -2,7 +2,6 @@
 import type { Priority } from "../operators/types.js";
 
 export const subjects = {
-  requestsAll: "infer.req.>",
   resultsAll: "infer.res.>",
   tokensAll: "infer.tok.>",
   dlqAll: "infer.dlq.>",

@@ -173,7 +173,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         }
         resolve();
       };
-      const t = setTimeout(done, Math.max(1, deadlineMs - Date.now()));
+      const t = setTimeout(done, Math.min(2_147_483_647, Math.max(1, deadlineMs - Date.now())));
       t.unref();
       signal?.addEventListener("abort", done, { once: true });
       list.push(entry);
@@ -365,16 +365,20 @@ export class WorkerPool implements BatchDispatcher, Generator {
     const tried = new Set<Worker>();
     let lastErr: DispatchError | undefined;
     const request = toWorkerBatch(batch);
-    const deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
+    // Waiting for a slot is bounded by the requests' own deadlines (the queue is bounded by the
+    // in-flight credits); the model's timeout bounds each call, from when it starts.
+    const waitUntil = latestDeadline(batch) ?? Number.POSITIVE_INFINITY;
+    let deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
     const first = batch.jobs.find((j) => j.traceparent !== undefined);
     const passThrough = first?.traceparent ? { traceparent: first.traceparent, ...(first.tracestate ? { tracestate: first.tracestate } : {}) } : {};
     this.budget.calls++;
     const rank = Math.min(...batch.jobs.map((j) => PRIORITY_RANK[j.priority]));
     for (let attempt = 0; ; attempt++) {
       // Every worker busy with its batches: wait for one, high priority first.
-      while (!this.stopped && this.pick(batch.key, tried) !== undefined && !this.hasBatchSlot(batch.key, tried) && Date.now() < deadlineMs) {
-        await this.waitForSlot(batch.key, rank, deadlineMs);
+      while (!this.stopped && this.pick(batch.key, tried) !== undefined && !this.hasBatchSlot(batch.key, tried) && Date.now() < waitUntil) {
+        await this.waitForSlot(batch.key, rank, waitUntil);
       }
+      deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
       const w = this.pick(batch.key, tried);
       if (!w) {
         if (lastErr) throw lastErr;
@@ -584,6 +588,12 @@ export class WorkerPool implements BatchDispatcher, Generator {
     this.workers.clear();
     this.byKey.clear();
   }
+}
+
+/** The latest request deadline of the batch, when every request has one. */
+function latestDeadline(batch: Batch): number | undefined {
+  const deadlines = batch.jobs.map((j) => j.deadlineMs);
+  return deadlines.every((x): x is number => x !== undefined) ? Math.max(...deadlines) : undefined;
 }
 
 function batchDeadline(batch: Batch, timeoutMs: number): number {

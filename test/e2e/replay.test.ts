@@ -425,8 +425,10 @@ describe("replay: selection, pace and comparison helpers", () => {
     expect(parsePace("original")).to.deep.equal({ kind: "original" });
     expect(parsePace("250/s")).to.deep.equal({ kind: "rate", perSecond: 250 });
     expect(() => parsePace("0/s")).to.throw(/pace/);
-    expect(filterSubjectOf({})).to.equal("infer.req.>");
-    expect(filterSubjectOf({ tenants: ["acme"], models: ["m"] })).to.equal("infer.req.*.acme.m");
+    expect(filterSubjectOf({})).to.equal(undefined);
+    // Without one priority no filter lies inside a stream subject: filtered client-side.
+    expect(filterSubjectOf({ tenants: ["acme"], models: ["m"] })).to.equal(undefined);
+    expect(filterSubjectOf({ tenants: ["acme"], models: ["m"], priorities: ["low"] })).to.equal("infer.req.low.acme.m");
     expect(filterSubjectOf({ tenants: ["a", "b"], priorities: ["high"] })).to.equal("infer.req.high.*.*");
   });
 
