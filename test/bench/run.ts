@@ -56,7 +56,7 @@ const SWEEP_STOP_SHARE = 0.5;
 /** Progress lines of a long phase, at most this often. */
 const PROGRESS_EVERY_MS = 5_000;
 const DEFAULT_MAX_MINUTES = 20;
-const QUICK_MAX_MINUTES = 5;
+const QUICK_MAX_MINUTES = 10;
 
 interface Failure {
   scenario: string;
@@ -109,6 +109,8 @@ function farPastCapacity(phase: Phase, r: LoadResult): boolean {
   return phase.offeredRps !== null && r.throughputRps < SWEEP_STOP_SHARE * phase.offeredRps;
 }
 
+let runCounter = 0;
+
 /** One system under one scenario: fresh nats-server, worker and system; every phase in turn. */
 async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, quick: boolean): Promise<Row[]> {
   const rows: Row[] = [];
@@ -119,6 +121,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
   try {
     worker = await startWorkerProcess(scenario.device);
     const ctx: SystemContext = {
+      runId: `${process.pid}-${++runCounter}`,
       natsUrl: nats.url,
       workerEndpoint: worker.endpoint,
       model: MODEL,
@@ -185,8 +188,17 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
   }
 }
 
+interface BaselineRatio {
+  /** sluice throughput / baseline throughput; bursts only (a rate-driven phase serves what is offered). */
+  throughput: number | null;
+  /** sluice p99 / baseline p99 (below 1: sluice's tail is shorter). */
+  p99: number | null;
+}
+
 interface Summary {
   throughput_ratio_sluice_over_raw: Record<string, number | null>;
+  /** Per baseline, per scenario (first phase; for load-sweep each step as `load-sweep/<phase>`). */
+  sluice_over_baseline: Record<string, Record<string, BaselineRatio>>;
   gpu_sim: { device_max_rps: number; sluice_share_of_max: number | null; raw_share_of_max: number | null } | null;
   low_load: { worker_single_request_ms: number; p50_minus_worker_ms: Record<string, number | null> } | null;
   load_sweep_highest_kept_up_rps: Record<string, number | null> | null;
@@ -198,6 +210,7 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
   const first = (scenario: string, system: string): Row | undefined => rows.find((r) => r.scenario === scenario && r.system === system);
   const summary: Summary = {
     throughput_ratio_sluice_over_raw: {},
+    sluice_over_baseline: {},
     gpu_sim: null,
     low_load: null,
     load_sweep_highest_kept_up_rps: null,
@@ -213,6 +226,26 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
     const ratio = b.throughput_rps > 0 ? a.throughput_rps / b.throughput_rps : null;
     summary.throughput_ratio_sluice_over_raw[s.name] = round(ratio, 3);
     lines.push(`  ${s.name.padEnd(12)} ${a.throughput_rps.toFixed(0)} / ${b.throughput_rps.toFixed(0)} rps = ${ratio === null ? "-" : ratio.toFixed(2)}x`);
+  }
+
+  const baselines = [...new Set(rows.map((r) => r.system))].filter((s) => s !== "sluice");
+  if (baselines.length > 0 && rows.some((r) => r.system === "sluice")) lines.push("sluice / baseline, same phase (throughput for bursts; p99, below 1 = sluice shorter):");
+  for (const base of baselines) {
+    const per: Record<string, BaselineRatio> = {};
+    for (const b of rows.filter((r) => r.system === base)) {
+      const a = rows.find((r) => r.system === "sluice" && r.scenario === b.scenario && r.phase === b.phase);
+      if (!a) continue;
+      const key = b.offered_rps === null || b.scenario !== "load-sweep" ? b.scenario : `${b.scenario}/${b.phase}`;
+      const throughput = b.offered_rps === null && b.throughput_rps > 0 ? a.throughput_rps / b.throughput_rps : null;
+      const p99 = a.p99_ms !== null && b.p99_ms !== null && b.p99_ms > 0 ? a.p99_ms / b.p99_ms : null;
+      per[key] = { throughput: round(throughput, 3), p99: round(p99, 3) };
+      lines.push(
+        `  vs ${base.padEnd(13)} ${key.padEnd(24)} ` +
+          `rps ${throughput === null ? "-" : `${a.throughput_rps.toFixed(0)} / ${b.throughput_rps.toFixed(0)} = ${throughput.toFixed(2)}x`}` +
+          `, p99 ${a.p99_ms ?? "-"} / ${b.p99_ms ?? "-"} ms${p99 === null ? "" : ` = ${p99.toFixed(2)}x`}`,
+      );
+    }
+    summary.sluice_over_baseline[base] = per;
   }
 
   const gpu = SCENARIOS.find((s) => s.name === "gpu-sim")!;
@@ -350,11 +383,20 @@ async function main(): Promise<number> {
   const rows: Row[] = [];
   const failures: Failure[] = [];
   const skipped: Array<{ scenario: string; system: string; reason: string }> = [];
+  // A baseline whose broker is not there is left out, with the reason, instead of failing.
+  const unavailable = new Map<string, string>();
+  for (const system of systems) {
+    const why = await system.unavailable?.().catch((err: unknown) => `availability check failed: ${(err as Error).message}`);
+    if (why) {
+      unavailable.set(system.name, why);
+      log(`${system.name}: skipped in every scenario: ${why}`);
+    }
+  }
   const startedAt = Date.now();
   for (const scenario of scenarios) {
     const plan = scenario.plan({ quick, ...(requests !== undefined ? { requests } : {}) });
     for (const system of systems) {
-      const reason = scenario.skipSystem?.(system.name, plan, rows);
+      const reason = unavailable.get(system.name) ?? scenario.skipSystem?.(system.name, plan, rows);
       if (reason) {
         log(`${scenario.name} / ${system.name}: skipped: ${reason}`);
         skipped.push({ scenario: scenario.name, system: system.name, reason });

@@ -6,6 +6,17 @@
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { defaultConfig } from "../../pipeline/config.js";
+import {
+  AMQP_URL,
+  BullLoadTarget,
+  bullQueueName,
+  loadRedisDriver,
+  RabbitLoadTarget,
+  rabbitRequestQueue,
+  REDIS_HOST,
+  REDIS_PORT,
+  unreachable,
+} from "./brokers.js";
 import type { LoadTarget } from "./load.js";
 import { ChildFailedError, makeTempDir, peakRssMb, removeTempDir, ROOT, spawnNode, type BenchChild } from "./procs.js";
 
@@ -17,6 +28,8 @@ import { ChildFailedError, makeTempDir, peakRssMb, removeTempDir, ROOT, spawnNod
 export const RAW_WINDOW = defaultConfig().pipeline.maxInFlight;
 
 export interface SystemContext {
+  /** Unique to this system run: names its queues on brokers that outlive the run. */
+  readonly runId: string;
   readonly natsUrl: string;
   readonly workerEndpoint: string;
   /** Model slug the load uses; served by the worker as version `version`. */
@@ -39,6 +52,8 @@ export interface RunningSystem {
 export interface BenchSystem {
   readonly name: string;
   readonly description: string;
+  /** Why this system cannot run here (its broker is not reachable, ...), or undefined. Asked once per benchmark. */
+  unavailable?(): Promise<string | undefined>;
   /** Starts the system; resolves once it consumes requests. */
   start(ctx: SystemContext): Promise<RunningSystem>;
   /**
@@ -142,4 +157,99 @@ export const jetstreamRawSystem: BenchSystem = {
   },
 };
 
-export const SYSTEMS: readonly BenchSystem[] = [sluiceSystem, jetstreamRawSystem];
+/** Starts a bench loop script (`test/bench/<script>`) and waits for its ready line. */
+async function startLoop(label: string, script: string, args: string[], ready: RegExp): Promise<ChildSystem> {
+  const proc = spawnNode(label, ["--import", "tsx", join(ROOT, "test", "bench", script), ...args]);
+  try {
+    await proc.waitFor(ready);
+  } catch (err) {
+    await proc.stop();
+    throw err;
+  }
+  return new ChildSystem(proc);
+}
+
+/** The usual first design: one message at a time on a JetStream pull consumer. */
+export const naiveLoopSystem: BenchSystem = {
+  name: "naive-loop",
+  description: "the usual first design: next() on INFER_REQ, one gRPC call (batch of 1), publish result, ack; one message at a time",
+  start: (ctx) =>
+    startLoop(
+      "naive-loop",
+      "raw-loop.ts",
+      ["--mode", "next", "--server", ctx.natsUrl, "--worker", ctx.workerEndpoint, "--version", ctx.version],
+      /raw-loop ready/,
+    ),
+};
+
+/** BullMQ Worker concurrency: BullMQ's advice for IO-bound jobs is a high value; the pipeline's in-flight bound. */
+export const BULL_CONCURRENCY = RAW_WINDOW;
+/** RabbitMQ consumer prefetch: enough unacked deliveries to keep the consumer busy; the pipeline's in-flight bound. */
+export const RABBIT_PREFETCH = RAW_WINDOW;
+
+/** BullMQ on the local Redis: Queue.add() in, a Worker process, QueueEvents `completed` out. */
+export const bullmqSystem: BenchSystem = {
+  name: "bullmq",
+  description: `BullMQ on Redis ${REDIS_HOST}:${REDIS_PORT}: add() a job per request; a Worker (concurrency ${BULL_CONCURRENCY}) calls the worker per job (batch of 1); QueueEvents 'completed'`,
+  async unavailable() {
+    const down = await unreachable(REDIS_HOST, REDIS_PORT);
+    if (down) return `Redis: ${down}`;
+    const driver = await loadRedisDriver();
+    return typeof driver === "string" ? driver : undefined;
+  },
+  start: (ctx) =>
+    startLoop(
+      "bullmq-loop",
+      "bullmq-loop.ts",
+      [
+        "--queue",
+        bullQueueName(ctx.runId),
+        "--worker",
+        ctx.workerEndpoint,
+        "--concurrency",
+        String(BULL_CONCURRENCY),
+        "--model",
+        ctx.model,
+        "--version",
+        ctx.version,
+      ],
+      /bullmq-loop ready/,
+    ),
+  async connectLoad(ctx) {
+    const driver = await loadRedisDriver();
+    if (typeof driver === "string") throw new Error(driver);
+    return BullLoadTarget.connect(driver, bullQueueName(ctx.runId));
+  },
+};
+
+/** RabbitMQ on the local broker: confirmed persistent publishes, prefetch-tuned consumer, RPC replies. */
+export const rabbitmqSystem: BenchSystem = {
+  name: "rabbitmq",
+  description: `RabbitMQ (amqplib) on ${new URL(AMQP_URL).host}: confirmed persistent publishes to a durable queue; consumer with prefetch ${RABBIT_PREFETCH}, batch of 1; replies to an exclusive queue`,
+  async unavailable() {
+    const u = new URL(AMQP_URL);
+    const down = await unreachable(u.hostname, Number(u.port));
+    return down ? `RabbitMQ: ${down}` : undefined;
+  },
+  start: (ctx) =>
+    startLoop(
+      "rabbit-loop",
+      "rabbit-loop.ts",
+      [
+        "--queue",
+        rabbitRequestQueue(ctx.runId),
+        "--worker",
+        ctx.workerEndpoint,
+        "--prefetch",
+        String(RABBIT_PREFETCH),
+        "--model",
+        ctx.model,
+        "--version",
+        ctx.version,
+      ],
+      /rabbit-loop ready/,
+    ),
+  connectLoad: (ctx) => RabbitLoadTarget.connect(rabbitRequestQueue(ctx.runId)),
+};
+
+export const SYSTEMS: readonly BenchSystem[] = [sluiceSystem, jetstreamRawSystem, naiveLoopSystem, bullmqSystem, rabbitmqSystem];
