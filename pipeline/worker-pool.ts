@@ -378,6 +378,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
       while (!this.stopped && this.pick(batch.key, tried) !== undefined && !this.hasBatchSlot(batch.key, tried) && Date.now() < waitUntil) {
         await this.waitForSlot(batch.key, rank, waitUntil);
       }
+      if (this.stopped) throw new DispatchError("the pipeline is stopping", "UNAVAILABLE", true, { noWorker: true });
       deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
       const w = this.pick(batch.key, tried);
       if (!w) {
@@ -583,6 +584,8 @@ export class WorkerPool implements BatchDispatcher, Generator {
     if (this.stopped) return;
     this.stopped = true;
     if (this.healthTimer) clearInterval(this.healthTimer);
+    // Calls waiting for a slot see `stopped` and end (their requests go back to the queue).
+    for (const key of [...this.slotWaiters.keys()]) this.wake(key);
     this.freed.complete();
     await Promise.all([...this.workers.values()].map((w) => Promise.resolve().then(() => w.conn.close()).catch(() => undefined)));
     this.workers.clear();
