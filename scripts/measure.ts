@@ -4,6 +4,7 @@
  * tracing on (100% sampling) against off. Everything runs on loopback with its own nats-server.
  *
  *   node --import tsx scripts/measure.ts [registry] [ttft] [tracing]
+ *   (SLUICE_LANES=0 measures with tenant lanes off)
  */
 import { InferenceClient } from "../pipeline/client.js";
 import { loadConfig } from "../pipeline/config.js";
@@ -30,6 +31,7 @@ async function stack(opts: { ttft_ms?: number; token_interval_ms?: number; base_
     overrides: {
       servers: [nats.url],
       telemetry: { metricsPort: -1 },
+      pipeline: { tenantLanes: process.env["SLUICE_LANES"] !== "0" },
       models: { m: { versions: { v1: { weight: 100 }, v2: { weight: 0 } } }, gen: { versions: { v1: { weight: 100 } }, generate: true } },
       workers: [
         { model: "m", version: "v1", endpoint: worker.endpoint, capacity: 256 },
