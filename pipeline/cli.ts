@@ -102,7 +102,8 @@ async function cmdDev(args: string[]): Promise<number> {
     ...(port !== undefined ? { port } : {}),
     ...(baseMs !== undefined ? { baseMs } : {}),
     ...(perItemMs !== undefined ? { perItemMs } : {}),
-    config: { telemetry: { metricsPort: devMetricsPort ?? 9464 } },
+    // Local only: the dev stack's endpoint listens on loopback.
+    config: { telemetry: { metricsPort: devMetricsPort ?? 9464, metricsHost: "127.0.0.1" } },
   });
   const metricsAt = dev.pipeline.metricsServer ? `, metrics http://127.0.0.1:${dev.pipeline.metricsServer.port}/metrics` : "";
   console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store), worker ${dev.worker.endpoint}${metricsAt}`);

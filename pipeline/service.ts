@@ -121,8 +121,10 @@ export class PipelineService {
     try {
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);
-      await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
+      // One durable consumer per priority: the discovery consumers of the tenant lanes, or the
+      // work consumers themselves when lanes are off.
       if (config.pipeline.tenantLanes) await ensureDiscoveryConsumers(jsm, config.consumer, config.pipeline.priorities);
+      else await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
       const registry = await ModelRegistry.open(nc, {
         replicas: config.streams.replicas,
         seed: config.models,
@@ -177,9 +179,10 @@ export class PipelineService {
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
     const classes: PriorityClass[] = [];
     for (const priority of p.priorities) {
-      const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
+      if (p.tenantLanes) continue;
+      const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
       classes.push({ name: priority, source: new ConsumerPullSource(consumer), weight: p.priorityWeights[priority] ?? 1 });
     }
     const onPullError = (priority: Priority, err: unknown): void => {
@@ -237,18 +240,25 @@ export class PipelineService {
       error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
       complete: () => this.drained.next(),
     });
-    const consumers = await Promise.all(p.priorities.map(async (pr) => [pr, await this.js.consumers.get(STREAM_REQUESTS, durableName(c, pr))] as const));
+    // Backlog per priority: the work consumers' pending and ack-pending (the tenant lanes' sums).
     this.metrics.onCollect(async () => {
       this.metrics.setWorkers(this.pool.snapshot());
-      await Promise.all(
-        consumers.map(async ([pr, consumer]) => {
-          const info = await consumer.info();
-          this.metrics.setConsumerState(pr, info.num_pending, info.num_ack_pending);
-        }),
-      );
+      const sums = new Map<Priority, { pending: number; ackPending: number }>(p.priorities.map((pr) => [pr, { pending: 0, ackPending: 0 }]));
+      for await (const ci of this.jsm.consumers.list(STREAM_REQUESTS)) {
+        for (const pr of p.priorities) {
+          const mine = p.tenantLanes ? ci.name.startsWith(`${c.durablePrefix}-${pr}-t-`) : ci.name === durableName(c, pr);
+          if (!mine) continue;
+          const sum = sums.get(pr)!;
+          sum.pending += ci.num_pending;
+          sum.ackPending += ci.num_ack_pending;
+        }
+      }
+      for (const [pr, sum] of sums) this.metrics.setConsumerState(pr, sum.pending, sum.ackPending);
     });
     this.running = true;
-    this.log.info(`pipeline consuming ${p.priorities.map((x) => durableName(c, x)).join(", ")} (max ${p.maxInFlight} in flight each)`);
+    this.log.info(
+      `pipeline consuming ${p.priorities.join(", ")} (${p.tenantLanes ? "a lane per tenant" : "one consumer per priority"}; at most ${p.maxInFlight} in flight)`,
+    );
   }
 
   /** Publishes a shadow copy's result for comparison; never fails the pipeline. */

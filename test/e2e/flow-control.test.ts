@@ -83,8 +83,9 @@ describe("flow control under saturation", function () {
     // The burst is still being worked through: the steady tenant did not wait behind it.
     expect(answeredOfBurst, "burst still in progress").to.be.lessThan(burstIds.length);
     const p50 = pct(unloaded, 50);
-    // A batch of this device takes about 18 ms; "bounded" here: a few batches, not the burst's 11 s.
-    expect(pct(loaded, 99), `steady p99 ${pct(loaded, 99).toFixed(1)} ms vs unloaded p50 ${p50.toFixed(1)} ms`).to.be.lessThan(300);
+    // A batch of this device takes about 18 ms; "bounded" here: a few batches (with room for a
+    // shared machine), not the burst's 11 s.
+    expect(pct(loaded, 99), `steady p99 ${pct(loaded, 99).toFixed(1)} ms vs unloaded p50 ${p50.toFixed(1)} ms`).to.be.lessThan(500);
     await b.close();
   });
 
@@ -179,7 +180,9 @@ describe("priorities under saturation", function () {
     await flood("prio-normal", "normal", 2_000, "normal");
     const high = await trickle(c, "high", 20, 50);
     const base = pct(unloaded, 50);
-    expect(pct(high, 99), `high p99 ${pct(high, 99).toFixed(1)} ms vs unloaded p50 ${base.toFixed(1)} ms`).to.be.lessThan(Math.max(5 * base, base + 100));
+    // A small multiple of the unloaded latency (generous: the machine is shared), and far below
+    // what the backlog of 4,000 in front of it takes (about 4.5 s on this device).
+    expect(pct(high, 99), `high p99 ${pct(high, 99).toFixed(1)} ms vs unloaded p50 ${base.toFixed(1)} ms`).to.be.lessThan(Math.max(8 * base, base + 250));
     // Low is not starved: all of it is answered.
     await waitFor(`all low answered (${lowDone.size})`, () => lowDone.size >= lowIds.length, 60_000, 100);
     sub.unsubscribe();
