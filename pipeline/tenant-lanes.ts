@@ -24,6 +24,7 @@ import {
   AckPolicy,
   DeliverPolicy,
   JetStreamApiError,
+  type Consumer,
   type ConsumerConfig,
   type JetStreamClient,
   type JetStreamManager,
@@ -334,9 +335,11 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
 
     const discover = async (p: Priority): Promise<void> => {
       let failures = 0;
-      const consumer = await o.js.consumers.get(STREAM_REQUESTS, discoveryName(c, p));
+      let consumer: Consumer | undefined;
       while (!closed && !draining) {
         try {
+          // Inside the retry: a broker restart or a missing consumer must not end discovery.
+          consumer ??= await o.js.consumers.get(STREAM_REQUESTS, discoveryName(c, p));
           const it = await consumer.fetch({ max_messages: DISCOVERY_BATCH, expires: Math.max(1_000, o.expiresMs) });
           discoveries.add(it);
           try {
@@ -394,7 +397,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         const hit = prefixes.find(([, pre]) => ci.name.startsWith(pre));
         if (!hit) continue;
         const tenant = ci.config.filter_subject?.split(".")[3];
-        if (!tenant) continue;
+        if (!tenant || lanes.has(`${hit[0]}.${tenant}`)) continue; // (a retried start-up keeps what it has)
         const consumer = await o.js.consumers.get(STREAM_REQUESTS, ci.name);
         addLane(hit[0], tenant, ci.name, new ConsumerPullSource(consumer), ci.num_pending, ci.num_ack_pending);
       }
@@ -422,7 +425,19 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       finishDrain();
     });
 
-    startUp().catch((err: unknown) => subscriber.error(err));
+    // Start-up is retried (a broker that is restarting), never turned into a stopped pipeline.
+    const start = (failures: number): void => {
+      startUp().catch((err: unknown) => {
+        if (closed) return;
+        try {
+          o.onPullError?.(o.priorities[0] ?? "normal", err);
+        } catch {
+          // ignore
+        }
+        later(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), () => start(failures + 1));
+      });
+    };
+    start(0);
 
     return () => {
       closed = true;
