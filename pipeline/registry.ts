@@ -4,16 +4,15 @@
  * a KV write changes routing on every running pipeline without a restart.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
-import type { QueuedIterator } from "@nats-io/transport-node";
+import { Kvm, type KV } from "@nats-io/kv";
 import type { ErrorInfo } from "../operators/types.js";
+import { watchBucket, type BucketWatch } from "./kv-watch.js";
 import { TOKEN_RE } from "./subjects.js";
 
 export const MODELS_BUCKET = "infer_models";
 export const DEFAULT_MAX_BATCH = 32;
 export const DEFAULT_MAX_DELAY_MS = 5;
 const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const INITIAL_LOAD_TIMEOUT_MS = 5_000;
 
 export interface ModelSpec {
   versions: Record<string, { weight: number }>;
@@ -182,8 +181,7 @@ export interface ModelRegistryOptions {
 
 /** The KV-backed registry: a {@link ModelTable} kept in step with bucket `infer_models`. */
 export class ModelRegistry {
-  private watcher: QueuedIterator<KvWatchEntry> | undefined;
-  private loop: Promise<void> | undefined;
+  private watching: BucketWatch | undefined;
 
   private constructor(
     readonly kv: KV,
@@ -211,35 +209,11 @@ export class ModelRegistry {
   }
 
   private async watch(onInvalid?: (key: string, err: Error) => void): Promise<void> {
-    const status = await this.kv.status();
-    let markReady!: () => void;
-    const ready = new Promise<void>((r) => (markReady = r));
-    if (status.values === 0) markReady();
-    const w = await this.kv.watch();
-    this.watcher = w;
-    this.loop = (async () => {
-      for await (const e of w) {
-        if (e.operation === "PUT") {
-          try {
-            this.table.set(e.key, parseModelSpec(e.key, e.json<unknown>()));
-          } catch (err) {
-            try {
-              onInvalid?.(e.key, err as Error);
-            } catch {
-              // ignore
-            }
-          }
-        } else {
-          this.table.delete(e.key);
-        }
-        // The last entry of the initial load has delta 0 (the client marks it as an update).
-        if ((e.delta ?? 0) === 0) markReady();
-      }
-    })().catch(() => undefined);
-    const t = setTimeout(markReady, INITIAL_LOAD_TIMEOUT_MS);
-    t.unref();
-    await ready;
-    clearTimeout(t);
+    this.watching = await watchBucket(this.kv, {
+      put: (key, value) => this.table.set(key, parseModelSpec(key, value)),
+      remove: (key) => this.table.delete(key),
+      onError: (key, err) => onInvalid?.(key ?? MODELS_BUCKET, err),
+    });
   }
 
   async put(model: string, spec: ModelSpec): Promise<void> {
@@ -252,8 +226,6 @@ export class ModelRegistry {
 
   /** Stops watching. Safe to call twice. */
   async stop(): Promise<void> {
-    this.watcher?.stop();
-    this.watcher = undefined;
-    await this.loop;
+    await this.watching?.stop();
   }
 }

@@ -22,8 +22,9 @@
  * settled$.pipe(tap((s) => tenants.limiter.releasedOutcome(s.outcome)));
  * ```
  */
-import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
-import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { Kvm, type KV } from "@nats-io/kv";
+import { watchBucket, type BucketWatch } from "./kv-watch.js";
 import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../operators/types.js";
 import { TOKEN_RE } from "./subjects.js";
@@ -47,7 +48,6 @@ const MAX_TENANT_STATES = 10_000;
 const SWEEP_ABOVE = 1_024;
 /** Slack for floating point refills (1000 × 0.001 is not always 1). */
 const EPSILON = 1e-9;
-const INITIAL_LOAD_TIMEOUT_MS = 5_000;
 
 /** The limits of one tenant (PROTOCOL.md suggestion: bucket `infer_tenants`, key `<tenant>`). */
 export interface TenantLimits {
@@ -395,8 +395,7 @@ export interface TenantRegistryOptions {
 
 /** The KV-backed tenant limits: a {@link TenantLimiter} kept in step with bucket `infer_tenants`. */
 export class TenantRegistry {
-  private watcher: QueuedIterator<KvWatchEntry> | undefined;
-  private loop: Promise<void> | undefined;
+  private watching: BucketWatch | undefined;
 
   private constructor(
     readonly kv: KV,
@@ -429,36 +428,11 @@ export class TenantRegistry {
   }
 
   private async watch(onInvalid?: (key: string, err: Error) => void): Promise<void> {
-    const status = await this.kv.status();
-    let markReady!: () => void;
-    const ready = new Promise<void>((r) => (markReady = r));
-    if (status.values === 0) markReady();
-    const w = await this.kv.watch();
-    this.watcher = w;
-    this.loop = (async () => {
-      for await (const e of w) {
-        if (e.operation === "PUT") {
-          try {
-            this.limiter.set(e.key, parseTenantLimits(e.key, e.json<unknown>()));
-          } catch (err) {
-            try {
-              onInvalid?.(e.key, err as Error);
-            } catch {
-              // ignore
-            }
-          }
-        } else {
-          this.limiter.set(e.key, undefined);
-        }
-        // The last of the initial values has nothing pending after it. (Not `!isUpdate`: the
-        // kv client flags that last initial value as an update already.)
-        if ((e.delta ?? 0) === 0) markReady();
-      }
-    })().catch(() => undefined);
-    const t = setTimeout(markReady, INITIAL_LOAD_TIMEOUT_MS);
-    t.unref();
-    await ready;
-    clearTimeout(t);
+    this.watching = await watchBucket(this.kv, {
+      put: (key, value) => this.limiter.set(key, parseTenantLimits(key, value)),
+      remove: (key) => this.limiter.set(key, undefined),
+      onError: (key, err) => onInvalid?.(key ?? TENANTS_BUCKET, err),
+    });
   }
 
   /** Writes a tenant's limits (`"*"` for the default); every watching pipeline applies them. */
@@ -473,8 +447,6 @@ export class TenantRegistry {
 
   /** Stops watching. Safe to call twice. */
   async stop(): Promise<void> {
-    this.watcher?.stop();
-    this.watcher = undefined;
-    await this.loop;
+    await this.watching?.stop();
   }
 }

@@ -40,7 +40,6 @@ import {
   EngineError,
   type Engine,
   type EngineBatch,
-  type EngineGeneration,
   type EngineItemResult,
   type EngineRequest,
   type EngineToken,
@@ -49,7 +48,8 @@ import {
 import {
   abortReason,
   booleanParameter,
-  DEFAULT_HEALTH_TIMEOUT_MS,
+  generationOnce,
+  type HttpGeneration,
   DEFAULT_REQUEST_TIMEOUT_MS,
   HttpEngineClient,
   integerParameter,
@@ -120,10 +120,8 @@ export interface DeepSpeedMiiEngineOptions {
 }
 
 /** A generation of {@link DeepSpeedMiiEngine}: also tells why it finished. */
-export interface DeepSpeedMiiGeneration extends EngineGeneration {
-  /** MII's `finish_reason` (`stop` or `length`), once known. */
-  finishReason(): string | undefined;
-}
+/** A generation; `finishReason()` is MII's `finish_reason` (`stop` or `length`), once known. */
+export type DeepSpeedMiiGeneration = HttpGeneration;
 
 interface MiiPayload {
   readonly prompt: string;
@@ -191,29 +189,12 @@ export class DeepSpeedMiiEngine implements Engine {
 
   /** One chunk, the whole text: the gateway does not stream (see the module comment). */
   generate(request: EngineRequest, signal: AbortSignal): DeepSpeedMiiGeneration {
-    const usage: EngineUsage = { prompt_tokens: 0, completion_tokens: 0 };
-    const state: { finish: string | undefined } = { finish: undefined };
-    let iterated = false;
-    return {
-      usage: () => ({ ...usage }),
-      finishReason: () => state.finish,
-      [Symbol.asyncIterator]: () => {
-        if (iterated) throw new Error("a generation can be iterated only once");
-        iterated = true;
-        return this.whole(request, signal, usage, state);
-      },
-    };
+    return generationOnce((usage, state) => this.whole(request, signal, usage, state));
   }
 
   /** Whether `GET /healthz` answers 200 (false too when the gateway cannot be reached). */
-  async health(signal?: AbortSignal): Promise<boolean> {
-    try {
-      const { status } = await this.http.get("/healthz", { timeoutMs: DEFAULT_HEALTH_TIMEOUT_MS, ...(signal ? { signal } : {}) });
-      return status === 200;
-    } catch (err) {
-      if (signal?.aborted) throw err;
-      return false;
-    }
+  health(signal?: AbortSignal): Promise<boolean> {
+    return this.http.healthy("/healthz", signal);
   }
 
   /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */

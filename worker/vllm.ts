@@ -413,6 +413,17 @@ export class HttpEngineClient {
   }
 
   /** GETs a path; resolves with the status and body, or rejects as {@link postJson} does. */
+  /** Whether `GET path` answers 200 (false too when the server cannot be reached). */
+  async healthy(path: string, signal?: AbortSignal): Promise<boolean> {
+    try {
+      const { status } = await this.get(path, { timeoutMs: DEFAULT_HEALTH_TIMEOUT_MS, ...(signal ? { signal } : {}) });
+      return status === 200;
+    } catch (err) {
+      if (signal?.aborted) throw err;
+      return false;
+    }
+  }
+
   async get(path: string, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<{ status: number; body: string }> {
     const what = `${this.label} GET ${path}`;
     const ex = this.exchange(what, opts.signal ?? new AbortController().signal, opts.timeoutMs ?? this.requestTimeoutMs);
@@ -821,10 +832,35 @@ export interface VllmEngineOptions {
 }
 
 /** A generation of {@link VllmEngine}: also tells why it finished. */
-export interface VllmGeneration extends EngineGeneration {
-  /** The server's `finish_reason` (`stop`, `length`, ...), once it gave one. */
+/** A generation with a finish reason, as the HTTP engines return it. */
+export interface HttpGeneration extends EngineGeneration {
+  /** The server's finish reason (`stop`, `length`, ...), once it gave one. */
   finishReason(): string | undefined;
 }
+
+/**
+ * Wraps a token producer as a generation that can be iterated once; `run` fills in the usage and
+ * finish reason it is handed as it goes.
+ */
+export function generationOnce(
+  run: (usage: EngineUsage, state: { finish: string | undefined }) => AsyncIterator<EngineToken>,
+): HttpGeneration {
+  const usage: EngineUsage = { prompt_tokens: 0, completion_tokens: 0 };
+  const state: { finish: string | undefined } = { finish: undefined };
+  let iterated = false;
+  return {
+    usage: () => ({ ...usage }),
+    finishReason: () => state.finish,
+    [Symbol.asyncIterator]: () => {
+      if (iterated) throw new Error("a generation can be iterated only once");
+      iterated = true;
+      return run(usage, state);
+    },
+  };
+}
+
+/** A generation; `finishReason()` is the server's `finish_reason`, once it gave one. */
+export type VllmGeneration = HttpGeneration;
 
 interface VllmPayload {
   readonly prompt: string;
@@ -877,29 +913,12 @@ export class VllmEngine implements Engine {
   }
 
   generate(request: EngineRequest, signal: AbortSignal): VllmGeneration {
-    const usage: EngineUsage = { prompt_tokens: 0, completion_tokens: 0 };
-    const state: { finish: string | undefined } = { finish: undefined };
-    let iterated = false;
-    return {
-      usage: () => ({ ...usage }),
-      finishReason: () => state.finish,
-      [Symbol.asyncIterator]: () => {
-        if (iterated) throw new Error("a generation can be iterated only once");
-        iterated = true;
-        return this.stream(request, signal, usage, state);
-      },
-    };
+    return generationOnce((usage, state) => this.stream(request, signal, usage, state));
   }
 
   /** Whether `GET /health` answers 200 (false too when the server cannot be reached). */
-  async health(signal?: AbortSignal): Promise<boolean> {
-    try {
-      const { status } = await this.http.get("/health", { timeoutMs: DEFAULT_HEALTH_TIMEOUT_MS, ...(signal ? { signal } : {}) });
-      return status === 200;
-    } catch (err) {
-      if (signal?.aborted) throw err;
-      return false;
-    }
+  health(signal?: AbortSignal): Promise<boolean> {
+    return this.http.healthy("/health", signal);
   }
 
   /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */

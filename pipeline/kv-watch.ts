@@ -1,0 +1,72 @@
+/**
+ * Keeps an in-memory view in step with a NATS KV bucket: the shared watch loop of the model
+ * registry and the tenant registry.
+ */
+import type { KV, KvWatchEntry } from "@nats-io/kv";
+import type { QueuedIterator } from "@nats-io/transport-node";
+
+export const INITIAL_LOAD_TIMEOUT_MS = 5_000;
+
+export interface BucketHandlers {
+  /** A key was written; `value` is its JSON. Throwing marks the value invalid (it is skipped). */
+  put(key: string, value: unknown): void;
+  /** A key was deleted or purged. */
+  remove(key: string): void;
+  /** An invalid value (`key` set) or the watch itself failing (`key` undefined). Must not throw. */
+  onError?(key: string | undefined, err: Error): void;
+}
+
+export interface BucketWatch {
+  /** Stops watching. Safe to call twice. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Starts watching `kv` and resolves once its current values are applied (or after
+ * `initialLoadTimeoutMs`, so a slow bucket never blocks start-up for long).
+ */
+export async function watchBucket(kv: KV, h: BucketHandlers, initialLoadTimeoutMs = INITIAL_LOAD_TIMEOUT_MS): Promise<BucketWatch> {
+  const report = (key: string | undefined, err: unknown): void => {
+    try {
+      h.onError?.(key, err instanceof Error ? err : new Error(String(err)));
+    } catch {
+      // a listener's failure is its own
+    }
+  };
+  const status = await kv.status();
+  let markReady!: () => void;
+  const ready = new Promise<void>((r) => (markReady = r));
+  if (status.values === 0) markReady();
+  const w: QueuedIterator<KvWatchEntry> = await kv.watch();
+  let stopped = false;
+  const loop = (async () => {
+    for await (const e of w) {
+      if (e.operation === "PUT") {
+        try {
+          h.put(e.key, e.json<unknown>());
+        } catch (err) {
+          report(e.key, err);
+        }
+      } else {
+        h.remove(e.key);
+      }
+      // The last entry of the initial load has delta 0 (the client marks it as an update).
+      if ((e.delta ?? 0) === 0) markReady();
+    }
+  })().catch((err: unknown) => {
+    // The view stops following the bucket: say so rather than go stale in silence.
+    if (!stopped) report(undefined, err);
+  });
+  const t = setTimeout(markReady, initialLoadTimeoutMs);
+  t.unref();
+  await ready;
+  clearTimeout(t);
+  return {
+    stop: async () => {
+      if (stopped) return;
+      stopped = true;
+      w.stop();
+      await loop;
+    },
+  };
+}
