@@ -15,7 +15,16 @@ import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator, type NatsConnection, type NodeConnectionOptions } from "@nats-io/transport-node";
 
 export function connectionOptions(servers: string | string[], name: string, env: NodeJS.ProcessEnv = process.env): NodeConnectionOptions {
-  const opts: NodeConnectionOptions = { servers, name, maxReconnectAttempts: -1, reconnectTimeWait: 250 };
+  const opts: NodeConnectionOptions = {
+    servers,
+    name,
+    maxReconnectAttempts: -1,
+    reconnectTimeWait: 250,
+    // Otherwise every request (each JetStream publish, pull and API call) builds two Error objects
+    // with stack traces up front, in case it fails: a sixth of the pipeline's CPU under load.
+    // Errors keep their messages; they lose only the stack of the call that started them.
+    noAsyncTraces: true,
+  };
   if (env["NATS_USER"]) opts.user = env["NATS_USER"];
   if (env["NATS_PASSWORD"]) opts.pass = env["NATS_PASSWORD"];
   if (env["NATS_TOKEN"]) opts.token = env["NATS_TOKEN"];

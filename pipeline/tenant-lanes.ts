@@ -56,6 +56,14 @@ export interface TenantLanesOptions {
 export const DEFAULT_LANE_SWEEP_MS = 5_000;
 const PROBE_EVERY_MS = 1_000;
 const DISCOVERY_BATCH = 512;
+/**
+ * A lane that delivered work this recently keeps a standing pull for one request while it is
+ * idle, so the tenant's next request is delivered as soon as it is stored instead of one
+ * discovery round trip later (about half a millisecond at low load, on loopback).
+ */
+export const STANDING_PULL_IDLE_MS = 30_000;
+/** Standing pulls take at most this share of the credits: work on other lanes comes first. */
+const STANDING_PULL_SHARE = 0.25;
 
 export function discoveryName(c: ConsumerSettings, p: Priority): string {
   return `${c.durablePrefix}-${p}-lanes`;
@@ -115,6 +123,10 @@ interface Lane {
   unsettled: number;
   failures: number;
   blockedUntil: number;
+  /** When the lane last delivered a request (epoch ms); 0 when never. */
+  lastWorkAt: number;
+  /** Its pull is a standing pull (see {@link STANDING_PULL_IDLE_MS}). */
+  standing: boolean;
   readonly pulls: Set<PullBatch<Delivery>>;
 }
 
@@ -162,6 +174,18 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
     };
     const wants = (l: Lane, now: number): boolean => l.blockedUntil <= now && (l.hint > 0 || (l.naked > 0 && l.nextProbeAt <= now));
 
+    // Pulls are opened at the end of the turn, once for all the settlements and discoveries of
+    // that turn: the requests just delivered reach their worker first, and the lanes are walked
+    // once per turn, not once per message.
+    let pumpQueued: NodeJS.Immediate | undefined;
+    const schedulePump = (): void => {
+      if (pumpQueued !== undefined || closed) return;
+      pumpQueued = setImmediate(() => {
+        pumpQueued = undefined;
+        pump();
+      });
+    };
+
     const pump = (): void => {
       if (closed || draining) return;
       let free = max - used();
@@ -170,7 +194,10 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       const active = o.priorities
         .map((p) => ({ p, lanes: [...lanes.values()].filter((l) => l.p === p && wants(l, now)) }))
         .filter((x) => x.lanes.length > 0);
-      if (active.length === 0) return;
+      if (active.length === 0) {
+        standingPulls(free, now);
+        return;
+      }
       const totalW = active.reduce((a, x) => a + (o.weights[x.p] ?? 1), 0);
       for (const { p, lanes: ls } of active) {
         if (free <= 0) break;
@@ -204,6 +231,21 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
           void pullLane(l, take);
         }
       }
+      standingPulls(free, now);
+    };
+
+    /** Idle lanes that worked lately wait for their next request with a pull of one. */
+    const standingPulls = (free: number, now: number): void => {
+      let allowed = Math.min(free, Math.floor(max * STANDING_PULL_SHARE));
+      if (allowed <= 0) return;
+      for (const l of lanes.values()) if (l.standing) allowed--;
+      for (const l of lanes.values()) {
+        if (allowed <= 0) return;
+        if (l.requested > 0 || l.blockedUntil > now || l.lastWorkAt === 0 || now - l.lastWorkAt > STANDING_PULL_IDLE_MS) continue;
+        allowed--;
+        l.standing = true;
+        void pullLane(l, 1);
+      }
     };
 
     const release = (l: Lane, d: CreditedDelivery, how: "ack" | "nak" | "term"): void => {
@@ -217,7 +259,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         l.nextProbeAt = Math.min(l.nextProbeAt || Infinity, Date.now() + PROBE_EVERY_MS);
         later(PROBE_EVERY_MS, pump);
       }
-      pump();
+      schedulePump();
       finishDrain();
     };
 
@@ -236,6 +278,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         for await (const m of batch) {
           got++;
           l.requested--;
+          l.lastWorkAt = Date.now();
           if (m.deliveryCount > 1) l.naked = Math.max(0, l.naked - 1);
           else l.hint = Math.max(0, l.hint - 1);
           if (closed || draining || subscriber.closed) {
@@ -264,9 +307,10 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         }
       } finally {
         l.requested -= n - got;
+        l.standing = false;
         if (batch) l.pulls.delete(batch);
       }
-      pump();
+      schedulePump();
       finishDrain();
     };
 
@@ -283,6 +327,8 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         unsettled: 0,
         failures: 0,
         blockedUntil: 0,
+        lastWorkAt: 0,
+        standing: false,
         pulls: new Set(),
       };
       lanes.set(`${p}.${tenant}`, l);
@@ -354,7 +400,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
                 m.nak(1_000);
                 o.onPullError?.(p, err);
               }
-              pump();
+              schedulePump();
             }
           } finally {
             discoveries.delete(it);
@@ -441,6 +487,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
 
     return () => {
       closed = true;
+      if (pumpQueued !== undefined) clearImmediate(pumpQueued);
       drainSub?.unsubscribe();
       clearInterval(sweepTimer);
       if (workingTimer) clearInterval(workingTimer);

@@ -1,5 +1,5 @@
 import { expect } from "chai";
-import { Observable, type SchedulerAction, type SchedulerLike, type Subscription } from "rxjs";
+import { Observable, Subject, type SchedulerAction, type SchedulerLike, type Subscription } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { batchByModelVersion, batchKey, type BatchSettings } from "../../operators/batch-by-model-version.js";
 import type { Batch, Delivery, RoutedJob } from "../../operators/types.js";
@@ -97,6 +97,8 @@ describe("batchByModelVersion", () => {
       const out = source.pipe(
         batchByModelVersion({
           settings: fixed({ maxSize: 10, maxDelayMs: 100 }),
+          // The end-of-turn flush runs on the given scheduler (in production: setImmediate).
+          scheduler: ts,
           hasIdleCapacity: (key) => {
             calls.push(key);
             return true;
@@ -116,7 +118,7 @@ describe("batchByModelVersion", () => {
       const source = cold("-a--b----c|", { a, b, c });
       ts.schedule(() => (idle = true), 3);
       const out = source.pipe(
-        batchByModelVersion({ settings: fixed({ maxSize: 10, maxDelayMs: 20 }), hasIdleCapacity: () => idle }),
+        batchByModelVersion({ settings: fixed({ maxSize: 10, maxDelayMs: 20 }), hasIdleCapacity: () => idle, scheduler: ts }),
       );
       // a waits (busy); b arrives when idle, so [a, b] leaves at the end of that turn; c too.
       expectObservable(out).toBe("----x----y|", { x: batch(4, [a, b]), y: batch(9, [c]) });
@@ -329,6 +331,22 @@ describe("batchByModelVersion", () => {
       const out = source.pipe(batchByModelVersion({ settings: fixed({ maxSize: 10, maxDelayMs: 3 }) }));
       expectObservable(out).toBe("----x 6ms -(y|)", { x: batch(4, [a]), y: batch(12, [b]) });
     });
+  });
+
+  it("without a scheduler, flushes for an idle worker at the end of the event-loop turn: one batch per turn", async () => {
+    const source = new Subject<RoutedJob>();
+    const got: string[][] = [];
+    const sub = source
+      .pipe(batchByModelVersion({ settings: fixed({ maxSize: 10, maxDelayMs: 60_000 }), hasIdleCapacity: () => true }))
+      .subscribe((x) => got.push(x.jobs.map((j) => j.id)));
+    source.next(a);
+    source.next(b);
+    expect(got, "nothing leaves within the turn").to.deep.equal([]);
+    await new Promise((r) => setImmediate(r));
+    source.next(c);
+    await new Promise((r) => setImmediate(r));
+    expect(got).to.deep.equal([[a.id, b.id], [c.id]]);
+    sub.unsubscribe();
   });
 
   it("delivers a throw from the source's subscribe as an error", () => {
