@@ -1,4 +1,4 @@
-import { mergeMap, type OperatorFunction } from "rxjs";
+import { mergeMap, Observable, type OperatorFunction } from "rxjs";
 import { retryDelayMs } from "./outcome.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Outcome } from "./types.js";
 
@@ -13,12 +13,33 @@ export interface DeadLetter {
 
 /** Where results and dead letters go (the results stream and the DLQ stream in the service). */
 export interface ResultSink {
-  /** Stores the result, de-duplicated by request id; resolves once it is stored. */
+  /**
+   * Sends the result to the client and stores it, de-duplicated by request id; resolves once it
+   * is stored. Rejects with a {@link ResultNotStoredError} when the result reached the client
+   * but the store refused it.
+   */
   publishResult(job: InferJob, result: InferResult): Promise<void>;
+  /**
+   * Stores a result that already reached the client, without sending it to the client again.
+   * Without it, a refused store is retried through {@link publishResult}.
+   */
+  keepResult?(job: InferJob, result: InferResult): Promise<void>;
   /** True when a result for this request is already stored (asked after a redelivery). */
   hasResult(job: InferJob): Promise<boolean>;
   /** Stores a dead letter; resolves once it is stored. */
   publishDeadLetter(letter: DeadLetter): Promise<void>;
+}
+
+/**
+ * A result was sent to the client (its live subscribers have it) but its store refused it: it
+ * must be stored without being sent again, or the client would get a second answer.
+ */
+export class ResultNotStoredError extends Error {
+  override readonly name = "ResultNotStoredError";
+  readonly deliveredLive = true;
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+  }
 }
 
 export type SettleAction = "ack" | "term" | "nak" | "duplicate";
@@ -32,6 +53,10 @@ export interface Settled {
   readonly deadLettered: boolean;
   /** Why a publish failed (the delivery was naked to be tried again). */
   readonly error?: unknown;
+  /** Publishes of the result that failed before it was stored (tried again in place). */
+  readonly publishFailures?: number;
+  /** The result reached the client but could not be stored within `publishRetryMs`; it was dead-lettered. */
+  readonly notStored?: boolean;
 }
 
 export interface SettleOutcomesOptions {
@@ -41,6 +66,13 @@ export interface SettleOutcomesOptions {
   concurrency?: number;
   retryBaseMs?: number;
   retryMaxMs?: number;
+  /**
+   * How long a result whose publish failed is tried again in place (same result, no second run
+   * on a worker) before giving up: 0 (the default) naks at once. A result the client already has
+   * but the store refused is then stored without being sent again ({@link ResultSink.keepResult});
+   * one that cannot be stored in this time is dead-lettered with the reason, and settled.
+   */
+  publishRetryMs?: number;
   now?: () => number;
 }
 
@@ -59,8 +91,20 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
   const base = opts.retryBaseMs ?? 250;
   const max = opts.retryMaxMs ?? 10_000;
   const concurrency = opts.concurrency ?? 256;
+  const retryFor = Math.max(0, opts.publishRetryMs ?? 0);
+  const now = opts.now ?? Date.now;
 
-  const publishResult = async (outcome: Outcome, job: InferJob, result: InferResult, deadLetter: boolean): Promise<Settled> => {
+  /** Acks an ok result, terms an error result: it is stored (or dead-lettered) and final. */
+  const finish = (outcome: Outcome, d: Delivery, result: InferResult, extra: Partial<Settled>): Settled => {
+    if (result.status === "ok") {
+      d.ack();
+      return { outcome, action: "ack", result, deadLettered: false, ...extra };
+    }
+    d.term(result.error ? `${result.error.code}: ${result.error.message}` : "error");
+    return { outcome, action: "term", result, deadLettered: false, ...extra };
+  };
+
+  const publishResult = async (outcome: Outcome, job: InferJob, result: InferResult, deadLetter: boolean, stop: AbortSignal): Promise<Settled> => {
     const d = job.delivery;
     try {
       if (d.deliveryCount > 1 && (await sink.hasResult(job))) {
@@ -71,23 +115,55 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       if (deadLetter && result.error) {
         await sink.publishDeadLetter({ delivery: d, tenant: job.tenant, model: job.model, id: job.id, error: result.error });
       }
-      await sink.publishResult(job, result);
     } catch (error) {
       d.nak(retryDelayMs(d.deliveryCount, base, max));
       return { outcome, action: "nak", deadLettered: false, error };
     }
-    if (result.status === "ok") {
-      d.ack();
-      return { outcome, action: "ack", result, deadLettered: deadLetter };
+    const dl = deadLetter ? { deadLettered: true } : {};
+    let failures = 0;
+    let lastError: unknown;
+    // Sent to the client already: from now on it is only stored, never sent again.
+    let delivered = false;
+    const giveUpAt = now() + retryFor;
+    for (;;) {
+      try {
+        if (delivered && sink.keepResult) await sink.keepResult(job, result);
+        else if (failures > 0 && !delivered && (await sink.hasResult(job))) {
+          // The failed publish was stored after all (its acknowledgement was lost).
+          return finish(outcome, d, result, { ...dl, publishFailures: failures });
+        } else await sink.publishResult(job, result);
+        return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
+      } catch (error) {
+        failures++;
+        lastError = error;
+        if (error instanceof ResultNotStoredError) delivered = true;
+      }
+      const wait = retryDelayMs(failures, base, max);
+      if (stop.aborted || now() + wait > giveUpAt) break;
+      d.working();
+      await sleep(wait, stop);
+      if (stop.aborted) break;
     }
-    d.term(result.error ? `${result.error.code}: ${result.error.message}` : "error");
-    return { outcome, action: "term", result, deadLettered: deadLetter };
+    // Stopped (the pipeline shuts down): the queue delivers the request again, to be stored then.
+    if (delivered && retryFor > 0 && !stop.aborted) {
+      // The client has its answer, but the results stream would not keep it: keep the request
+      // and the reason in the dead-letter stream instead of running it again.
+      const reason = `the result reached the client but ${STORE_NAME} refused to store it for ${retryFor} ms: ${(lastError as Error)?.message ?? String(lastError)}`;
+      try {
+        await sink.publishDeadLetter({ delivery: d, tenant: job.tenant, model: job.model, id: job.id, error: { code: "INTERNAL", message: reason } });
+        return { ...finish(outcome, d, result, { publishFailures: failures, notStored: true }), deadLettered: true };
+      } catch {
+        // neither stream takes it: the queue delivers the request again
+      }
+    }
+    d.nak(retryDelayMs(d.deliveryCount, base, max));
+    return { outcome, action: "nak", deadLettered: false, error: lastError, publishFailures: failures };
   };
 
-  const settle = async (o: Outcome): Promise<Settled> => {
+  const settle = async (o: Outcome, stop: AbortSignal): Promise<Settled> => {
     switch (o.kind) {
       case "result":
-        return publishResult(o, o.job, o.result, o.deadLetter === true);
+        return publishResult(o, o.job, o.result, o.deadLetter === true, stop);
       case "retry": {
         const d = o.job.delivery;
         // Waiting for a worker: retry until the wait ends (the last retry lands right at its
@@ -102,7 +178,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         const last = o.lastResort.error
           ? errorResult(o.job, o.lastResort.error.code, `${o.lastResort.error.message} (gave up after ${d.deliveryCount} deliveries)`)
           : o.lastResort;
-        return publishResult(o, o.job, last, true);
+        return publishResult(o, o.job, last, true, stop);
       }
       case "dead": {
         const d = o.delivery;
@@ -121,7 +197,40 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
   // settle() catches what it awaits; this also catches a throwing ack/nak (a closed connection),
   // so one bad settlement never ends the stream. The queue redelivers what was not acked.
   return mergeMap(
-    (o: Outcome) => settle(o).catch((error: unknown): Settled => ({ outcome: o, action: "nak", deadLettered: false, error })),
+    (o: Outcome) =>
+      new Observable<Settled>((subscriber) => {
+        // Unsubscribing ends the retries of a failed publish (the delivery is naked); a publish
+        // under way still settles its delivery.
+        const stop = new AbortController();
+        settle(o, stop.signal)
+          .catch((error: unknown): Settled => ({ outcome: o, action: "nak", deadLettered: false, error }))
+          .then(
+            (s) => {
+              subscriber.next(s);
+              subscriber.complete();
+            },
+            (err: unknown) => subscriber.error(err),
+          );
+        return () => stop.abort();
+      }),
     concurrency,
   );
+}
+
+/** What the service's results store is called in reasons (the operator knows no streams). */
+const STORE_NAME = "the results store";
+
+/** Resolves after `ms`, or at once when `stop` aborts. */
+function sleep(ms: number, stop: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (stop.aborted) return resolve();
+    const t = setTimeout(done, ms);
+    t.unref?.();
+    function done(): void {
+      clearTimeout(t);
+      stop.removeEventListener("abort", done);
+      resolve();
+    }
+    stop.addEventListener("abort", done, { once: true });
+  });
 }

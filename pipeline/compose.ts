@@ -55,6 +55,8 @@ export interface PipelineSteps {
   maxPayloadBytes: number;
   maxDeliver: number;
   publishConcurrency: number;
+  /** How long a failed result publish is tried again in place (settleOutcomes' publishRetryMs); 0 when omitted. */
+  publishRetryMs?: number;
   retryBaseMs: number;
   retryMaxMs: number;
 }
@@ -132,6 +134,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       settleOutcomes(steps.sink, {
         maxDeliver: steps.maxDeliver,
         concurrency: steps.publishConcurrency,
+        publishRetryMs: steps.publishRetryMs ?? 0,
         retryBaseMs: steps.retryBaseMs,
         retryMaxMs: steps.retryMaxMs,
       }),

@@ -49,6 +49,13 @@ export interface PipelineSettings {
   pullExpiresMs: number;
   /** Concurrent result publishes awaiting their acknowledgement. */
   publishConcurrency: number;
+  /**
+   * How long a result whose publish failed is tried again in place (the same result, no second
+   * run on a worker) before the request goes back to the queue. A result the client already got
+   * but INFER_RES refused is stored under `infer.kept.<tenant>.<id>` instead of being sent again,
+   * or dead-lettered with the reason when that fails for this long. 0: back to the queue at once.
+   */
+  publishRetryMs: number;
   /** Batches in flight per worker: one running on the device and one waiting, to hide the round trip. */
   batchesPerWorker: number;
   /** First redelivery delay after a retriable failure; doubles per delivery. */
@@ -132,6 +139,7 @@ export function defaultConfig(): SluiceConfig {
       maxPayloadBytes: 256 * 1024,
       pullExpiresMs: 5_000,
       publishConcurrency: 256,
+      publishRetryMs: 30_000,
       batchesPerWorker: 2,
       retryBaseMs: 250,
       retryMaxMs: 10_000,
@@ -241,6 +249,8 @@ export function validateConfig(cfg: SluiceConfig): void {
   }
   pos(cfg.pipeline.maxPayloadBytes, "pipeline.maxPayloadBytes");
   pos(cfg.pipeline.batchesPerWorker, "pipeline.batchesPerWorker");
+  if (!Number.isFinite(cfg.pipeline.publishRetryMs) || cfg.pipeline.publishRetryMs < 0)
+    throw new ConfigError(`pipeline.publishRetryMs must be a number >= 0, got ${cfg.pipeline.publishRetryMs}`);
   pos(cfg.consumer.ackWaitMs, "consumer.ackWaitMs");
   pos(cfg.consumer.maxDeliver, "consumer.maxDeliver");
   pos(cfg.consumer.maxAckPending, "consumer.maxAckPending");

@@ -375,7 +375,9 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
     const key = `${tenant}/${id}`;
     if (done.has(key)) return skip(`another dead letter of request ${id} was requeued in this run`);
 
-    const res = await getStored(jsm, STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) });
+    const res =
+      (await getStored(jsm, STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
+      (await getStored(jsm, STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }));
     if (res) {
       if (headerOf(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
       const until = res.time.getTime() + resultWindowMs;

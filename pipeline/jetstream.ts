@@ -13,6 +13,7 @@ import {
   type ConsumerConfig,
   type JetStreamManager,
   type JsMsg,
+  type StoredMsg,
   type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
@@ -49,7 +50,7 @@ export function streamConfigs(s: StreamsConfig): StreamConfig[] {
     {
       ...common,
       name: STREAM_RESULTS,
-      subjects: [subjects.resultsAll],
+      subjects: [subjects.resultsAll, subjects.keptAll],
       retention: RetentionPolicy.Limits,
       max_age: nanos(s.resultsMaxAgeMs),
       // One result per request id: keep only the last message per subject.
@@ -88,6 +89,18 @@ export function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig
 
 function isNotFound(err: unknown): boolean {
   return err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10014);
+}
+
+/**
+ * The stored result of a request: under `infer.res.<tenant>.<id>`, or, when the stream refused
+ * it there and it was stored afterwards without reaching the client twice, under
+ * `infer.kept.<tenant>.<id>`. Null when neither holds one.
+ */
+export async function getStoredResult(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
+  return (
+    (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
+    (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }))
+  );
 }
 
 /** Creates each stream or updates it to the configuration; safe to run from many processes. */

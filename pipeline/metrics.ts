@@ -192,7 +192,7 @@ export class PipelineMetrics implements MetricsSource {
     });
     this.publishErrors = new Counter({
       name: "sluice_publish_errors_total",
-      help: "Result or dead-letter publishes that failed (the request is delivered again).",
+      help: "Result or dead-letter publishes that failed (tried again in place, or the request is delivered again).",
       registers,
     });
     this.pullErrors = new Counter({
@@ -237,7 +237,8 @@ export class PipelineMetrics implements MetricsSource {
   settled(s: Settled, nowMs: number = Date.now()): void {
     const o = s.outcome;
     const failed = s.error !== undefined;
-    if (failed) this.publishErrors.inc();
+    const publishErrors = Math.max(s.publishFailures ?? 0, failed ? 1 : 0);
+    if (publishErrors > 0) this.publishErrors.inc(publishErrors);
     if (s.deadLettered) this.deadLetters.inc({ code: o.kind === "dead" ? o.error.code : (s.result?.error?.code ?? "INTERNAL") });
     // Put back in the queue (a retry, or a publish that failed): counted, timed when it ends.
     let status: string;

@@ -48,10 +48,10 @@ import type { DeadLetter, ResultSink, Settled } from "../operators/settle-outcom
 import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Priority } from "../operators/types.js";
 import { inferencePipeline } from "./compose.js";
 import { defaultConfig, type SluiceConfig } from "./config.js";
-import { STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
+import { getStoredResult, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry, type ModelTable } from "./registry.js";
 import { silentLogger, type PipelineLogger } from "./service.js";
-import { H, ID_RE, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
+import { H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
 import { WorkerClient } from "./worker-client.js";
 import { WORKERS_BUCKET, WorkerDirectory } from "./worker-directory.js";
 import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
@@ -863,7 +863,7 @@ async function recordedResult(jsm: JetStreamManager, tenant: string | undefined,
   if (tenant === undefined || id === undefined || !TOKEN_RE.test(tenant) || !ID_RE.test(id)) return undefined;
   for (let attempt = 0; ; attempt++) {
     try {
-      const m = await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) });
+      const m = await getStoredResult(jsm, tenant, id);
       return m ? (JSON.parse(new TextDecoder().decode(m.data)) as InferResult) : undefined;
     } catch (err) {
       if (attempt >= 2) throw err;

@@ -1,9 +1,9 @@
 /** The results and dead-letter streams as the operators' {@link ResultSink}. */
-import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
+import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { headers as natsHeaders } from "@nats-io/transport-node";
-import type { DeadLetter, ResultSink } from "../operators/settle-outcome.js";
+import { ResultNotStoredError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../operators/types.js";
-import { STREAM_RESULTS } from "./jetstream.js";
+import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
 import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
 import type { Tracing } from "./telemetry.js";
 
@@ -19,28 +19,36 @@ export class StreamResultSink implements ResultSink {
     private readonly tracing?: Tracing,
   ) {}
 
+  /**
+   * Publishes on `infer.res.<tenant>.<id>`, where the client listens and INFER_RES stores. A
+   * JetStream publish is a core publish the stream then stores or refuses: when INFER_RES
+   * answers with an error, the client already has the result, hence {@link ResultNotStoredError}.
+   */
   async publishResult(job: InferJob, result: InferResult): Promise<void> {
     const subject = subjects.result(job.tenant, job.id);
     const span = this.tracing?.requestOf(job.delivery)?.startPublish(subject);
-    const h = natsHeaders();
-    h.set(H.status, result.status === "ok" ? "ok" : (result.error?.code ?? "INTERNAL"));
     const traceparent = span?.carrier.traceparent ?? job.traceparent;
     const tracestate = span?.carrier.tracestate ?? job.tracestate;
-    if (traceparent) h.set(H.traceparent, traceparent);
-    if (tracestate) h.set(H.tracestate, tracestate);
-    h.set(H.contentType, "application/json");
     try {
-      await this.js.publish(subject, encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: h });
+      await this.js.publish(subject, encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: resultHeaders(result, traceparent, tracestate) });
       span?.end();
     } catch (err) {
       span?.end("PUBLISH_FAILED", err);
+      if (err instanceof JetStreamApiError) {
+        throw new ResultNotStoredError(`${STREAM_RESULTS} refused the result of '${job.id}' (the client has it): ${err.message}`, { cause: err });
+      }
       throw err;
     }
   }
 
+  /** Stores a result the client already has on `infer.kept.<tenant>.<id>`, which no client reads live. */
+  async keepResult(job: InferJob, result: InferResult): Promise<void> {
+    const h = resultHeaders(result, job.traceparent, job.tracestate);
+    await this.js.publish(subjects.kept(job.tenant, job.id), encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: h });
+  }
+
   async hasResult(job: InferJob): Promise<boolean> {
-    const m = await this.jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(job.tenant, job.id) });
-    return m !== null;
+    return (await getStoredResult(this.jsm, job.tenant, job.id)) !== null;
   }
 
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
@@ -74,6 +82,15 @@ export class StreamResultSink implements ResultSink {
       await this.js.publish(subjects.dlq(tenant, model), new Uint8Array(0), { msgID: `dlq-${d.seq}`, headers: small });
     }
   }
+}
+
+function resultHeaders(result: InferResult, traceparent: string | undefined, tracestate: string | undefined): ReturnType<typeof natsHeaders> {
+  const h = natsHeaders();
+  h.set(H.status, result.status === "ok" ? "ok" : (result.error?.code ?? "INTERNAL"));
+  if (traceparent) h.set(H.traceparent, traceparent);
+  if (tracestate) h.set(H.tracestate, tracestate);
+  h.set(H.contentType, "application/json");
+  return h;
 }
 
 /** Header values are one line of printable text. */

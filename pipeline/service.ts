@@ -231,6 +231,7 @@ export class PipelineService {
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
         publishConcurrency: pp.publishConcurrency,
+        publishRetryMs: pp.publishRetryMs,
         retryBaseMs: pp.retryBaseMs,
         retryMaxMs: pp.retryMaxMs,
       }),
@@ -288,6 +289,7 @@ export class PipelineService {
     const status = s.result ? (s.result.status === "ok" ? "ok" : (s.result.error?.code ?? "INTERNAL")) : s.action;
     this.stats.byStatus[status] = (this.stats.byStatus[status] ?? 0) + 1;
     if (s.error !== undefined) this.log.warn(`publish failed, request will be redelivered: ${(s.error as Error)?.message ?? s.error}`);
+    if (s.notStored) this.log.warn(`a result reached its client but could not be stored; its request is in the dead-letter stream`);
     this.settledSubject.next(s);
   }
 

@@ -8,6 +8,13 @@ export const subjects = {
   requestsOfPriority: (p: Priority): string => `infer.req.${p}.*.*`,
   request: (p: Priority, tenant: string, model: string): string => `infer.req.${p}.${tenant}.${model}`,
   result: (tenant: string, id: string): string => `infer.res.${tenant}.${id}`,
+  /**
+   * A result that reached `infer.res.<tenant>.<id>` live while INFER_RES refused to store it,
+   * stored here afterwards so the client does not get it twice (pipeline only, never delivered
+   * to clients). A request's stored result is under one of the two subjects.
+   */
+  kept: (tenant: string, id: string): string => `infer.kept.${tenant}.${id}`,
+  keptAll: "infer.kept.>",
   resultsOfTenant: (tenant: string): string => `infer.res.${tenant}.>`,
   tokens: (tenant: string, id: string): string => `infer.tok.${tenant}.${id}`,
   cancel: (tenant: string, id: string): string => `infer.cancel.${tenant}.${id}`,

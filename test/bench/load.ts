@@ -72,6 +72,11 @@ export interface LoadResult {
   readonly sentRps: number;
   /** Answered requests per second, from the first send to the last first answer. */
   readonly throughputRps: number;
+  /**
+   * Answered requests per second between the 10th and the 90th percentile of answer times: the
+   * rate once the system is saturated, without the ramp at the start and the drain at the end.
+   */
+  readonly steadyRps: number;
   /** Mean size of the batches the answered requests ran in, by request; NaN when results do not say. */
   readonly meanBatchSize: number;
   /** Latency of each answered request, ms, sorted. */
@@ -178,6 +183,11 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
       else lost++;
     }
     const lat = Float64Array.from(latencies).sort();
+    const answerTimes = Float64Array.from(answeredAt.filter((t) => t > 0)).sort();
+    const i10 = Math.floor(answerTimes.length * 0.1);
+    const i90 = Math.max(i10, Math.ceil(answerTimes.length * 0.9) - 1);
+    const steadySpan = answerTimes.length > 10 ? answerTimes[i90]! - answerTimes[i10]! : 0;
+    const steadyRps = steadySpan > 0 ? ((i90 - i10) / steadySpan) * 1_000 : Number.NaN;
     const spanMs = Math.max(1e-3, (lastAnswerAt || performance.now()) - t0);
     const sendSpanMs = Math.max(1e-3, sentDoneAt - t0);
     return {
@@ -189,6 +199,7 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
       duplicated,
       sentRps: (count / sendSpanMs) * 1_000,
       throughputRps: (answered / spanMs) * 1_000,
+      steadyRps,
       meanBatchSize: batchSizeCount > 0 ? batchSizeSum / batchSizeCount : Number.NaN,
       latencies: lat,
       durationMs: performance.now() - t0,
@@ -228,7 +239,7 @@ export class NatsLoadTarget implements LoadTarget {
   }
 
   static async connect(url: string, opts: { tenant: string; model: string; priority?: string }): Promise<NatsLoadTarget> {
-    const nc = await connect({ servers: url, name: "bench-load", maxReconnectAttempts: 10 });
+    const nc = await connect({ servers: url, name: "bench-load", maxReconnectAttempts: 10, noAsyncTraces: true });
     return new NatsLoadTarget(nc, opts.tenant, opts.model, opts.priority ?? "normal");
   }
 

@@ -50,7 +50,10 @@ async function main(): Promise<void> {
   const window = mode === "next" ? 1 : Number(values.window ?? DEFAULT_RAW_WINDOW);
   const version = values.version ?? "v1";
 
-  const nc = await connect({ servers: values.server, name: `bench-raw-loop-${mode}` });
+  // noAsyncTraces: the same connection option as every sluice process (a JetStream request
+  // otherwise builds two Error objects with stack traces up front), so the loops differ only in
+  // what they do with a message.
+  const nc = await connect({ servers: values.server, name: `bench-raw-loop-${mode}`, noAsyncTraces: true });
   const jsm = await jetstreamManager(nc);
   await ensureStreams(jsm, defaultConfig().streams);
   await jsm.consumers.add(STREAM_REQUESTS, {

@@ -10,6 +10,8 @@ export interface Row {
   offered_rps: number | null;
   requests: number;
   throughput_rps: number;
+  /** Rate between the 10th and 90th percentile of answer times (a burst's saturated stretch). */
+  steady_rps: number | null;
   p50_ms: number | null;
   p90_ms: number | null;
   p99_ms: number | null;
@@ -28,6 +30,9 @@ export interface Row {
   peak_rss_mb: number | null;
   /** VmHWM of that run's nats-server, MB (the backlog lives there). */
   nats_peak_rss_mb: number | null;
+  /** That run's worker called directly (no queue), p50 ms: one request, and a full batch. */
+  worker_single_ms: number | null;
+  worker_max_batch_ms: number | null;
 }
 
 const round = (v: number | null | undefined, digits = 1): number | null =>

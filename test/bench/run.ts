@@ -28,6 +28,7 @@ import {
   type Scenario,
 } from "./scenarios.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
+import { probeWorker, type WorkerTimes } from "./worker-probe.js";
 
 const TENANT = "bench";
 const MODEL = "bench";
@@ -79,7 +80,15 @@ function usage(): string {
   ].join("\n");
 }
 
-function toRow(scenario: Scenario, system: string, phase: Phase, r: LoadResult, rss: number | undefined, natsRss: number | undefined): Row {
+function toRow(
+  scenario: Scenario,
+  system: string,
+  phase: Phase,
+  r: LoadResult,
+  rss: number | undefined,
+  natsRss: number | undefined,
+  worker: WorkerTimes | undefined,
+): Row {
   const pct = (p: number): number | null => round(percentile(r.latencies, p), 2);
   return {
     scenario: scenario.name,
@@ -88,6 +97,7 @@ function toRow(scenario: Scenario, system: string, phase: Phase, r: LoadResult, 
     offered_rps: phase.offeredRps,
     requests: r.requests,
     throughput_rps: round(r.throughputRps, 1) ?? 0,
+    steady_rps: phase.offeredRps === null ? round(r.steadyRps, 1) : null,
     p50_ms: pct(50),
     p90_ms: pct(90),
     p99_ms: pct(99),
@@ -100,6 +110,8 @@ function toRow(scenario: Scenario, system: string, phase: Phase, r: LoadResult, 
     sent_rps: round(r.sentRps, 1) ?? 0,
     peak_rss_mb: round(rss, 1),
     nats_peak_rss_mb: round(natsRss, 1),
+    worker_single_ms: round(worker?.singleMs, 2),
+    worker_max_batch_ms: round(worker?.maxBatchMs, 2),
   };
 }
 
@@ -120,6 +132,10 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
   let target: LoadTarget | undefined;
   try {
     worker = await startWorkerProcess(scenario.device);
+    // The worker's own times, before the system starts: the baseline of low-load overhead and of
+    // the device maximum, measured on this run's worker.
+    const workerTimes = scenario.device.baseMs > 0 ? await probeWorker(worker.endpoint, MODEL, VERSION, scenario.batch.maxSize) : undefined;
+    if (workerTimes) log(`  worker called directly: ${workerTimes.singleMs.toFixed(2)} ms for one request, ${workerTimes.maxBatchMs.toFixed(2)} ms for ${scenario.batch.maxSize}`);
     const ctx: SystemContext = {
       runId: `${process.pid}-${++runCounter}`,
       natsUrl: nats.url,
@@ -164,7 +180,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
         },
       });
       running.assertAlive();
-      const row = toRow(scenario, system.name, phase, r, running.peakRssMb(), peakRssMb(nats.pid));
+      const row = toRow(scenario, system.name, phase, r, running.peakRssMb(), peakRssMb(nats.pid), workerTimes);
       rows.push(row);
       log(
         `  ${phase.label}: ${row.throughput_rps.toFixed(0)} rps, p50 ${row.p50_ms ?? "-"} ms, p99 ${row.p99_ms ?? "-"} ms, ` +
@@ -199,8 +215,23 @@ interface Summary {
   throughput_ratio_sluice_over_raw: Record<string, number | null>;
   /** Per baseline, per scenario (first phase; for load-sweep each step as `load-sweep/<phase>`). */
   sluice_over_baseline: Record<string, Record<string, BaselineRatio>>;
-  gpu_sim: { device_max_rps: number; sluice_share_of_max: number | null; raw_share_of_max: number | null } | null;
-  low_load: { worker_single_request_ms: number; p50_minus_worker_ms: Record<string, number | null> } | null;
+  gpu_sim: {
+    /** Nominal: max batch / (base + per item x max batch). */
+    device_max_rps: number;
+    /** Max batch / the worker's measured p50 for a full batch (sluice's run). */
+    measured_device_max_rps: number | null;
+    sluice_share_of_max: number | null;
+    /** Saturated stretch of the burst (10th-90th percentile of answers) against the measured maximum. */
+    sluice_steady_share_of_measured_max: number | null;
+    raw_share_of_max: number | null;
+  } | null;
+  low_load: {
+    worker_single_request_ms: number;
+    /** p50 minus the nominal single-request time. */
+    p50_minus_worker_ms: Record<string, number | null>;
+    /** p50 minus that run's worker called directly for one request (p50). */
+    p50_minus_measured_worker_ms: Record<string, number | null>;
+  } | null;
   load_sweep_highest_kept_up_rps: Record<string, number | null> | null;
   burst_100k_peak_rss_mb: Record<string, number | null> | null;
 }
@@ -253,15 +284,22 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
   const gs = first("gpu-sim", "sluice");
   const gr = first("gpu-sim", "jetstream-raw");
   if (gs || gr) {
+    const measuredMax = gs?.worker_max_batch_ms ? (gpu.batch.maxSize / gs.worker_max_batch_ms) * 1_000 : null;
+    const steadyShare = gs?.steady_rps && measuredMax ? gs.steady_rps / measuredMax : null;
     summary.gpu_sim = {
       device_max_rps: round(max, 1)!,
+      measured_device_max_rps: round(measuredMax, 1),
       sluice_share_of_max: gs ? round(gs.throughput_rps / max, 3) : null,
+      sluice_steady_share_of_measured_max: round(steadyShare, 3),
       raw_share_of_max: gr ? round(gr.throughput_rps / max, 3) : null,
     };
     lines.push(
-      `gpu-sim device maximum = ${gpu.batch.maxSize} / (${gpu.device.baseMs} + ${gpu.device.perItemMs} x ${gpu.batch.maxSize}) ms = ${max.toFixed(0)} rps:`,
+      `gpu-sim device maximum = ${gpu.batch.maxSize} / (${gpu.device.baseMs} + ${gpu.device.perItemMs} x ${gpu.batch.maxSize}) ms = ${max.toFixed(0)} rps` +
+        (measuredMax ? `; measured on the run's worker: ${gpu.batch.maxSize} / ${gs!.worker_max_batch_ms} ms = ${measuredMax.toFixed(0)} rps:` : ":"),
     );
-    if (gs) lines.push(`  sluice        ${gs.throughput_rps.toFixed(0)} rps = ${((gs.throughput_rps / max) * 100).toFixed(0)}% of the device maximum`);
+    if (gs) lines.push(`  sluice        ${gs.throughput_rps.toFixed(0)} rps = ${((gs.throughput_rps / max) * 100).toFixed(0)}% of the device maximum (whole burst)`);
+    if (gs?.steady_rps && measuredMax)
+      lines.push(`  sluice        ${gs.steady_rps.toFixed(0)} rps while saturated (10th-90th percentile of answers) = ${(steadyShare! * 100).toFixed(0)}% of the measured maximum`);
     if (gr)
       lines.push(
         `  jetstream-raw ${gr.throughput_rps.toFixed(0)} rps = ${((gr.throughput_rps / max) * 100).toFixed(0)}% ` +
@@ -273,12 +311,17 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
   const single = deviceSingleMs(low.device);
   const lows = rows.filter((r) => r.scenario === "low-load");
   if (lows.length > 0) {
-    summary.low_load = { worker_single_request_ms: single, p50_minus_worker_ms: {} };
-    lines.push(`low-load p50 minus the worker's own time for one request (${single} ms):`);
+    summary.low_load = { worker_single_request_ms: single, p50_minus_worker_ms: {}, p50_minus_measured_worker_ms: {} };
+    lines.push(`low-load p50 minus the worker's own time for one request (nominal ${single} ms; measured: that run's worker called directly, p50):`);
     for (const r of lows) {
       const over = r.p50_ms === null ? null : r.p50_ms - single;
+      const overMeasured = r.p50_ms === null || r.worker_single_ms === null ? null : r.p50_ms - r.worker_single_ms;
       summary.low_load.p50_minus_worker_ms[r.system] = round(over, 2);
-      lines.push(`  ${r.system.padEnd(13)} p50 ${r.p50_ms ?? "-"} ms -> +${over === null ? "-" : over.toFixed(2)} ms`);
+      summary.low_load.p50_minus_measured_worker_ms[r.system] = round(overMeasured, 2);
+      lines.push(
+        `  ${r.system.padEnd(13)} p50 ${r.p50_ms ?? "-"} ms -> +${over === null ? "-" : over.toFixed(2)} ms over nominal` +
+          (overMeasured === null ? "" : `, +${overMeasured.toFixed(2)} ms over the worker's measured ${r.worker_single_ms} ms`),
+      );
     }
   }
 

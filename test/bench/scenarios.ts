@@ -106,7 +106,7 @@ export const SCENARIOS: readonly Scenario[] = [
     description: "GPU-like device at a trickle of 20 req/s: latency when idle against the device's own time for one request",
     device: GPU_SIM,
     batch: BATCH,
-    plan: (o) => ({ phases: [sustained(20, o.quick ? 3 : 6)], stopWhenSaturated: false }),
+    plan: (o) => ({ phases: [sustained(20, o.quick ? 5 : 15)], stopWhenSaturated: false }),
   },
   {
     name: "load-sweep",

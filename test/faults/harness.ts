@@ -13,7 +13,7 @@ import { createServer } from "node:net";
 import { setTimeout as delay } from "node:timers/promises";
 import { connect, headers as natsHeaders, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { STREAM_RESULTS } from "../../pipeline/jetstream.js";
+import { getStoredResult } from "../../pipeline/jetstream.js";
 import { NatsServer } from "../../pipeline/nats-server.js";
 
 const enc = new TextEncoder();
@@ -232,7 +232,7 @@ export class SteadyLoad {
         answered++;
         continue;
       }
-      const stored = await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: `infer.res.${this.opts.tenant}.${id}` }).catch(() => null);
+      const stored = await getStoredResult(jsm, this.opts.tenant, id).catch(() => null);
       if (stored) {
         answered++;
         this.status.set(id, statusOf(stored.data));

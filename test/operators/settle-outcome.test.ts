@@ -2,7 +2,7 @@ import { expect } from "chai";
 import { from, lastValueFrom, Subject, toArray } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { retryDelayMs } from "../../operators/outcome.js";
-import { settleOutcomes, type DeadLetter, type ResultSink, type Settled, type SettleOutcomesOptions } from "../../operators/settle-outcome.js";
+import { ResultNotStoredError, settleOutcomes, type DeadLetter, type ResultSink, type Settled, type SettleOutcomesOptions } from "../../operators/settle-outcome.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Outcome } from "../../operators/types.js";
 
 // ---- recording doubles -----------------------------------------------------------------------
@@ -68,6 +68,16 @@ class RecordingSink implements ResultSink {
   maxInFlight = 0;
   private failures = 0;
   hasResultFails = false;
+  /** Results each client received live, by request id. */
+  readonly live = new Map<string, number>();
+  /** Results stored without a live delivery (keepResult), by request id. */
+  readonly kept: string[] = [];
+  /** The next N result publishes reach the client but the store refuses them. */
+  refuseNext = 0;
+  /** The next N result publishes are stored and reach the client, but their acknowledgement is lost. */
+  loseAckNext = 0;
+  /** The next N keepResult calls fail. */
+  keepFailNext = 0;
 
   constructor(private readonly log: Log) {}
 
@@ -95,10 +105,34 @@ class RecordingSink implements ResultSink {
   }
 
   publishResult(job: InferJob, result: InferResult): Promise<void> {
+    if (this.refuseNext > 0 || this.loseAckNext > 0) {
+      this.live.set(job.id, (this.live.get(job.id) ?? 0) + 1);
+      if (this.refuseNext > 0) {
+        this.refuseNext--;
+        this.log.push(`result:${job.id}:refused`);
+        return Promise.reject(new ResultNotStoredError("stream refused it"));
+      }
+      this.loseAckNext--;
+      this.results.push({ job, result });
+      this.stored.add(job.id);
+      this.log.push(`result:${job.id}:ack-lost`);
+      return Promise.reject(new Error("timeout waiting for the acknowledgement"));
+    }
     return this.publish(`result:${job.id}`, () => {
+      this.live.set(job.id, (this.live.get(job.id) ?? 0) + 1);
       this.results.push({ job, result });
       this.stored.add(job.id);
     });
+  }
+  async keepResult(job: InferJob): Promise<void> {
+    if (this.keepFailNext > 0) {
+      this.keepFailNext--;
+      this.log.push(`keep:${job.id}:failed`);
+      throw new ResultNotStoredError("stream still refuses it");
+    }
+    this.kept.push(job.id);
+    this.stored.add(job.id);
+    this.log.push(`keep:${job.id}:stored`);
   }
   async hasResult(job: InferJob): Promise<boolean> {
     this.hasResultAsked.push(job.id);
@@ -232,6 +266,90 @@ describe("settleOutcomes", () => {
       expect(s).to.deep.include({ action: "nak", deadLettered: false });
       expect(sink.results).to.deep.equal([]);
       expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(5, BASE, MAX)}`]);
+    });
+  });
+
+  describe("a failed result publish, tried again in place (publishRetryMs)", () => {
+    const fast = { publishRetryMs: 2_000, retryBaseMs: 1, retryMaxMs: 4 };
+
+    it("publishes the same result again and acks once it is stored: no nak, no second run", async () => {
+      sink.failNext(2);
+      const a = job(log, "a");
+      const r = ok(a);
+      const [s] = await settleAll(sink, [resultOutcome(a, r)], fast);
+      expect(s).to.deep.include({ action: "ack", result: r, publishFailures: 2 });
+      expect(a.delivery.calls).to.deep.equal(["ack"]);
+      expect(sink.results).to.deep.equal([{ job: a, result: r }]);
+      // Before each new attempt: was the failed one stored after all?
+      expect(sink.hasResultAsked).to.deep.equal(["a", "a"]);
+    });
+
+    it("does not publish again when the failed publish was stored after all (its acknowledgement was lost)", async () => {
+      sink.loseAckNext = 1;
+      const a = job(log, "a");
+      const [s] = await settleAll(sink, [resultOutcome(a, ok(a))], fast);
+      expect(s).to.deep.include({ action: "ack", publishFailures: 1 });
+      expect(sink.live.get("a")).to.equal(1);
+      expect(sink.results).to.have.length(1);
+      expect(log).to.deep.equal(["result:a:ack-lost", "ack:a"]);
+    });
+
+    it("stores a result the client got but the store refused without sending it again (keepResult)", async () => {
+      sink.refuseNext = 1;
+      sink.keepFailNext = 2;
+      const a = job(log, "a");
+      const r = errorResult(a, "INVALID_ARGUMENT", "bad parameters");
+      const [s] = await settleAll(sink, [resultOutcome(a, r)], fast);
+      expect(s).to.deep.include({ action: "term", result: r, publishFailures: 3 });
+      expect(sink.live.get("a"), "results the client received").to.equal(1);
+      expect(sink.kept).to.deep.equal(["a"]);
+      expect(log).to.deep.equal(["result:a:refused", "keep:a:failed", "keep:a:failed", "keep:a:stored", "term:a"]);
+    });
+
+    it("dead-letters (with the reason) and settles a result the client got but that cannot be stored in time", async () => {
+      sink.refuseNext = 1;
+      sink.keepFailNext = 1_000;
+      const a = job(log, "a");
+      const [s] = await settleAll(sink, [resultOutcome(a, ok(a))], { publishRetryMs: 30, retryBaseMs: 5, retryMaxMs: 5 });
+      expect(s).to.deep.include({ action: "ack", deadLettered: true, notStored: true });
+      expect(sink.live.get("a")).to.equal(1);
+      expect(sink.deadLetters).to.have.length(1);
+      expect(sink.deadLetters[0]!.error.code).to.equal("INTERNAL");
+      expect(sink.deadLetters[0]!.error.message).to.match(/reached the client but .* refused to store it for 30 ms: stream still refuses it/);
+      expect(a.delivery.calls).to.deep.equal(["ack"]);
+    });
+
+    it("naks when neither the result nor its dead letter can be stored in time", async () => {
+      sink.refuseNext = 1;
+      sink.keepFailNext = 1_000;
+      const a = job(log, "a");
+      const publishDeadLetter = sink.publishDeadLetter.bind(sink);
+      sink.publishDeadLetter = () => Promise.reject(new Error("DLQ down"));
+      const [s] = await settleAll(sink, [resultOutcome(a, ok(a))], { publishRetryMs: 20, retryBaseMs: 5, retryMaxMs: 5 });
+      sink.publishDeadLetter = publishDeadLetter;
+      expect(s).to.deep.include({ action: "nak", deadLettered: false });
+      expect(a.delivery.calls).to.have.length(1);
+      expect(a.delivery.calls[0]).to.match(/^nak:/);
+    });
+
+    it("naks with the last error when publishes keep failing for publishRetryMs", async () => {
+      sink.failNext(1_000);
+      const a = job(log, "a");
+      const [s] = await settleAll(sink, [resultOutcome(a, ok(a))], { publishRetryMs: 20, retryBaseMs: 5, retryMaxMs: 5 });
+      expect(s!.action).to.equal("nak");
+      expect((s!.error as Error).message).to.equal("publish of result:a failed");
+      expect(s!.publishFailures).to.be.greaterThan(1);
+      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, 5, 5)}`]);
+      expect(sink.results).to.deep.equal([]);
+    });
+
+    it("without keepResult, stores a refused result through publishResult again", async () => {
+      const plain: ResultSink = { publishResult: sink.publishResult.bind(sink), hasResult: sink.hasResult.bind(sink), publishDeadLetter: sink.publishDeadLetter.bind(sink) };
+      sink.refuseNext = 1;
+      const a = job(log, "a");
+      const [s] = await settleAll(plain, [resultOutcome(a, ok(a))], fast);
+      expect(s).to.deep.include({ action: "ack", publishFailures: 1 });
+      expect(sink.live.get("a")).to.equal(2);
     });
   });
 
@@ -470,6 +588,21 @@ describe("settleOutcomes", () => {
       // The result is stored, so the ack must not be lost; nothing is emitted any more.
       expect(a.delivery.calls).to.deep.equal(["ack"]);
       expect(settled).to.deep.equal([]);
+    });
+
+    it("ends the retries of a failed publish when unsubscribed, and naks", async () => {
+      sink.refuseNext = 1;
+      sink.keepFailNext = 100;
+      const a = job(log, "a");
+      const sub = from([resultOutcome(a, ok(a))])
+        .pipe(settleOutcomes(sink, options({ publishRetryMs: 60_000, retryBaseMs: 50, retryMaxMs: 50 })))
+        .subscribe();
+      await new Promise((r) => setTimeout(r, 120));
+      expect(a.delivery.settled).to.equal(false);
+      sub.unsubscribe();
+      await turns(5);
+      expect(a.delivery.calls).to.have.length(1);
+      expect(a.delivery.calls[0]).to.match(/^nak:/);
     });
 
     it("forwards an error of the source and unsubscribes from it (marbles)", () => {

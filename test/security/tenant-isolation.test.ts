@@ -193,6 +193,8 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       await subscribeDenied(acme, "infer.tok.globex.>");
       await subscribeDenied(acme, "infer.res.>");
       await subscribeDenied(acme, "infer.res.*.>");
+      // Results stored after a refused live publish are the pipeline's alone.
+      await subscribeDenied(acme, "infer.kept.globex.>");
       await subscribeDenied(acme, ">");
     });
 
@@ -280,6 +282,10 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       const sink = new StreamResultSink(jetstream(pipelineConn.nc), jsm);
       const job = { id: "never-published", tenant: "acme" } as unknown as InferJob;
       expect(await sink.hasResult(job)).to.equal(false);
+      // Storing a result that reached its client while INFER_RES refused it (infer.kept.>).
+      const kept = { id: "kept-once", tenant: "acme" } as unknown as InferJob;
+      await sink.keepResult(kept, { id: "kept-once", status: "ok", output: { text: "x" } });
+      expect(await sink.hasResult(kept)).to.equal(true);
 
       expect(pipeline.stats.pullErrors).to.equal(0);
       expect(pipelineConn.denied.map((e) => e.message)).to.deep.equal([]);
