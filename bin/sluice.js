@@ -1,6 +1,15 @@
 #!/usr/bin/env node
-// Runs the TypeScript CLI directly (no build step needed in a checkout).
-import { register } from "tsx/esm/api";
-register();
+// The sluice CLI. In a checkout (the TypeScript sources are next to this file) it runs them
+// directly through tsx, so there is no build step and nothing stale; an installation that ships
+// only the compiled JavaScript (`npm run build`, as the image does) runs dist/.
+import { existsSync } from "node:fs";
+
 process.env.SLUICE_CLI = "1";
-await import("../pipeline/cli.ts");
+const sources = new URL("../pipeline/cli.ts", import.meta.url);
+if (existsSync(sources)) {
+  const { register } = await import("tsx/esm/api");
+  register();
+  await import("../pipeline/cli.ts");
+} else {
+  await import("../dist/pipeline/cli.js");
+}

@@ -17,18 +17,27 @@ ARG PYTORCH_IMAGE=pytorch/pytorch:2.4.1-cuda12.1-cudnn9-devel
 ARG NODE_IMAGE=node:20-bookworm-slim
 ARG DEEPSPEED_MII_VERSION=0.3.3
 
-# ---- the sluice application, production dependencies only ----------------------------------
+# ---- compile: TypeScript to JavaScript (dist/), with the dev dependencies of the lock file --
+FROM ${NODE_IMAGE} AS build
+WORKDIR /src
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json tsconfig.build.json ./
+COPY scripts/build.mjs ./scripts/build.mjs
+COPY operators ./operators
+COPY pipeline ./pipeline
+COPY proto ./proto
+COPY worker ./worker
+RUN node scripts/build.mjs
+
+# ---- the sluice application: compiled JavaScript, production dependencies only --------------
 FROM ${NODE_IMAGE} AS app
 WORKDIR /opt/sluice
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund \
  && npm cache clean --force
-COPY tsconfig.json ./
 COPY bin ./bin
-COPY operators ./operators
-COPY pipeline ./pipeline
-COPY proto ./proto
-COPY worker ./worker
+COPY --from=build /src/dist ./dist
 
 # ---- PyTorch + DeepSpeed-MII, with Node 20 added ---------------------------------------------
 FROM ${PYTORCH_IMAGE}

@@ -20,18 +20,27 @@
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0
 ARG NODE_IMAGE=node:20-bookworm-slim
 
-# ---- the sluice application, production dependencies only ----------------------------------
+# ---- compile: TypeScript to JavaScript (dist/), with the dev dependencies of the lock file --
+FROM ${NODE_IMAGE} AS build
+WORKDIR /src
+COPY package.json package-lock.json ./
+RUN npm ci --no-audit --no-fund
+COPY tsconfig.json tsconfig.build.json ./
+COPY scripts/build.mjs ./scripts/build.mjs
+COPY operators ./operators
+COPY pipeline ./pipeline
+COPY proto ./proto
+COPY worker ./worker
+RUN node scripts/build.mjs
+
+# ---- the sluice application: compiled JavaScript, production dependencies only --------------
 FROM ${NODE_IMAGE} AS app
 WORKDIR /opt/sluice
 COPY package.json package-lock.json ./
 RUN npm ci --omit=dev --no-audit --no-fund \
  && npm cache clean --force
-COPY tsconfig.json ./
 COPY bin ./bin
-COPY operators ./operators
-COPY pipeline ./pipeline
-COPY proto ./proto
-COPY worker ./worker
+COPY --from=build /src/dist ./dist
 
 # ---- vLLM with Node 20 added ----------------------------------------------------------------
 FROM ${VLLM_IMAGE}

@@ -18,7 +18,7 @@ import {
   unreachable,
 } from "./brokers.js";
 import type { LoadTarget } from "./load.js";
-import { ChildFailedError, makeTempDir, peakRssMb, removeTempDir, ROOT, spawnNode, type BenchChild } from "./procs.js";
+import { ChildFailedError, compiled, makeTempDir, peakRssMb, removeTempDir, spawnNode, type BenchChild } from "./procs.js";
 
 /** What a system run is given. */
 /**
@@ -115,7 +115,7 @@ export const sluiceSystem: BenchSystem = {
       ),
     );
     // Metrics on, as deployed, but on a free port so runs never collide over 9464.
-    const proc = spawnNode("sluice serve", [join(ROOT, "bin", "sluice.js"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
+    const proc = spawnNode("sluice serve", [compiled("pipeline/cli.ts"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
       SLUICE_METRICS_PORT: "0",
     });
     try {
@@ -135,9 +135,7 @@ export const jetstreamRawSystem: BenchSystem = {
   description: `hand-written loop: consume() on INFER_REQ, one gRPC call per message (batch of 1), publish result, ack; ${RAW_WINDOW} at once`,
   async start(ctx) {
     const proc = spawnNode("raw-loop", [
-      "--import",
-      "tsx",
-      join(ROOT, "test", "bench", "raw-loop.ts"),
+      compiled("test/bench/raw-loop.ts"),
       "--server",
       ctx.natsUrl,
       "--worker",
@@ -159,7 +157,7 @@ export const jetstreamRawSystem: BenchSystem = {
 
 /** Starts a bench loop script (`test/bench/<script>`) and waits for its ready line. */
 async function startLoop(label: string, script: string, args: string[], ready: RegExp): Promise<ChildSystem> {
-  const proc = spawnNode(label, ["--import", "tsx", join(ROOT, "test", "bench", script), ...args]);
+  const proc = spawnNode(label, [compiled(`test/bench/${script}`), ...args]);
   try {
     await proc.waitFor(ready);
   } catch (err) {
