@@ -144,10 +144,10 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       await sleep(wait, stop);
       if (stop.aborted) break;
     }
-    // Stopped (the pipeline shuts down): the queue delivers the request again, to be stored then.
+    // The client has its answer, but the results store would not keep it: keep the request and
+    // the reason in the dead-letter stream instead of running it again. (When stopping, the
+    // queue delivers the request again instead, to be stored then.)
     if (delivered && retryFor > 0 && !stop.aborted) {
-      // The client has its answer, but the results stream would not keep it: keep the request
-      // and the reason in the dead-letter stream instead of running it again.
       const reason = `the result reached the client but ${STORE_NAME} refused to store it for ${retryFor} ms: ${(lastError as Error)?.message ?? String(lastError)}`;
       try {
         await sink.publishDeadLetter({ delivery: d, tenant: job.tenant, model: job.model, id: job.id, error: { code: "INTERNAL", message: reason } });

@@ -57,11 +57,17 @@ export const DEFAULT_LANE_SWEEP_MS = 5_000;
 const PROBE_EVERY_MS = 1_000;
 const DISCOVERY_BATCH = 512;
 /**
- * A lane that delivered work this recently keeps a standing pull for one request while it is
- * idle, so the tenant's next request is delivered as soon as it is stored instead of one
- * discovery round trip later (about half a millisecond at low load, on loopback).
+ * A lane that delivered work this recently keeps a standing pull while it is idle, so the
+ * tenant's next request is delivered as soon as it is stored instead of one discovery round trip
+ * later (about half a millisecond at low load, on loopback).
  */
 export const STANDING_PULL_IDLE_MS = 30_000;
+/**
+ * Requests one standing pull asks for: it serves that many of a trickle's requests before it is
+ * opened again (opening a pull costs more than the rest of a request's way through the pipeline
+ * at low load: 3.1 ms against 2.2 ms per request, sequential, with standing pulls of 1 and 8).
+ */
+const STANDING_PULL_SIZE = 8;
 /** Standing pulls take at most this share of the credits: work on other lanes comes first. */
 const STANDING_PULL_SHARE = 0.25;
 
@@ -236,15 +242,16 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
 
     /** Idle lanes that worked lately wait for their next request with a pull of one. */
     const standingPulls = (free: number, now: number): void => {
-      let allowed = Math.min(free, Math.floor(max * STANDING_PULL_SHARE));
-      if (allowed <= 0) return;
-      for (const l of lanes.values()) if (l.standing) allowed--;
+      let standingHeld = 0;
+      for (const l of lanes.values()) if (l.standing) standingHeld += l.requested;
+      let allowed = Math.min(free, Math.floor(max * STANDING_PULL_SHARE) - standingHeld);
       for (const l of lanes.values()) {
         if (allowed <= 0) return;
         if (l.requested > 0 || l.blockedUntil > now || l.lastWorkAt === 0 || now - l.lastWorkAt > STANDING_PULL_IDLE_MS) continue;
-        allowed--;
+        const take = Math.min(allowed, STANDING_PULL_SIZE);
+        allowed -= take;
         l.standing = true;
-        void pullLane(l, 1);
+        void pullLane(l, take);
       }
     };
 

@@ -123,8 +123,13 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
 
   let sendErrors = 0;
   const inflight = new Set<Promise<void>>();
-  const sendOne = async (n: number): Promise<void> => {
-    sentAt[n] = performance.now();
+  // Latency runs from when a request is offered, not from when the generator got it out: a
+  // system whose flow control holds the generator back (a full send window) is charged for the
+  // wait, as a client would be (no coordinated omission). A burst is offered all at once, at its
+  // start; a steady schedule offers each request when the generator reaches it.
+  const sendOne = async (n: number, offeredAt: number): Promise<void> => {
+    sentAt[n] = offeredAt;
+    while (inflight.size >= schedule.window) await Promise.race(inflight);
     const p: Promise<void> = target
       .send(`${prefix}${n}`, opts.body(n))
       .catch(() => {
@@ -133,7 +138,6 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
       })
       .finally(() => inflight.delete(p));
     inflight.add(p);
-    if (inflight.size >= schedule.window) await Promise.race(inflight);
   };
 
   const t0 = performance.now();
@@ -145,13 +149,13 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
   }
   try {
     if (schedule.kind === "burst") {
-      for (let n = 0; n < count; n++) await sendOne(n);
+      for (let n = 0; n < count; n++) await sendOne(n, t0);
     } else {
       const intervalMs = 1_000 / schedule.rate;
       let n = 0;
       while (n < count) {
         const due = Math.min(count, Math.floor((performance.now() - t0) / intervalMs) + 1);
-        while (n < due) await sendOne(n++);
+        while (n < due) await sendOne(n++, performance.now());
         if (n < count) {
           const wait = t0 + n * intervalMs - performance.now();
           if (wait > 0) await delay(Math.max(1, Math.floor(wait)));

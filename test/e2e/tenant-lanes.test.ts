@@ -74,7 +74,8 @@ describe("tenant lanes: standing pulls of idle lanes", function () {
       const id = await publish(t);
       await waitFor(`request of tenant ${t}`, () => seen(id), 15_000);
     }
-    // Every lane is idle now; each would like a standing pull, and 2 of 8 credits may stand.
+    // Every lane is idle now; each would like a standing pull, but 2 of 8 credits may stand: at
+    // most 2 pulls (of one request each), or one of two.
     await new Promise((r) => setTimeout(r, 500));
     let standing = 0;
     for (const t of ["a", "b", "c", "d", "e"]) standing += await waitingOn(t);
