@@ -31,8 +31,9 @@ export interface ResultSink {
 }
 
 /**
- * A result was sent to the client (its live subscribers have it) but its store refused it: it
- * must be stored without being sent again, or the client would get a second answer.
+ * A result was sent to the client (its live subscribers have it, or may have it: the store
+ * refused it, or never acknowledged it) and is not known to be stored: it must be stored without
+ * being sent again, or the client would get a second answer.
  */
 export class ResultNotStoredError extends Error {
   override readonly name = "ResultNotStoredError";
@@ -127,11 +128,12 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     const giveUpAt = now() + retryFor;
     for (;;) {
       try {
-        if (delivered && sink.keepResult) await sink.keepResult(job, result);
-        else if (failures > 0 && !delivered && (await sink.hasResult(job))) {
+        if (failures > 0 && (await sink.hasResult(job))) {
           // The failed publish was stored after all (its acknowledgement was lost).
           return finish(outcome, d, result, { ...dl, publishFailures: failures });
-        } else await sink.publishResult(job, result);
+        }
+        if (delivered && sink.keepResult) await sink.keepResult(job, result);
+        else await sink.publishResult(job, result);
         return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
       } catch (error) {
         failures++;

@@ -11,7 +11,7 @@
 import { headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../operators/types.js";
-import { getStoredResult } from "./jetstream.js";
+import { getStoredResultDirect } from "./jetstream.js";
 import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
 import { fromCarrier, type TraceCarrier, type Tracing } from "./telemetry.js";
 import { connectNats } from "./connection.js";
@@ -267,8 +267,9 @@ export class InferenceClient {
 
   /** The stored result of a request, if there is one. */
   async stored(id: string): Promise<InferResult | undefined> {
-    this.jsm ??= jetstreamManager(this.nc);
-    const m = await getStoredResult(await this.jsm, this.tenant, id);
+    // No API check: a tenant's user may use the direct get of its own results and nothing else.
+    this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
+    const m = await getStoredResultDirect(await this.jsm, this.tenant, id);
     return m ? (JSON.parse(decoder.decode(m.data)) as InferResult) : undefined;
   }
 

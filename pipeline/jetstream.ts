@@ -56,6 +56,10 @@ export function streamConfigs(s: StreamsConfig): StreamConfig[] {
       // One result per request id: keep only the last message per subject.
       max_msgs_per_subject: 1,
       discard: DiscardPolicy.Old,
+      // Direct get by subject: a client looks up its own result with
+      // $JS.API.DIRECT.GET.INFER_RES.infer.res.<tenant>.<id>, which a per-tenant permission can
+      // allow (the stream-wide STREAM.MSG.GET would read every tenant's results).
+      allow_direct: true,
     } as StreamConfig,
     {
       ...common,
@@ -100,6 +104,19 @@ export async function getStoredResult(jsm: JetStreamManager, tenant: string, id:
   return (
     (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
     (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }))
+  );
+}
+
+/**
+ * {@link getStoredResult} as a client may do it: by direct get, whose API subject names the
+ * result's subject, so a tenant's permissions can allow its own results only (see
+ * infra/nats/accounts.conf). Any replica may answer, so a result stored a moment ago may not be
+ * seen yet; the pipeline itself uses {@link getStoredResult}.
+ */
+export async function getStoredResultDirect(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
+  return (
+    (await jsm.direct.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
+    (await jsm.direct.getMessage(STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }))
   );
 }
 

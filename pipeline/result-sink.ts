@@ -1,6 +1,6 @@
 /** The results and dead-letter streams as the operators' {@link ResultSink}. */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { headers as natsHeaders } from "@nats-io/transport-node";
+import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders } from "@nats-io/transport-node";
 import { ResultNotStoredError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../operators/types.js";
 import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
@@ -21,8 +21,12 @@ export class StreamResultSink implements ResultSink {
 
   /**
    * Publishes on `infer.res.<tenant>.<id>`, where the client listens and INFER_RES stores. A
-   * JetStream publish is a core publish the stream then stores or refuses: when INFER_RES
-   * answers with an error, the client already has the result, hence {@link ResultNotStoredError}.
+   * JetStream publish is a core publish the stream then stores or refuses, so once it has left
+   * this process the client has the result, or may have it, whatever the stream did with it:
+   * INFER_RES answered with an error (it refused the result), or no answer came (a timeout, the
+   * connection or the stream's leader lost meanwhile). Both are a {@link ResultNotStoredError}:
+   * the result is then stored without being sent again. Only a publish that never left (the
+   * connection closed or draining, no stream and no listener at all) is an error to send again.
    */
   async publishResult(job: InferJob, result: InferResult): Promise<void> {
     const subject = subjects.result(job.tenant, job.id);
@@ -37,7 +41,10 @@ export class StreamResultSink implements ResultSink {
       if (err instanceof JetStreamApiError) {
         throw new ResultNotStoredError(`${STREAM_RESULTS} refused the result of '${job.id}' (the client has it): ${err.message}`, { cause: err });
       }
-      throw err;
+      if (notSent(err)) throw err;
+      throw new ResultNotStoredError(`no acknowledgement for the result of '${job.id}' (the client may have it): ${(err as Error)?.message ?? String(err)}`, {
+        cause: err,
+      });
     }
   }
 
@@ -82,6 +89,11 @@ export class StreamResultSink implements ResultSink {
       await this.js.publish(subjects.dlq(tenant, model), new Uint8Array(0), { msgID: `dlq-${d.seq}`, headers: small });
     }
   }
+}
+
+/** The publish never left this process: nobody has the result. */
+function notSent(err: unknown): boolean {
+  return err instanceof ClosedConnectionError || err instanceof DrainingConnectionError || (err as Error)?.name === "JetStreamNotEnabled";
 }
 
 function resultHeaders(result: InferResult, traceparent: string | undefined, tracestate: string | undefined): ReturnType<typeof natsHeaders> {

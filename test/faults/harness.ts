@@ -7,7 +7,8 @@
  *
  * sent: requests the queue acknowledged. answered: of those, how many have a result (seen on the
  * results subject, or stored in INFER_RES for a client that looks later). duplicated: results a
- * subscriber received beyond the first for the same id. lost: sent - answered.
+ * subscriber received beyond the first for the same id. lost: sent - answered. The detail line
+ * also says how many answers were found stored only (storedOnly: never received live).
  */
 import { createServer } from "node:net";
 import { setTimeout as delay } from "node:timers/promises";
@@ -113,6 +114,8 @@ export interface LoadReport {
   missing: string[];
   /** Requests for which a subscriber received results with different statuses. */
   conflicting: number;
+  /** Answered requests whose result the subscriber never received live (found stored only). */
+  storedOnly: number;
   publishRetries: number;
 }
 
@@ -226,6 +229,7 @@ export class SteadyLoad {
     await delay(settleMs);
     const missing: string[] = [];
     let answered = 0;
+    let storedOnly = 0;
     const jsm = await jetstreamManager(this.pubNc);
     for (const id of this.acked) {
       if (this.seen.has(id)) {
@@ -235,6 +239,7 @@ export class SteadyLoad {
       const stored = await getStoredResult(jsm, this.opts.tenant, id).catch(() => null);
       if (stored) {
         answered++;
+        storedOnly++;
         this.status.set(id, statusOf(stored.data));
       } else missing.push(id);
     }
@@ -253,6 +258,7 @@ export class SteadyLoad {
       byStatus,
       missing: missing.slice(0, 10),
       conflicting: this.conflicting.size,
+      storedOnly,
       publishRetries: this.publishRetries,
     };
   }
@@ -278,7 +284,7 @@ export function reportLine(fault: string, r: LoadReport): string {
   const line = `fault=${fault} sent=${r.sent} answered=${r.answered} duplicated=${r.duplicated} lost=${r.lost}`;
   console.log(line);
   console.log(
-    `  detail: byStatus=${JSON.stringify(r.byStatus)} (first result seen per request) conflicting=${r.conflicting} publishRetries=${r.publishRetries}${r.missing.length ? ` missing=${r.missing.join(",")}` : ""}`,
+    `  detail: byStatus=${JSON.stringify(r.byStatus)} (first result seen per request) conflicting=${r.conflicting} storedOnly=${r.storedOnly} publishRetries=${r.publishRetries}${r.missing.length ? ` missing=${r.missing.join(",")}` : ""}`,
   );
   return line;
 }

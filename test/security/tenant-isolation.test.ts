@@ -212,7 +212,7 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       await publishDenied(acme, "infer.cancel.globex.x.y");
     });
 
-    it("acme cannot read INFER_RES (or any stream) through the JetStream API", async () => {
+    it("acme cannot read another tenant's results in INFER_RES (or any stream) through the JetStream API", async () => {
       // A stored globex result exists...
       const id = `globex-private-${nuid.next()}`;
       await globexClient.infer("echo", { prompt: "private" }, { id, timeoutMs: 20_000 });
@@ -229,14 +229,25 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       expect(permissionError(err)?.subject, String(err)).to.equal(direct);
       err = await rejection(() => jetstreamManager(acme.nc));
       expect(permissionError(err)?.subject, String(err)).to.equal("$JS.API.INFO");
-      // The client's stored-result lookup fails the same way (a tenant cannot even read its own
-      // stored results through the API; it reads them as they are published).
-      err = await rejection(() => acmeClient.stored(id));
-      expect(permissionError(err), String(err)).to.be.instanceOf(PermissionViolationError);
+      // The client's stored-result lookup names acme's own subjects only: globex's id is not there.
+      expect(await acmeClient.stored(id)).to.equal(undefined);
       // Nor can it create a consumer on INFER_RES to read it that way.
       const create = "$JS.API.CONSUMER.CREATE.INFER_RES";
       err = await rejection(() => acme.nc.request(create, enc.encode(JSON.stringify({ stream_name: "INFER_RES", config: { filter_subject: "infer.res.globex.>" } })), { timeout: 3_000 }));
       expect(permissionError(err)?.subject, String(err)).to.equal(create);
+    });
+
+    it("acme reads its own stored result later (direct get of infer.res.acme.<id>), without listening when it was published", async () => {
+      const deniedBefore = acme.denied.length;
+      const { id } = await acmeClient.publish("echo", { prompt: "read me later" });
+      const pjsm = await jetstreamManager(pipelineConn.nc);
+      await waitFor("the stored result", async () => (await pjsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: `infer.res.acme.${id}` })) !== null, 20_000);
+      const r = await acmeClient.stored(id);
+      expect(r?.id).to.equal(id);
+      expect(r?.output?.text).to.equal("read me later");
+      // And result(id), which also looks in the stream, answers at once.
+      expect((await acmeClient.result(id, { timeoutMs: 5_000 })).output?.text).to.equal("read me later");
+      expect(acme.denied.slice(deniedBefore).map((e) => e.message)).to.deep.equal([]);
     });
 
     it("acme cannot forge results or dead letters, even for itself", async () => {
