@@ -43,6 +43,21 @@ export class ResultNotStoredError extends Error {
   }
 }
 
+/**
+ * A result is larger than any message the broker takes: it can never be sent. The request is
+ * answered with an error result instead, which says so.
+ */
+export class ResultTooLargeError extends Error {
+  override readonly name = "ResultTooLargeError";
+  constructor(
+    message: string,
+    readonly bytes: number,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
 export type SettleAction = "ack" | "term" | "nak" | "duplicate";
 
 /** What happened to one outcome: how its delivery was settled and what was published. */
@@ -105,7 +120,8 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     return { outcome, action: "term", result, deadLettered: false, ...extra };
   };
 
-  const publishResult = async (outcome: Outcome, job: InferJob, result: InferResult, deadLetter: boolean, stop: AbortSignal): Promise<Settled> => {
+  const publishResult = async (outcome: Outcome, job: InferJob, produced: InferResult, deadLetter: boolean, stop: AbortSignal): Promise<Settled> => {
+    let result = produced;
     const d = job.delivery;
     try {
       if (d.deliveryCount > 1 && (await sink.hasResult(job))) {
@@ -136,6 +152,11 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         else await sink.publishResult(job, result);
         return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
       } catch (error) {
+        if (error instanceof ResultTooLargeError && result === produced) {
+          // Nothing was sent: answer with a short error that says why, at once (once).
+          result = errorResult(job, "INTERNAL", `the result (${error.bytes} bytes) is larger than the largest message the broker takes`);
+          continue;
+        }
         failures++;
         lastError = error;
         if (error instanceof ResultNotStoredError) delivered = true;

@@ -1,7 +1,7 @@
 /** The results and dead-letter streams as the operators' {@link ResultSink}. */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders } from "@nats-io/transport-node";
-import { ResultNotStoredError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
+import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders, InvalidArgumentError } from "@nats-io/transport-node";
+import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../operators/types.js";
 import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
 import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
@@ -33,11 +33,15 @@ export class StreamResultSink implements ResultSink {
     const span = this.tracing?.requestOf(job.delivery)?.startPublish(subject);
     const traceparent = span?.carrier.traceparent ?? job.traceparent;
     const tracestate = span?.carrier.tracestate ?? job.tracestate;
+    const data = encoder.encode(JSON.stringify(result));
     try {
-      await this.js.publish(subject, encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: resultHeaders(result, traceparent, tracestate) });
+      await this.js.publish(subject, data, { msgID: job.id, headers: resultHeaders(result, traceparent, tracestate) });
       span?.end();
     } catch (err) {
       span?.end("PUBLISH_FAILED", err);
+      if (err instanceof InvalidArgumentError && /max_payload/i.test(err.message)) {
+        throw new ResultTooLargeError(err.message, data.length, { cause: err });
+      }
       if (err instanceof JetStreamApiError) {
         throw new ResultNotStoredError(`${STREAM_RESULTS} refused the result of '${job.id}' (the client has it): ${err.message}`, { cause: err });
       }
@@ -93,7 +97,12 @@ export class StreamResultSink implements ResultSink {
 
 /** The publish never left this process: nobody has the result. */
 function notSent(err: unknown): boolean {
-  return err instanceof ClosedConnectionError || err instanceof DrainingConnectionError || (err as Error)?.name === "JetStreamNotEnabled";
+  return (
+    err instanceof ClosedConnectionError ||
+    err instanceof DrainingConnectionError ||
+    err instanceof InvalidArgumentError ||
+    (err as Error)?.name === "JetStreamNotEnabled"
+  );
 }
 
 function resultHeaders(result: InferResult, traceparent: string | undefined, tracestate: string | undefined): ReturnType<typeof natsHeaders> {

@@ -240,7 +240,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       standingPulls(free, now);
     };
 
-    /** Idle lanes that worked lately wait for their next request with a pull of one. */
+    /** Idle lanes that worked lately wait for their next requests with a small pull of their own. */
     const standingPulls = (free: number, now: number): void => {
       let standingHeld = 0;
       for (const l of lanes.values()) if (l.standing) standingHeld += l.requested;

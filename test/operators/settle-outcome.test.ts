@@ -2,7 +2,7 @@ import { expect } from "chai";
 import { from, lastValueFrom, Subject, toArray } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { retryDelayMs } from "../../operators/outcome.js";
-import { ResultNotStoredError, settleOutcomes, type DeadLetter, type ResultSink, type Settled, type SettleOutcomesOptions } from "../../operators/settle-outcome.js";
+import { ResultNotStoredError, ResultTooLargeError, settleOutcomes, type DeadLetter, type ResultSink, type Settled, type SettleOutcomesOptions } from "../../operators/settle-outcome.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Outcome } from "../../operators/types.js";
 
 // ---- recording doubles -----------------------------------------------------------------------
@@ -341,6 +341,19 @@ describe("settleOutcomes", () => {
       expect(s!.publishFailures).to.be.greaterThan(1);
       expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, 5, 5)}`]);
       expect(sink.results).to.deep.equal([]);
+    });
+
+    it("answers INTERNAL, saying why, when the result is larger than the broker takes (nothing was sent)", async () => {
+      const a = job(log, "a");
+      const publish = sink.publishResult.bind(sink);
+      let calls = 0;
+      sink.publishResult = (j, r) => (calls++ === 0 ? Promise.reject(new ResultTooLargeError("max_payload size exceeded", 2_000_000)) : publish(j, r));
+      const [s] = await settleAll(sink, [resultOutcome(a, ok(a))], fast);
+      expect(s!.action).to.equal("term");
+      expect(s!.result?.error?.code).to.equal("INTERNAL");
+      expect(s!.result?.error?.message).to.match(/2000000 bytes\) is larger than the largest message the broker takes/);
+      expect(sink.results.map((x) => x.result.status)).to.deep.equal(["error"]);
+      expect(a.delivery.calls[0]).to.match(/^term:INTERNAL/);
     });
 
     it("without keepResult, stores a refused result through publishResult again", async () => {
