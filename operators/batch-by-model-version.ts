@@ -127,6 +127,31 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         flush(b);
       };
 
+      /**
+       * Flushes, most urgent first, the open batches whose worker can take one now, until none
+       * can: urgency is the best priority among a batch's jobs, then how long its oldest job of
+       * that priority has waited.
+       */
+      const flushMostUrgent = (): void => {
+        for (;;) {
+          let best: OpenBatch | undefined;
+          let bestUrgency: Urgency | undefined;
+          for (const b of open.values()) {
+            if (b.jobs.length === 0 || !idle(b.key)) continue;
+            const u = urgencyOf(b.jobs);
+            if (!bestUrgency || u.rank < bestUrgency.rank || (u.rank === bestUrgency.rank && u.since < bestUrgency.since)) {
+              best = b;
+              bestUrgency = u;
+            }
+          }
+          if (!best) return;
+          const before = best.jobs.length;
+          flush(best);
+          // A batch that took nothing (it cannot happen, but a loop must not spin) ends it.
+          if (open.get(best.key) === best && best.jobs.length === before) return;
+        }
+      };
+
       const clearAll = (): void => {
         for (const b of open.values()) cancelTimers(b);
         open.clear();
@@ -172,6 +197,12 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         freedSub = opts.capacityFreed$.subscribe({
           next: (key) =>
             guard(() => {
+              if (hold) {
+                // One worker may serve several keys: its free slot goes to the most urgent of
+                // the batches that could use it, not to whichever key was named first.
+                flushMostUrgent();
+                return;
+              }
               const b = open.get(key);
               if (b !== undefined && b.jobs.length > 0) flush(b);
             }),
@@ -226,6 +257,27 @@ function sortByDeadline(jobs: readonly RoutedJob[]): RoutedJob[] {
 }
 
 const RANK: Record<string, number> = { high: 0, normal: 1, low: 2 };
+
+interface Urgency {
+  /** Best priority rank among the jobs (0 = high). */
+  rank: number;
+  /** When the oldest job of that rank was stored (epoch ms). */
+  since: number;
+}
+
+function urgencyOf(jobs: readonly RoutedJob[]): Urgency {
+  let rank = Number.POSITIVE_INFINITY;
+  let since = Number.POSITIVE_INFINITY;
+  for (const j of jobs) {
+    const r = RANK[j.priority] ?? 1;
+    const at = j.delivery.storedAtMs;
+    if (r < rank) {
+      rank = r;
+      since = at;
+    } else if (r === rank && at < since) since = at;
+  }
+  return { rank, since };
+}
 
 /**
  * Picks `n` jobs: higher priority first; within a priority, one job per tenant in turn (tenants

@@ -7,7 +7,7 @@
 import { connect as netConnect } from "node:net";
 import * as amqp from "amqplib";
 import { Queue, QueueEvents, type ConnectionOptions } from "bullmq";
-import type { LoadTarget } from "./load.js";
+import type { LoadTarget, Priority, Route } from "./load.js";
 
 export const REDIS_HOST = "127.0.0.1";
 export const REDIS_PORT = 6379;
@@ -43,6 +43,18 @@ export function rabbitRequestQueue(runId: string): string {
 
 /** Arguments of the request queue, the same wherever it is declared. */
 export const RABBIT_QUEUE_OPTIONS: amqp.Options.AssertQueue = { durable: true, arguments: { "x-queue-type": "classic" } };
+/**
+ * A scenario that mixes priorities gets a priority queue (what RabbitMQ offers for that:
+ * `x-max-priority`, messages with a `priority`); the others a plain queue, as priority queues
+ * cost something and an expert would not ask for one without a use for it.
+ */
+export function rabbitQueueOptions(priorities: boolean): amqp.Options.AssertQueue {
+  return priorities ? { ...RABBIT_QUEUE_OPTIONS, arguments: { ...RABBIT_QUEUE_OPTIONS.arguments, "x-max-priority": 3 } } : RABBIT_QUEUE_OPTIONS;
+}
+/** Message priority in a RabbitMQ priority queue: higher is served first. */
+export const RABBIT_PRIORITY: Record<Priority, number> = { high: 3, normal: 2, low: 1 };
+/** BullMQ job priority: 1 is served first (jobs without one are plain FIFO). */
+export const BULL_PRIORITY: Record<Priority, number> = { high: 1, normal: 2, low: 3 };
 
 /**
  * Requests as an amqplib user sends them for RPC: a confirm channel (a send resolves once the
@@ -59,13 +71,13 @@ export class RabbitLoadTarget implements LoadTarget {
     private readonly replyQueue: string,
   ) {}
 
-  static async connect(queue: string): Promise<RabbitLoadTarget> {
+  static async connect(queue: string, priorities = false): Promise<RabbitLoadTarget> {
     const conn = await amqp.connect(AMQP_URL, { noDelay: true, timeout: CONNECT_TIMEOUT_MS });
     try {
       conn.on("error", () => undefined);
       const ch = await conn.createConfirmChannel();
       ch.on("error", () => undefined);
-      await ch.assertQueue(queue, RABBIT_QUEUE_OPTIONS);
+      await ch.assertQueue(queue, rabbitQueueOptions(priorities));
       const reply = await ch.assertQueue("", { exclusive: true, autoDelete: true, durable: false });
       const target = new RabbitLoadTarget(conn, ch, queue, reply.queue);
       await ch.consume(
@@ -87,13 +99,21 @@ export class RabbitLoadTarget implements LoadTarget {
     }
   }
 
-  send(id: string, body: Uint8Array): Promise<void> {
+  send(id: string, body: Uint8Array, route: Route): Promise<void> {
     return new Promise((resolve, reject) => {
       this.ch.publish(
         "",
         this.queue,
         Buffer.from(body.buffer, body.byteOffset, body.byteLength),
-        { persistent: true, messageId: id, correlationId: id, replyTo: this.replyQueue, contentType: "application/json" },
+        {
+          persistent: true,
+          messageId: id,
+          correlationId: id,
+          replyTo: this.replyQueue,
+          contentType: "application/json",
+          headers: { model: route.model },
+          ...(route.priority !== undefined ? { priority: RABBIT_PRIORITY[route.priority] } : {}),
+        },
         (err) => (err ? reject(err instanceof Error ? err : new Error(String(err))) : resolve()),
       );
     });
@@ -221,11 +241,15 @@ export class BullLoadTarget implements LoadTarget {
     }
   }
 
-  async send(id: string, body: Uint8Array): Promise<void> {
+  async send(id: string, body: Uint8Array, route: Route): Promise<void> {
     while (this.outstanding.size >= BULL_MAX_OUTSTANDING) await new Promise<void>((r) => this.waiters.push(r));
     this.outstanding.add(id);
     try {
-      await this.queue.add("infer", { id, body: Buffer.from(body).toString("utf8") }, { jobId: id });
+      await this.queue.add(
+        "infer",
+        { id, body: Buffer.from(body).toString("utf8"), model: route.model },
+        { jobId: id, ...(route.priority !== undefined ? { priority: BULL_PRIORITY[route.priority] } : {}) },
+      );
     } catch (err) {
       this.settle(id);
       throw err;

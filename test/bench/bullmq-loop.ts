@@ -20,6 +20,8 @@ const TENANT = "bench";
 interface JobData {
   id: string;
   body: string;
+  /** The request's model (`--model` when absent). */
+  model?: string;
 }
 
 async function main(): Promise<void> {
@@ -45,7 +47,7 @@ async function main(): Promise<void> {
   const { client, connection } = redisConnection(Redis, "bench-bullmq-worker");
   const worker = new Worker<JobData, string>(
     values.queue,
-    async (job) => (await inferOne(grpc, { id: job.data.id, tenant: TENANT, model, version, body: job.data.body })).json,
+    async (job) => (await inferOne(grpc, { id: job.data.id, tenant: TENANT, model: job.data.model ?? model, version, body: job.data.body })).json,
     { connection, concurrency, autorun: false },
   );
   // Connection errors are retried by BullMQ itself; say so, do not stop.

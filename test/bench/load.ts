@@ -9,10 +9,21 @@ import { setTimeout as delay } from "node:timers/promises";
 import { connect, headers as natsHeaders, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, type JetStreamClient } from "@nats-io/jetstream";
 
+export type Priority = "high" | "normal" | "low";
+
+/**
+ * Where request n goes: its model, and its priority when the scenario mixes priorities
+ * (undefined: the system's default, no priority at all for a baseline).
+ */
+export interface Route {
+  readonly model: string;
+  readonly priority?: Priority;
+}
+
 /** How a request enters the system under test and how its result comes back. */
 export interface LoadTarget {
   /** Sends one request; resolves once the system has accepted it (stored, for a queue). */
-  send(id: string, body: Uint8Array): Promise<void>;
+  send(id: string, body: Uint8Array, route: Route): Promise<void>;
   /**
    * Calls `onResult` for every result from now on; resolves once listening. `batchSize` is the
    * size of the batch the request ran in, when the result says so.
@@ -49,6 +60,8 @@ export interface LoadOptions {
   readonly idPrefix: string;
   /** The body of request n; the same function for every system. */
   readonly body: (n: number) => Uint8Array;
+  /** Where request n goes; the same function for every system. */
+  readonly route: (n: number) => Route;
   /** Give up when no result has arrived for this long. */
   readonly idleTimeoutMs: number;
   /** Give up this long after the first send, whatever happens. */
@@ -81,6 +94,8 @@ export interface LoadResult {
   readonly meanBatchSize: number;
   /** Latency of each answered request, ms, sorted. */
   readonly latencies: Float64Array;
+  /** The same, by priority, when the schedule's requests had priorities. */
+  readonly latenciesByPriority: Partial<Record<Priority, Float64Array>>;
   readonly durationMs: number;
   /** Stopped waiting because of idleTimeoutMs or maxWaitMs. */
   readonly timedOut: boolean;
@@ -131,7 +146,7 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
     sentAt[n] = offeredAt;
     while (inflight.size >= schedule.window) await Promise.race(inflight);
     const p: Promise<void> = target
-      .send(`${prefix}${n}`, opts.body(n))
+      .send(`${prefix}${n}`, opts.body(n), opts.route(n))
       .catch(() => {
         sendErrors++;
         failedSend[n] = 1;
@@ -180,12 +195,19 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
     if (!timedOut) await delay(opts.duplicateGraceMs);
 
     const latencies: number[] = [];
+    const byPriority: Partial<Record<Priority, number[]>> = {};
     let lost = 0;
     for (let n = 0; n < count; n++) {
       if (failedSend[n]) continue;
-      if (answeredAt[n]! > 0) latencies.push(answeredAt[n]! - sentAt[n]!);
-      else lost++;
+      if (answeredAt[n]! > 0) {
+        const ms = answeredAt[n]! - sentAt[n]!;
+        latencies.push(ms);
+        const p = opts.route(n).priority;
+        if (p !== undefined) (byPriority[p] ??= []).push(ms);
+      } else lost++;
     }
+    const latenciesByPriority: Partial<Record<Priority, Float64Array>> = {};
+    for (const [p, xs] of Object.entries(byPriority) as Array<[Priority, number[]]>) latenciesByPriority[p] = Float64Array.from(xs).sort();
     const lat = Float64Array.from(latencies).sort();
     const answerTimes = Float64Array.from(answeredAt.filter((t) => t > 0)).sort();
     const i10 = Math.floor(answerTimes.length * 0.1);
@@ -206,6 +228,7 @@ export async function runLoad(target: LoadTarget, schedule: Schedule, opts: Load
       steadyRps,
       meanBatchSize: batchSizeCount > 0 ? batchSizeSum / batchSizeCount : Number.NaN,
       latencies: lat,
+      latenciesByPriority,
       durationMs: performance.now() - t0,
       timedOut,
     };
@@ -236,21 +259,19 @@ export class NatsLoadTarget implements LoadTarget {
   private constructor(
     readonly nc: NatsConnection,
     readonly tenant: string,
-    readonly model: string,
-    readonly priority: string,
   ) {
     this.js = jetstream(nc);
   }
 
-  static async connect(url: string, opts: { tenant: string; model: string; priority?: string }): Promise<NatsLoadTarget> {
+  static async connect(url: string, opts: { tenant: string }): Promise<NatsLoadTarget> {
     const nc = await connect({ servers: url, name: "bench-load", maxReconnectAttempts: 10, noAsyncTraces: true });
-    return new NatsLoadTarget(nc, opts.tenant, opts.model, opts.priority ?? "normal");
+    return new NatsLoadTarget(nc, opts.tenant);
   }
 
-  async send(id: string, body: Uint8Array): Promise<void> {
+  async send(id: string, body: Uint8Array, route: Route): Promise<void> {
     const h = natsHeaders();
     h.set("Content-Type", "application/json");
-    await this.js.publish(`infer.req.${this.priority}.${this.tenant}.${this.model}`, body, { msgID: id, headers: h, timeout: 30_000 });
+    await this.js.publish(`infer.req.${route.priority ?? "normal"}.${this.tenant}.${route.model}`, body, { msgID: id, headers: h, timeout: 30_000 });
   }
 
   async listen(onResult: (id: string, ok: boolean, batchSize?: number) => void): Promise<void> {

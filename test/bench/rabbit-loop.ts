@@ -5,14 +5,17 @@
  * worker as a batch of one, publishes the result to the request's `replyTo` queue with its
  * `correlationId`, then acks. Nagle is off on the socket (`noDelay`).
  *
- *   node --import tsx test/bench/rabbit-loop.ts --queue NAME --worker HOST:PORT [--prefetch N] [--model M] [--version V]
+ *   node --import tsx test/bench/rabbit-loop.ts --queue NAME --worker HOST:PORT [--prefetch N] [--model M] [--version V] [--priorities]
+ *
+ * The model of a message is its `model` header (`--model` when it has none); `--priorities`
+ * declares the queue as a priority queue (a scenario that mixes priorities).
  *
  * Prints `rabbit-loop ready` once it consumes; stops on SIGTERM / SIGINT.
  */
 import { parseArgs } from "node:util";
 import * as amqp from "amqplib";
 import { WorkerClient } from "../../pipeline/worker-client.js";
-import { AMQP_URL, CONNECT_TIMEOUT_MS, RABBIT_QUEUE_OPTIONS } from "./brokers.js";
+import { AMQP_URL, CONNECT_TIMEOUT_MS, rabbitQueueOptions } from "./brokers.js";
 import { inferOne } from "./worker-call.js";
 
 const DEFAULT_PREFETCH = 256;
@@ -25,6 +28,7 @@ async function main(): Promise<void> {
       worker: { type: "string" },
       prefetch: { type: "string" },
       model: { type: "string" },
+      priorities: { type: "boolean" },
       version: { type: "string" },
     },
     strict: true,
@@ -41,14 +45,16 @@ async function main(): Promise<void> {
     conn.once("close", () => resolve(new Error("connection closed")));
   });
   const ch = await conn.createChannel();
-  await ch.assertQueue(values.queue, RABBIT_QUEUE_OPTIONS);
+  await ch.assertQueue(values.queue, rabbitQueueOptions(values.priorities === true));
   await ch.prefetch(prefetch);
   const worker = new WorkerClient(values.worker);
 
   const inflight = new Set<Promise<void>>();
   const handle = async (msg: amqp.ConsumeMessage): Promise<void> => {
     const id = (msg.properties.correlationId as string | undefined) ?? String(msg.fields.deliveryTag);
-    const result = await inferOne(worker, { id, tenant: TENANT, model, version, body: msg.content });
+    const headers = msg.properties.headers;
+    const m = typeof headers?.["model"] === "string" ? headers["model"] : model;
+    const result = await inferOne(worker, { id, tenant: TENANT, model: m, version, body: msg.content });
     const replyTo = msg.properties.replyTo as string | undefined;
     if (replyTo) ch.publish("", replyTo, Buffer.from(result.json), { correlationId: id, contentType: "application/json" });
     ch.ack(msg);

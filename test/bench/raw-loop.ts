@@ -23,8 +23,9 @@ import { ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
 import { WorkerClient } from "../../pipeline/worker-client.js";
 import { inferOne } from "./worker-call.js";
 
-const RAW_DURABLE = "raw-normal";
-const RAW_FILTER = "infer.req.normal.*.*";
+const RAW_DURABLE = "raw-loop";
+/** Every priority, in stream order: a hand-written loop has no priorities of its own. */
+const RAW_FILTER = "infer.req.*.*.*";
 const DEFAULT_RAW_WINDOW = 256;
 const ACK_WAIT_MS = 30_000;
 /** How long one `next()` waits for a message before asking again (and noticing a stop). */

@@ -33,6 +33,8 @@ export interface Row {
   /** That run's worker called directly (no queue), p50 ms: one request, and a full batch. */
   worker_single_ms: number | null;
   worker_max_batch_ms: number | null;
+  /** Latency by request priority, when the scenario mixes priorities. */
+  by_priority?: Partial<Record<"high" | "normal" | "low", { answered: number; p50_ms: number | null; p99_ms: number | null }>>;
 }
 
 const round = (v: number | null | undefined, digits = 1): number | null =>

@@ -14,10 +14,11 @@ import { cpus, loadavg, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { NatsServerMissingError, natsServerVersion } from "../../pipeline/nats-server.js";
-import { NatsLoadTarget, percentile, runLoad, type LoadResult, type LoadTarget } from "./load.js";
+import { NatsLoadTarget, percentile, runLoad, type LoadResult, type LoadTarget, type Priority, type Route } from "./load.js";
 import { BUILD, buildForBench, killAllNow, peakRssMb, ROOT, startNats, startWorkerProcess, stopAll, stopNats } from "./procs.js";
 import { renderLatencySvg, renderTable, round, type Row, type SweepSeries } from "./report.js";
 import {
+  DEFAULT_MODEL,
   deviceMaxRps,
   deviceSingleMs,
   PUBLISH_WINDOW,
@@ -31,7 +32,6 @@ import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } fro
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
 
 const TENANT = "bench";
-const MODEL = "bench";
 const VERSION = "v1";
 /** Requests sent (and answered) before measuring, so both systems are measured warm. */
 const WARMUP_REQUESTS = 200;
@@ -112,6 +112,16 @@ function toRow(
     nats_peak_rss_mb: round(natsRss, 1),
     worker_single_ms: round(worker?.singleMs, 2),
     worker_max_batch_ms: round(worker?.maxBatchMs, 2),
+    ...(Object.keys(r.latenciesByPriority).length > 0
+      ? {
+          by_priority: Object.fromEntries(
+            (Object.entries(r.latenciesByPriority) as Array<[Priority, Float64Array]>).map(([p, xs]) => [
+              p,
+              { answered: xs.length, p50_ms: round(percentile(xs, 50), 2), p99_ms: round(percentile(xs, 99), 2) },
+            ]),
+          ),
+        }
+      : {}),
   };
 }
 
@@ -134,22 +144,27 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
     worker = await startWorkerProcess(scenario.device);
     // The worker's own times, before the system starts: the baseline of low-load overhead and of
     // the device maximum, measured on this run's worker.
-    const workerTimes = scenario.device.baseMs > 0 ? await probeWorker(worker.endpoint, MODEL, VERSION, scenario.batch.maxSize) : undefined;
+    const models = scenario.models ?? [DEFAULT_MODEL];
+    const route = scenario.route ?? ((): Route => ({ model: models[0]! }));
+    const workerTimes = scenario.device.baseMs > 0 ? await probeWorker(worker.endpoint, models[0]!, VERSION, scenario.batch.maxSize) : undefined;
     if (workerTimes) log(`  worker called directly: ${workerTimes.singleMs.toFixed(2)} ms for one request, ${workerTimes.maxBatchMs.toFixed(2)} ms for ${scenario.batch.maxSize}`);
     const ctx: SystemContext = {
       runId: `${process.pid}-${++runCounter}`,
       natsUrl: nats.url,
       workerEndpoint: worker.endpoint,
-      model: MODEL,
+      model: models[0]!,
+      models,
+      priorities: route(0).priority !== undefined,
       version: VERSION,
       batch: scenario.batch,
     };
     running = await system.start(ctx);
     target = system.connectLoad
       ? await system.connectLoad(ctx, TENANT)
-      : await NatsLoadTarget.connect(nats.url, { tenant: TENANT, model: MODEL });
+      : await NatsLoadTarget.connect(nats.url, { tenant: TENANT });
     const common = {
       body: requestBody,
+      route,
       idleTimeoutMs: IDLE_TIMEOUT_MS,
       maxWaitMs: PHASE_MAX_WAIT_MS,
       duplicateGraceMs: DUPLICATE_GRACE_MS,
@@ -232,6 +247,8 @@ interface Summary {
     p50_minus_measured_worker_ms: Record<string, number | null>;
   } | null;
   load_sweep_highest_kept_up_rps: Record<string, number | null> | null;
+  /** The mixed scenario: latency by priority, per system. */
+  mixed_by_priority: Record<string, NonNullable<Row["by_priority"]>> | null;
   burst_100k_peak_rss_mb: Record<string, number | null> | null;
 }
 
@@ -244,6 +261,7 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
     gpu_sim: null,
     low_load: null,
     load_sweep_highest_kept_up_rps: null,
+    mixed_by_priority: null,
     burst_100k_peak_rss_mb: null,
   };
 
@@ -302,6 +320,18 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
         `  jetstream-raw ${gr.throughput_rps.toFixed(0)} rps = ${((gr.throughput_rps / max) * 100).toFixed(0)}% ` +
           `(batch of one: at most ${(1_000 / deviceSingleMs(gpu.device)).toFixed(0)} rps)`,
       );
+  }
+
+  const mixed = rows.filter((r) => r.scenario === "mixed" && r.by_priority);
+  if (mixed.length > 0) {
+    summary.mixed_by_priority = {};
+    lines.push("mixed (3 models, priorities 10% high / 60% normal / 30% low), p50 / p99 ms by priority:");
+    const fmt = (x: { p50_ms: number | null; p99_ms: number | null } | undefined): string => (x ? `${x.p50_ms ?? "-"} / ${x.p99_ms ?? "-"}` : "-");
+    for (const r of mixed) {
+      summary.mixed_by_priority[r.system] = r.by_priority!;
+      const b = r.by_priority!;
+      lines.push(`  ${r.system.padEnd(13)} high ${fmt(b.high)}   normal ${fmt(b.normal)}   low ${fmt(b.low)}`);
+    }
   }
 
   const low = SCENARIOS.find((s) => s.name === "low-load")!;

@@ -2,7 +2,7 @@
  * Benchmark scenarios: a simulated device, the model's batch settings, and the load as one or
  * more phases. Every system runs the same phases against the same kind of worker.
  */
-import type { Schedule } from "./load.js";
+import type { Priority, Route, Schedule } from "./load.js";
 
 /** The simulated device: one batch at a time, each costing `baseMs + perItemMs × size`. */
 export interface Device {
@@ -47,6 +47,10 @@ export interface Scenario {
   readonly description: string;
   readonly device: Device;
   readonly batch: BatchSettings;
+  /** The models the requests go to (each served by the one worker); [`bench`] when omitted. */
+  readonly models?: readonly string[];
+  /** Where request n goes; every request to the first model, no priority, when omitted. */
+  readonly route?: (n: number) => Route;
   /** Not run with --quick. */
   readonly skipInQuick?: boolean;
   plan(o: PlanOptions): Plan;
@@ -83,6 +87,17 @@ const sustained = (rate: number, seconds: number): Phase => ({
   schedule: { kind: "sustained", rate, seconds, window: PUBLISH_WINDOW },
 });
 
+/** The model of the single-model scenarios. */
+export const DEFAULT_MODEL = "bench";
+export const MIXED_MODELS = ["chat", "summarize", "classify"] as const;
+/** Priorities of ten consecutive requests of the mixed scenario: 10% high, 60% normal, 30% low. */
+const MIXED_PRIORITIES: readonly Priority[] = ["normal", "low", "normal", "high", "normal", "low", "normal", "normal", "low", "normal"];
+
+/** Request n of the mixed scenario: models in turn, priorities interleaved as they arrive from many clients. */
+export function mixedRoute(n: number): Route {
+  return { model: MIXED_MODELS[n % MIXED_MODELS.length]!, priority: MIXED_PRIORITIES[n % MIXED_PRIORITIES.length]! };
+}
+
 /** Longest a raw-loop run of burst-100k may be expected to take before it is left out, s. */
 const RAW_BURST_BUDGET_S = 90;
 
@@ -100,6 +115,15 @@ export const SCENARIOS: readonly Scenario[] = [
     device: GPU_SIM,
     batch: BATCH,
     plan: (o) => ({ phases: [burst(o.requests ?? (o.quick ? 1_000 : 4_000))], stopWhenSaturated: false }),
+  },
+  {
+    name: "mixed",
+    description: `GPU-like device serving ${MIXED_MODELS.length} models, requests interleaved over them at priorities high (10%), normal (60%) and low (30%); one burst: how soon is high priority served?`,
+    device: GPU_SIM,
+    batch: BATCH,
+    models: MIXED_MODELS,
+    route: mixedRoute,
+    plan: (o) => ({ phases: [burst(o.requests ?? (o.quick ? 1_500 : 3_000))], stopWhenSaturated: false }),
   },
   {
     name: "low-load",

@@ -32,8 +32,12 @@ export interface SystemContext {
   readonly runId: string;
   readonly natsUrl: string;
   readonly workerEndpoint: string;
-  /** Model slug the load uses; served by the worker as version `version`. */
+  /** Model slug of a single-model scenario (the first of `models`). */
   readonly model: string;
+  /** Every model the load uses; the worker serves each as version `version`. */
+  readonly models: readonly string[];
+  /** The scenario gives requests priorities (high, normal, low). */
+  readonly priorities: boolean;
   readonly version: string;
   readonly batch: { readonly maxSize: number; readonly maxDelayMs: number };
 }
@@ -101,14 +105,13 @@ export const sluiceSystem: BenchSystem = {
       configFile,
       JSON.stringify(
         {
-          models: {
-            [ctx.model]: {
-              versions: { [ctx.version]: { weight: 100 } },
-              batch: { max_size: ctx.batch.maxSize, max_delay_ms: ctx.batch.maxDelayMs },
-              timeout_ms: 30_000,
-            },
-          },
-          workers: [{ model: ctx.model, version: ctx.version, endpoint: ctx.workerEndpoint }],
+          models: Object.fromEntries(
+            ctx.models.map((m) => [
+              m,
+              { versions: { [ctx.version]: { weight: 100 } }, batch: { max_size: ctx.batch.maxSize, max_delay_ms: ctx.batch.maxDelayMs }, timeout_ms: 30_000 },
+            ]),
+          ),
+          workers: ctx.models.map((m) => ({ model: m, version: ctx.version, endpoint: ctx.workerEndpoint })),
         },
         null,
         2,
@@ -244,10 +247,11 @@ export const rabbitmqSystem: BenchSystem = {
         ctx.model,
         "--version",
         ctx.version,
+        ...(ctx.priorities ? ["--priorities"] : []),
       ],
       /rabbit-loop ready/,
     ),
-  connectLoad: (ctx) => RabbitLoadTarget.connect(rabbitRequestQueue(ctx.runId)),
+  connectLoad: (ctx) => RabbitLoadTarget.connect(rabbitRequestQueue(ctx.runId), ctx.priorities),
 };
 
 export const SYSTEMS: readonly BenchSystem[] = [sluiceSystem, jetstreamRawSystem, naiveLoopSystem, bullmqSystem, rabbitmqSystem];

@@ -349,6 +349,43 @@ describe("batchByModelVersion", () => {
     sub.unsubscribe();
   });
 
+  it("gives a slot freed on a worker shared by several keys to the most urgent batch, not the key named", () => {
+    // One worker serves m@v1 and n@v1 with one slot: busy until it is freed, then free once.
+    let slots = 0;
+    const freed = new Subject<string>();
+    const source = new Subject<RoutedJob>();
+    const got: string[][] = [];
+    const sub = source
+      .pipe(
+        batchByModelVersion({
+          settings: fixed({ maxSize: 10, maxDelayMs: 60_000 }),
+          hasIdleCapacity: () => slots > 0,
+          capacityFreed$: freed,
+          holdWhileBusy: true,
+          scheduler: ts,
+        }),
+      )
+      .subscribe((b) => {
+        slots--; // the dispatcher takes the slot
+        got.push(b.jobs.map((j) => j.id));
+      });
+    const at = (j: RoutedJob, priority: RoutedJob["priority"], storedAtMs: number): RoutedJob => ({ ...j, priority, delivery: { ...delivery, storedAtMs } });
+    source.next(at(job("m-old-normal", "m"), "normal", 1));
+    source.next(at(job("n-new-high", "n"), "high", 5));
+    source.next(at(job("m-low", "m"), "low", 0));
+    expect(got).to.deep.equal([]);
+    // The worker names m@v1 first (its batch ended), but n@v1 holds a high-priority request.
+    slots = 1;
+    freed.next("m@v1");
+    freed.next("n@v1");
+    expect(got).to.deep.equal([["n-new-high"]]);
+    // The next slot: m@v1, normal before low.
+    slots = 1;
+    freed.next("n@v1");
+    expect(got).to.deep.equal([["n-new-high"], ["m-old-normal", "m-low"]]);
+    sub.unsubscribe();
+  });
+
   it("delivers a throw from the source's subscribe as an error", () => {
     // A source that throws on subscribe reaches the subscriber as an error, not as an exception.
     const failing = new Observable<RoutedJob>(() => {
