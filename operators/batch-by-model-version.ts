@@ -14,7 +14,11 @@ export interface BatchByModelVersionOptions {
   settings(key: string): BatchSettings;
   /** True when a worker of the key could start a batch now: then the batch does not wait. */
   hasIdleCapacity?(key: string): boolean;
-  /** Emits a key when a worker of that key gets free capacity: its open batch is flushed at once. */
+  /**
+   * Emits a key when a worker of that key gets free capacity: its open batch is flushed at once
+   * (with `holdWhileBusy`: the most urgent open batch whose worker can take it, as one worker may
+   * serve several keys).
+   */
   capacityFreed$?: Observable<string>;
   /**
    * Runs the batch timers (default `asyncScheduler`). When given, it also runs the end-of-turn
