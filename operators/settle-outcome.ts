@@ -37,7 +37,6 @@ export interface ResultSink {
  */
 export class ResultNotStoredError extends Error {
   override readonly name = "ResultNotStoredError";
-  readonly deliveredLive = true;
   constructor(message: string, options?: { cause?: unknown }) {
     super(message, options);
   }
@@ -143,14 +142,16 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     let delivered = false;
     const giveUpAt = now() + retryFor;
     for (;;) {
+      let stored = false;
       try {
-        if (failures > 0 && (await sink.hasResult(job))) {
-          // The failed publish was stored after all (its acknowledgement was lost).
-          return finish(outcome, d, result, { ...dl, publishFailures: failures });
+        if (delivered && sink.keepResult) {
+          // De-duplicated by request id like a publish: no lookup needed first.
+          await sink.keepResult(job, result);
+        } else if (failures === 0 || !(await sink.hasResult(job))) {
+          // (A failed publish may have been stored after all: its acknowledgement was lost.)
+          await sink.publishResult(job, result);
         }
-        if (delivered && sink.keepResult) await sink.keepResult(job, result);
-        else await sink.publishResult(job, result);
-        return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
+        stored = true;
       } catch (error) {
         if (error instanceof ResultTooLargeError && result === produced) {
           // Nothing was sent: answer with a short error that says why, at once (once).
@@ -161,6 +162,8 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         lastError = error;
         if (error instanceof ResultNotStoredError) delivered = true;
       }
+      // Settled outside the try: a failing ack is not a failed publish.
+      if (stored) return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
       const wait = retryDelayMs(failures, base, max);
       if (stop.aborted || now() + wait > giveUpAt) break;
       d.working();

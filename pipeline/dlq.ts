@@ -32,7 +32,7 @@
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
 import { ERROR_CODES } from "../operators/types.js";
-import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
+import { findStoredResult, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
 import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
@@ -375,9 +375,7 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
     const key = `${tenant}/${id}`;
     if (done.has(key)) return skip(`another dead letter of request ${id} was requeued in this run`);
 
-    const res =
-      (await getStored(jsm, STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
-      (await getStored(jsm, STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }));
+    const res = await findStoredResult((q) => getStored(jsm, STREAM_RESULTS, q), tenant, id);
     if (res) {
       if (headerOf(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
       const until = res.time.getTime() + resultWindowMs;

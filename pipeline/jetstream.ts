@@ -100,11 +100,17 @@ function isNotFound(err: unknown): boolean {
  * it there and it was stored afterwards without reaching the client twice, under
  * `infer.kept.<tenant>.<id>`. Null when neither holds one.
  */
-export async function getStoredResult(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
-  return (
-    (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
-    (await jsm.streams.getMessage(STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }))
-  );
+export function getStoredResult(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
+  return findStoredResult((q) => jsm.streams.getMessage(STREAM_RESULTS, q), tenant, id);
+}
+
+/** The stored result of a request through `get` (a get by last subject on INFER_RES): both subjects, in order. */
+export async function findStoredResult(
+  get: (query: { last_by_subj: string }) => Promise<StoredMsg | null>,
+  tenant: string,
+  id: string,
+): Promise<StoredMsg | null> {
+  return (await get({ last_by_subj: subjects.result(tenant, id) })) ?? (await get({ last_by_subj: subjects.kept(tenant, id) }));
 }
 
 /**
@@ -113,11 +119,8 @@ export async function getStoredResult(jsm: JetStreamManager, tenant: string, id:
  * infra/nats/accounts.conf). Any replica may answer, so a result stored a moment ago may not be
  * seen yet; the pipeline itself uses {@link getStoredResult}.
  */
-export async function getStoredResultDirect(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
-  return (
-    (await jsm.direct.getMessage(STREAM_RESULTS, { last_by_subj: subjects.result(tenant, id) })) ??
-    (await jsm.direct.getMessage(STREAM_RESULTS, { last_by_subj: subjects.kept(tenant, id) }))
-  );
+export function getStoredResultDirect(jsm: JetStreamManager, tenant: string, id: string): Promise<StoredMsg | null> {
+  return findStoredResult((q) => jsm.direct.getMessage(STREAM_RESULTS, q), tenant, id);
 }
 
 /** Creates each stream or updates it to the configuration; safe to run from many processes. */

@@ -562,6 +562,16 @@ describe("settleOutcomes", () => {
       expect(completed).to.equal(true);
     });
 
+    it("does not take a throwing ack for a failed publish, even when publishes are retried in place", async () => {
+      const bad = job(log, "bad", 1, { throwOnAck: true });
+      const out = await settleAll(sink, [resultOutcome(bad, ok(bad))], { publishRetryMs: 2_000, retryBaseMs: 1, retryMaxMs: 4 });
+      expect(out[0]).to.deep.include({ action: "nak", deadLettered: false });
+      expect((out[0]!.error as Error).message).to.equal("connection closed");
+      // Published once, never looked up or published again.
+      expect(sink.results).to.have.length(1);
+      expect(sink.hasResultAsked).to.deep.equal([]);
+    });
+
     it("keeps going when an ack throws (the queue redelivers what was not acked)", async () => {
       const bad = job(log, "bad", 1, { throwOnAck: true });
       const good = job(log, "good");
