@@ -26,6 +26,8 @@ export interface ResultSink {
   keepResult?(job: InferJob, result: InferResult): Promise<void>;
   /** True when a result for this request is already stored (asked after a redelivery). */
   hasResult(job: InferJob): Promise<boolean>;
+  /** The stored result of this request, if there is one (asked before a redelivery is run again). */
+  storedResult?(job: InferJob): Promise<InferResult | undefined>;
   /** Stores a dead letter; resolves once it is stored. */
   publishDeadLetter(letter: DeadLetter): Promise<void>;
 }
@@ -88,8 +90,17 @@ export interface SettleOutcomesOptions {
    * one that cannot be stored in this time is dead-lettered with the reason, and settled.
    */
   publishRetryMs?: number;
+  /**
+   * A redelivered request that was looked up before it ran ({@link InferJob.storedCheckedAtMs})
+   * is looked up again before its result is published only when that was at least this long
+   * ago: time enough for another process that held it to have answered it meanwhile.
+   */
+  recheckStoredAfterMs?: number;
   now?: () => number;
 }
+
+/** See {@link SettleOutcomesOptions.recheckStoredAfterMs}. */
+export const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
 
 /**
  * Settles each outcome exactly once, **after** what it owes is stored: the result is published
@@ -108,6 +119,10 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
   const concurrency = opts.concurrency ?? 256;
   const retryFor = Math.max(0, opts.publishRetryMs ?? 0);
   const now = opts.now ?? Date.now;
+  const recheckAfter = opts.recheckStoredAfterMs ?? DEFAULT_RECHECK_STORED_AFTER_MS;
+  /** A redelivered request not looked up lately: its result may be stored already. */
+  const mayBeStored = (job: InferJob): boolean =>
+    job.delivery.deliveryCount > 1 && (job.storedCheckedAtMs === undefined || now() - job.storedCheckedAtMs >= recheckAfter);
 
   /** Acks an ok result, terms an error result: it is stored (or dead-lettered) and final. */
   const finish = (outcome: Outcome, d: Delivery, result: InferResult, extra: Partial<Settled>): Settled => {
@@ -123,7 +138,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     let result = produced;
     const d = job.delivery;
     try {
-      if (d.deliveryCount > 1 && (await sink.hasResult(job))) {
+      if (mayBeStored(job) && (await sink.hasResult(job))) {
         // Answered before a crash or a lost ack: the client has its result; do not send another.
         d.ack();
         return { outcome, action: "duplicate", deadLettered: false };
@@ -189,6 +204,11 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
   const settle = async (o: Outcome, stop: AbortSignal): Promise<Settled> => {
     switch (o.kind) {
       case "result":
+        if (o.alreadyStored === true) {
+          // Answered by an earlier delivery: the client has its result; do not send another.
+          o.job.delivery.ack();
+          return { outcome: o, action: "duplicate", deadLettered: false };
+        }
         return publishResult(o, o.job, o.result, o.deadLetter === true, stop);
       case "retry": {
         const d = o.job.delivery;

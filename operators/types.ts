@@ -72,6 +72,12 @@ export interface InferJob {
   readonly traceparent?: string;
   readonly tracestate?: string;
   readonly delivery: Delivery;
+  /**
+   * When a redelivered request was looked up in the results store before being run, and nothing
+   * was found (epoch ms). Settling checks again only when much later (another process may have
+   * answered it meanwhile).
+   */
+  readonly storedCheckedAtMs?: number;
   /** The version chosen by routing; set by the route step. */
   readonly version?: string;
   /**
@@ -129,7 +135,7 @@ export interface Batch {
 /**
  * What to do with one delivery. The settle step turns each into publishes and exactly one
  * settlement of the delivery.
- * - `result`: publish the result (ok or a terminal error), then ack.
+ * - `result`: publish the result (ok or a terminal error), then ack; when `alreadyStored`, only ack.
  * - `retry`: nak with a delay so the queue delivers it again; when deliveries are exhausted the
  *   settle step publishes `lastResort` instead and terms.
  * - `dead`: the request has no usable id or tenant: write a dead letter with the reason, then term.
@@ -141,6 +147,11 @@ export type Outcome =
       readonly result: InferResult;
       /** Also keep the request in the dead-letter stream (retries exhausted). */
       readonly deadLetter?: boolean;
+      /**
+       * `result` is already stored (an earlier delivery was answered, and its acknowledgement
+       * lost): settle without publishing again.
+       */
+      readonly alreadyStored?: boolean;
     }
   | {
       readonly kind: "retry";

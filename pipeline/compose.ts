@@ -3,7 +3,7 @@
  * serves live traffic (`PipelineService`) and replays.
  *
  * ```
- * deliveries ─ decode ─ admit (deadline) ─ route ─ give up? ─ shadow copies ─ batch ─ dispatch ─┬─ settle ─▶ Settled
+ * deliveries ─ decode ─ answered before? ─ admit (deadline) ─ route ─ give up? ─ shadow copies ─ batch ─ dispatch ─┬─ settle ─▶ Settled
  *                                                                                               └─ shadow results
  * ```
  */
@@ -17,6 +17,7 @@ import { onJobs } from "../operators/on-jobs.js";
 import { admitByTenantLimits, DEFAULT_TENANT_MAX_WAIT_MS } from "../operators/admit-by-tenant-limits.js";
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
+import { skipAnswered } from "../operators/skip-answered.js";
 import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
@@ -87,7 +88,10 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       }),
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
     );
+    const storedResult = steps.sink.storedResult?.bind(steps.sink);
     const outcomes$ = admitted$.pipe(
+      // A redelivered request answered before (a crash, a lost ack) is not run again.
+      onJobs(storedResult ? skipAnswered(storedResult) : (x: Observable<InferJob>) => x),
       onJobs(map((job: InferJob) => (isCancelled(job) ? cancelledOutcome(job) : job))),
       onJobs(admitByDeadline()),
       onJobs(steps.tenantLimits ? admitByTenantLimits(steps.tenantLimits, { maxWaitMs: steps.tenantMaxWaitMs ?? DEFAULT_TENANT_MAX_WAIT_MS }) : (x: Observable<InferJob>) => x),

@@ -11,6 +11,9 @@ import { NatsServer } from "./nats-server.js";
 import type { ModelSpec } from "./registry.js";
 import { PipelineService, type PipelineLogger } from "./service.js";
 import { SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "./telemetry.js";
+import { connectNats } from "./connection.js";
+import { WorkerRegistration } from "./worker-directory.js";
+import type { NatsConnection } from "@nats-io/transport-node";
 
 export const DEV_MODELS: Record<string, ModelSpec> = {
   echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },
@@ -37,6 +40,8 @@ export class DevStack {
     readonly engine: SimulatedEngine,
     readonly pipeline: PipelineService,
     private readonly workerTracing: Tracing,
+    private readonly registration: WorkerRegistration,
+    private readonly workerNc: NatsConnection,
   ) {}
 
   get url(): string {
@@ -52,21 +57,29 @@ export class DevStack {
       cleanup.unshift(() => workerTracing.shutdown());
       const worker = await WorkerServer.start({ engine: traceEngine(engine, workerTracing, { workerId: "dev-worker" }), workerId: "dev-worker" });
       cleanup.unshift(() => worker.stop());
+      // The worker registers itself as a deployed one does (bucket infer_workers), so every
+      // tool that finds workers through the registry (workers list, replay) sees it.
+      const workerNc = await connectNats(nats.url, "sluice-dev-worker");
+      cleanup.unshift(() => workerNc.close());
+      const registration = await WorkerRegistration.start(workerNc, {
+        workerId: "dev-worker",
+        endpoint: worker.endpoint,
+        capacity: engine.capacity,
+        serves: Object.keys(DEV_MODELS).map((model) => ({ model, version: "v1" })),
+      });
+      cleanup.unshift(() => registration.stop());
       const config: SluiceConfig = loadConfig({
         env: {},
         overrides: {
           ...opts.config,
           servers: [nats.url],
           models: { ...DEV_MODELS, ...(opts.config?.models ?? {}) },
-          workers: [
-            ...Object.keys(DEV_MODELS).map((model) => ({ model, version: "v1", endpoint: worker.endpoint })),
-            ...(opts.config?.workers ?? []),
-          ],
+          workers: [...(opts.config?.workers ?? [])],
         },
       });
       const pipeline = await PipelineService.start(config, opts.logger ? { logger: opts.logger } : {});
       cleanup.unshift(() => pipeline.stop(1_000));
-      return new DevStack(nats, worker, engine, pipeline, workerTracing);
+      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc);
     } catch (err) {
       for (const f of cleanup) await f().catch(() => undefined);
       throw err;
@@ -77,6 +90,8 @@ export class DevStack {
   stop(): Promise<void> {
     this.stopped ??= (async () => {
       await this.pipeline.stop(2_000);
+      await this.registration.stop();
+      await this.workerNc.close().catch(() => undefined);
       await this.worker.stop();
       await this.engine.close();
       await this.workerTracing.shutdown();

@@ -157,11 +157,38 @@ export async function ensureConsumers(jsm: JetStreamManager, c: ConsumerSettings
   }
 }
 
+/** The first nats-server release that honours a reason on `+TERM` (2.10.4). */
+const TERM_REASON_SINCE: readonly [number, number, number] = [2, 10, 4];
+
+/**
+ * True when a server of this version honours `+TERM <reason>`. Older servers (Debian 12 ships
+ * 2.9.10) do not parse the reason and drop the whole acknowledgement without a word: the message
+ * stays pending until its ack wait runs out and is delivered again.
+ */
+export function honoursTermReason(version: string | undefined): boolean {
+  const m = /^v?(\d+)\.(\d+)\.(\d+)/.exec(version ?? "");
+  if (!m) return false;
+  const v = [Number(m[1]), Number(m[2]), Number(m[3])];
+  for (let i = 0; i < 3; i++) if (v[i] !== TERM_REASON_SINCE[i]) return v[i]! > TERM_REASON_SINCE[i]!;
+  return true;
+}
+
+export interface JsDeliveryOptions {
+  /**
+   * Send the reason with `term()` (the server's termination advisory carries it). Only for
+   * servers that honour it ({@link honoursTermReason}); otherwise a plain `+TERM` is sent.
+   */
+  termReason?: boolean;
+}
+
 /** A JetStream message as the operators see it. */
 export class JsDelivery implements Delivery {
   readonly pulledAtMs = Date.now();
   private done = false;
-  constructor(readonly msg: JsMsg) {}
+  constructor(
+    readonly msg: JsMsg,
+    private readonly opts: JsDeliveryOptions = {},
+  ) {}
   get subject(): string {
     return this.msg.subject;
   }
@@ -226,7 +253,9 @@ export class JsDelivery implements Delivery {
   term(reason?: string): void {
     if (this.done) return;
     this.done = true;
-    this.msg.term(reason);
+    // The reason is kept in the result or the dead letter either way.
+    if (reason !== undefined && this.opts.termReason === true) this.msg.term(reason);
+    else this.msg.term();
   }
   working(): void {
     if (!this.done) this.msg.working();
@@ -235,14 +264,18 @@ export class JsDelivery implements Delivery {
 
 /** A durable pull consumer as a {@link PullSource}: one `fetch` per pull. */
 export class ConsumerPullSource implements PullSource {
-  constructor(private readonly consumer: Consumer) {}
+  constructor(
+    private readonly consumer: Consumer,
+    private readonly opts: JsDeliveryOptions = {},
+  ) {}
   async pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>> {
     // The client refuses pulls that expire in under a second.
     const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
+    const opts = this.opts;
     return {
       close: () => it.close(),
       async *[Symbol.asyncIterator]() {
-        for await (const m of it) yield new JsDelivery(m);
+        for await (const m of it) yield new JsDelivery(m, opts);
       },
     };
   }

@@ -62,6 +62,17 @@ export class StreamResultSink implements ResultSink {
     return (await getStoredResult(this.jsm, job.tenant, job.id)) !== null;
   }
 
+  async storedResult(job: InferJob): Promise<InferResult | undefined> {
+    const m = await getStoredResult(this.jsm, job.tenant, job.id);
+    if (m === null) return undefined;
+    try {
+      return m.json<InferResult>();
+    } catch {
+      // Unreadable: it is stored all the same, so the request is not run again.
+      return { id: job.id, status: "error", model: job.model, error: { code: "INTERNAL", message: "the stored result is unreadable" } };
+    }
+  }
+
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
     const d = letter.delivery;
     const h = natsHeaders();

@@ -13,7 +13,7 @@ import { inferencePipeline } from "./compose.js";
 import { MetricsServer, PipelineMetrics } from "./metrics.js";
 import { SERVICE_PIPELINE, startTracing, type Tracing } from "./telemetry.js";
 import type { SluiceConfig } from "./config.js";
-import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "./jetstream.js";
+import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honoursTermReason, STREAM_REQUESTS } from "./jetstream.js";
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
 import { CancelRegistry } from "./cancel.js";
@@ -178,12 +178,13 @@ export class PipelineService {
     this.cancels.listen(this.nc);
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
     const classes: PriorityClass[] = [];
+    const termReason = honoursTermReason(this.nc.info?.version);
     for (const priority of p.priorities) {
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
       if (p.tenantLanes) continue;
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
-      classes.push({ name: priority, source: new ConsumerPullSource(consumer), weight: p.priorityWeights[priority] ?? 1 });
+      classes.push({ name: priority, source: new ConsumerPullSource(consumer, { termReason }), weight: p.priorityWeights[priority] ?? 1 });
     }
     const onPullError = (priority: Priority, err: unknown): void => {
       this.stats.pullErrors++;
@@ -195,6 +196,7 @@ export class PipelineService {
       ? tenantLaneSource({
           js: this.js,
           jsm: this.jsm,
+          termReason,
           consumer: c,
           priorities: p.priorities,
           weights: p.priorityWeights,

@@ -40,6 +40,8 @@ import { TOKEN_RE } from "./subjects.js";
 export interface TenantLanesOptions {
   js: JetStreamClient;
   jsm: JetStreamManager;
+  /** The server honours `+TERM <reason>` (see honoursTermReason). */
+  termReason?: boolean;
   consumer: ConsumerSettings;
   priorities: readonly Priority[];
   weights: Record<Priority, number>;
@@ -371,7 +373,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         }
       }
       const consumer = await o.js.consumers.get(STREAM_REQUESTS, name);
-      return addLane(p, tenant, name, new ConsumerPullSource(consumer), 0, info.num_ack_pending);
+      return addLane(p, tenant, name, new ConsumerPullSource(consumer, { termReason: o.termReason === true }), 0, info.num_ack_pending);
     };
 
     const laneFor = (p: Priority, tenant: string): Promise<Lane> => {
@@ -452,7 +454,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         const tenant = ci.config.filter_subject?.split(".")[3];
         if (!tenant || lanes.has(`${hit[0]}.${tenant}`)) continue; // (a retried start-up keeps what it has)
         const consumer = await o.js.consumers.get(STREAM_REQUESTS, ci.name);
-        addLane(hit[0], tenant, ci.name, new ConsumerPullSource(consumer), ci.num_pending, ci.num_ack_pending);
+        addLane(hit[0], tenant, ci.name, new ConsumerPullSource(consumer, { termReason: o.termReason === true }), ci.num_pending, ci.num_ack_pending);
       }
       pump();
       for (const p of o.priorities) {

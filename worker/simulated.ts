@@ -152,6 +152,11 @@ export class SimulatedEngine implements Engine {
     return this.queue.length;
   }
 
+  /** Batches taken and not finished: queued, or running on the device. */
+  get inFlightBatches(): number {
+    return this.queue.length + (this.running ? 1 : 0);
+  }
+
   /** Device time of a batch of `size` items, ms. */
   batchCostMs(size: number): number {
     const passes = Math.max(1, Math.ceil(size / this.capacity));

@@ -29,6 +29,18 @@ describe("sluice dev", function () {
       const bad = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "nope", "--prompt", "x"]);
       expect(await bad.exited).to.equal(1);
       expect(bad.output()).to.contain("NOT_FOUND");
+
+      // Dev's worker is registered like a deployed one: the tools that find workers see it.
+      const workers = runCli(["workers", "list", "--server", url]);
+      expect(await workers.exited).to.equal(0);
+      expect(workers.output()).to.match(/echo\tv1\tdev-worker\t127\.0\.0\.1:\d+/);
+      // A replay of what was served in dev runs against dev's worker and finds it equal.
+      const rep = runCli(["replay", "--server", url, "--since", "10m", "--model", "echo", "--json"]);
+      expect(await rep.exited, rep.output()).to.equal(0);
+      const summary = JSON.parse(rep.output().trim().split("\n").pop()!) as { summary: { replayed: number; equal: number; error: number } };
+      expect(summary.summary.replayed).to.equal(1);
+      expect(summary.summary.equal).to.equal(1);
+      expect(summary.summary.error).to.equal(0);
       dev.kill("SIGINT");
       expect(await dev.exited).to.equal(0);
     } finally {

@@ -403,6 +403,25 @@ describe("settleOutcomes", () => {
       expect(sink.results).to.have.length(1);
     });
 
+    it("acks an outcome found stored before dispatch, without a lookup or a publish", async () => {
+      const a = job(log, "a", 2);
+      const o: Outcome = { kind: "result", job: a, result: ok(a), alreadyStored: true };
+      const out = await settleAll(sink, [o]);
+      expect(out).to.deep.equal([{ outcome: o, action: "duplicate", deadLettered: false }]);
+      expect(sink.hasResultAsked).to.deep.equal([]);
+      expect(sink.results).to.deep.equal([]);
+      expect(a.delivery.calls).to.deep.equal(["ack"]);
+    });
+
+    it("does not look up again a redelivery looked up before dispatch, unless that was long ago", async () => {
+      let t = 10_000;
+      const recent = { ...job(log, "recent", 2), storedCheckedAtMs: 9_000 };
+      const old = { ...job(log, "old", 2), storedCheckedAtMs: 1_000 };
+      const out = await settleAll(sink, [resultOutcome(recent, ok(recent)), resultOutcome(old, ok(old))], { recheckStoredAfterMs: 5_000, now: () => t++ });
+      expect(out.map((s) => s.action)).to.deep.equal(["ack", "ack"]);
+      expect(sink.hasResultAsked).to.deep.equal(["old"]);
+    });
+
     it("naks when the lookup fails", async () => {
       sink.hasResultFails = true;
       const a = job(log, "a", 2);
