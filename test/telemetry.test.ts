@@ -328,16 +328,17 @@ describe("telemetry: tracing", function () {
       });
       expect(t.enabled).to.equal(true);
       const n = 2_000;
-      const t0 = performance.now();
       for (let i = 0; i < n; i++) t.startPublish({ subject: SUBJECT, id: `x${i}` }).end();
-      expect(performance.now() - t0, "span calls stay in memory").to.be.below(1_000);
+      // Span calls return at once (nothing is awaited): what does not fit the queue is dropped
+      // there and then, not kept.
+      expect(t.stats().spansDropped, "dropped at the queue bound, before any export").to.be.at.least(n - 200);
 
-      const t1 = performance.now();
+      // Flush and shutdown end although nothing can be delivered (a hang would end the test by
+      // its timeout).
       await t.forceFlush();
       await t.shutdown();
       await t.shutdown();
       await t.forceFlush();
-      expect(performance.now() - t1, "flush and shutdown are bounded").to.be.below(3_000);
       const s = t.stats();
       expect(s.spansExported).to.equal(0);
       expect(s.spansDropped, "spans beyond the queue bound").to.be.at.least(n - 200);
@@ -362,11 +363,14 @@ describe("telemetry: tracing", function () {
       for (let i = 0; i < 10; i++) t.startPublish({ subject: SUBJECT, id: `h${i}` }).end();
       const t0 = performance.now();
       await t.forceFlush();
-      expect(performance.now() - t0, "forceFlush waits at most flushTimeoutMs").to.be.within(250, 1_000);
-      const t1 = performance.now();
-      await t.shutdown();
-      expect(performance.now() - t1, "shutdown waits at most flushTimeoutMs").to.be.below(1_000);
+      // It waited its flushTimeoutMs (a timer never fires early; 5 ms for rounding), and no
+      // longer: it returned while the export was still waiting for the collector (the
+      // exporter's own timeout, 1,500 ms, had not ended it).
+      expect(performance.now() - t0, "forceFlush waits flushTimeoutMs").to.be.at.least(300 - 5);
       expect(sockets.size, "the exporter did reach the collector").to.be.at.least(1);
+      expect(t.stats(), "the export is still in progress").to.include({ spansExported: 0, spansFailed: 0 });
+      await t.shutdown();
+      expect(t.stats(), "shutdown returned with the export still in progress").to.include({ spansExported: 0, spansFailed: 0 });
     } finally {
       for (const s of sockets) s.destroy();
       await new Promise<void>((resolve) => blackhole.close(() => resolve()));

@@ -52,6 +52,12 @@ export interface SimulatedEngineOptions {
   capacity?: number;
   /** Entries of the call log to keep. */
   call_log_limit?: number;
+  /**
+   * Tests only: a generation that has produced this many tokens stops there, as a stalled device
+   * would, until it is cancelled or the engine closes; it never finishes on its own. Lets a test
+   * cancel a generation at a known point and see that nothing came after it. Unset: no stall.
+   */
+  stall_after_tokens?: number;
 }
 
 /** One entry of the call log. */
@@ -65,6 +71,8 @@ export interface EngineCall {
   readonly finishedAtMs: number;
   /** The caller gave up (abort) or the engine closed before the work was done. */
   readonly cancelled: boolean;
+  /** Generations only: the tokens it produced (handed to the caller) before it ended. */
+  readonly tokens?: number;
 }
 
 export interface SimulatedEngineCounters {
@@ -114,6 +122,7 @@ export class SimulatedEngine implements Engine {
   private readonly ttftMs: number;
   private readonly tokenIntervalMs: number;
   private readonly callLogLimit: number;
+  private readonly stallAfterTokens: number | undefined;
 
   private readonly queue: QueuedBatch[] = [];
   private running: QueuedBatch | undefined;
@@ -136,6 +145,7 @@ export class SimulatedEngine implements Engine {
     this.tokenIntervalMs = nonNegative("token_interval_ms", options.token_interval_ms ?? DEFAULT_TOKEN_INTERVAL_MS);
     this.capacity = positiveInteger("capacity", options.capacity ?? DEFAULT_CAPACITY);
     this.callLogLimit = positiveInteger("call_log_limit", options.call_log_limit ?? DEFAULT_CALL_LOG_LIMIT);
+    this.stallAfterTokens = options.stall_after_tokens === undefined ? undefined : nonNegative("stall_after_tokens", options.stall_after_tokens);
   }
 
   /** The most recent calls (at most `call_log_limit`), oldest first, each added when it ended. */
@@ -312,6 +322,7 @@ export class SimulatedEngine implements Engine {
     let completed = false;
     try {
       for (let i = 0; i < tokens.length; i++) {
+        if (i === this.stallAfterTokens) await untilAborted(stop.signal);
         await sleep(i === 0 ? this.ttftMs : this.tokenIntervalMs, stop.signal);
         usage.completion_tokens++;
         yield { text: tokens[i] ?? "" };
@@ -331,6 +342,7 @@ export class SimulatedEngine implements Engine {
         startedAtMs,
         finishedAtMs: nowMs(),
         cancelled: !completed,
+        tokens: usage.completion_tokens,
       });
     }
   }
@@ -414,6 +426,14 @@ function sleep(ms: number, signal: AbortSignal): Promise<void> {
       reject(abortReason(signal));
     };
     signal.addEventListener("abort", onAbort, { once: true });
+  });
+}
+
+/** Never resolves; rejects with the signal's reason when it aborts. */
+function untilAborted(signal: AbortSignal): Promise<never> {
+  if (signal.aborted) return Promise.reject(abortReason(signal));
+  return new Promise<never>((_resolve, reject) => {
+    signal.addEventListener("abort", () => reject(abortReason(signal)), { once: true });
   });
 }
 
