@@ -19,6 +19,8 @@ import { InferenceClient, InferenceError, type InferBody, type InferOptions } fr
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
 import { DevStack } from "./dev.js";
 import { cmdDlq } from "./dlq-cli.js";
+import { cmdGateway } from "./gateway/cli.js";
+import { DEV_API_KEY } from "./dev.js";
 import { cmdReplay } from "./replay-cli.js";
 import { ModelRegistry, parseModelSpec } from "./registry.js";
 import { PipelineService } from "./service.js";
@@ -38,6 +40,7 @@ commands:
   workers   list (registered workers)
   dlq       list | show <seq> | requeue (--id|--seq|--tenant|--model|--all) [--dry-run]
   replay    re-run recorded requests against a model version and compare (--help)
+  gateway   run the HTTP / OpenAI gateway; keys add|hash (--help)
 
 common options:
   --server URL   NATS server (default: $NATS_URL or ${DEFAULT_NATS_URL})
@@ -92,8 +95,13 @@ async function cmdDev(args: string[]): Promise<number> {
     "base-ms": { type: "string" },
     "per-item-ms": { type: "string" },
     "metrics-port": { type: "string" },
+    "gateway-port": { type: "string" },
   });
-  if (v.help) return usage("sluice dev [--port N] [--base-ms N] [--per-item-ms N] [--metrics-port N (default 9464; 0 = any free port, -1 = off)]");
+  if (v.help)
+    return usage(
+      "sluice dev [--port N] [--base-ms N] [--per-item-ms N] [--metrics-port N (default 9464; 0 = any free port, -1 = off)] [--gateway-port N (default: a free one; -1 = off)]",
+    );
+  const gatewayPort = portOpt(v, "gateway-port");
   const devMetricsPort = portOpt(v, "metrics-port");
   const port = intOpt(v, "port");
   const baseMs = intOpt(v, "base-ms");
@@ -102,13 +110,20 @@ async function cmdDev(args: string[]): Promise<number> {
     ...(port !== undefined ? { port } : {}),
     ...(baseMs !== undefined ? { baseMs } : {}),
     ...(perItemMs !== undefined ? { perItemMs } : {}),
+    ...(gatewayPort !== undefined ? { gatewayPort } : {}),
     // Local only: the dev stack's endpoint listens on loopback.
     config: { telemetry: { metricsPort: devMetricsPort ?? 9464, metricsHost: "127.0.0.1" } },
   });
   const metricsAt = dev.pipeline.metricsServer ? `, metrics http://127.0.0.1:${dev.pipeline.metricsServer.port}/metrics` : "";
-  console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store), worker ${dev.worker.endpoint}${metricsAt}`);
-  console.log(`models: echo, reverse, upper, llm-sim (version v1); any tenant; priorities high, normal, low`);
+  const httpAt = dev.gateway ? `, HTTP ${dev.gateway.baseUrl}` : "";
+  console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store)${httpAt}, worker ${dev.worker.endpoint}${metricsAt}`);
+  if (dev.gateway) console.log(`HTTP:  OpenAI API at ${dev.gateway.baseUrl}, API key ${DEV_API_KEY} (tenant demo)`);
+  console.log(`models: echo, reverse, upper, llm-sim, embed-sim (version v1); any tenant; priorities high, normal, low`);
   console.log(`try:   npx sluice publish --server ${dev.url} --tenant demo --model echo --prompt "hello"`);
+  if (dev.gateway)
+    console.log(
+      `       curl ${dev.gateway.baseUrl}/chat/completions -H 'Authorization: Bearer ${DEV_API_KEY}' -H 'Content-Type: application/json' -d '{"model":"echo","messages":[{"role":"user","content":"hello"}]}'`,
+    );
   console.log(`stop:  Ctrl-C`);
   const sig = await untilSignal();
   console.log(`sluice dev: ${sig}, stopping`);
@@ -411,6 +426,8 @@ export async function main(argv: string[]): Promise<number> {
       return cmdDlq(rest);
     case "replay":
       return cmdReplay(rest);
+    case "gateway":
+      return cmdGateway(rest);
     case undefined:
     case "help":
     case "--help":
