@@ -7,6 +7,7 @@ import { createServer, type IncomingMessage, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { hashApiKey, openApiKeysBucket, putApiKey } from "../../pipeline/gateway/auth.js";
 import { verifyCallback } from "../../pipeline/gateway/callbacks.js";
 import type { Gateway } from "../../pipeline/gateway/server.js";
 import type { PipelineService } from "../../pipeline/service.js";
@@ -159,6 +160,23 @@ describe("HTTP gateway: async requests and callbacks", function () {
     }
     expect((await post(gw, "/infer/echo", { prompt: "x", callback_url: "ftp://example.com/x" })).status).to.equal(400);
     expect((await post(gw, "/infer/echo", { prompt: "x", callback_url: 7 })).status).to.equal(400);
+  });
+
+  it("a key written to the bucket infer_api_keys (as its hash) works at once, and stops working when removed", async () => {
+    const kv = await openApiKeysBucket(gwNc);
+    const ask = (): Promise<Response> => post(gw, "/completions", { model: "echo", prompt: "from the bucket" }, {}, "sk-from-bucket");
+    expect((await ask()).status).to.equal(401);
+    const hash = await putApiKey(kv, "sk-from-bucket", "bucketed");
+    expect(hash).to.equal(hashApiKey("sk-from-bucket"));
+    expect((await kv.get(hash))?.string()).to.equal('{"tenant":"bucketed"}');
+    await waitFor("the key to work", async () => (await ask()).status === 200);
+    const seen = new Promise<string>((resolve) => {
+      const sub = gwNc.subscribe("infer.req.*.bucketed.echo", { callback: (_e, m) => (sub.unsubscribe(), resolve(m.subject)) });
+    });
+    expect((await ask()).status).to.equal(200);
+    expect(await seen).to.equal("infer.req.normal.bucketed.echo");
+    await kv.delete(hash);
+    await waitFor("the key to stop working", async () => (await ask()).status === 401);
   });
 
   it("beyond maxOpenRequests the answer is 503 at once; a caller that leaves frees its place and cancels its request", async () => {
