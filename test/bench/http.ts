@@ -8,6 +8,7 @@
  * - throughput: a closed loop of `CONCURRENCY` requests in flight, the NATS client first, then the
  *   gateway; requests per second of each, and the ratio gateway / client.
  */
+import { readFileSync } from "node:fs";
 import { Agent, request } from "node:http";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
@@ -30,7 +31,21 @@ export const CONCURRENCY = 64;
 export interface HttpBenchResult {
   low_load: { requests_each: number; nats_p50_ms: number; http_p50_ms: number; http_minus_nats_p50_ms: number; nats_p99_ms: number; http_p99_ms: number };
   throughput: { requests_each: number; concurrency: number; nats_rps: number; http_rps: number; http_over_nats: number };
+  /** CPU time per request (user + system, µs) of each process in each throughput run. */
+  cpu_us_per_request: { nats: Record<string, number>; http: Record<string, number> };
   errors: number;
+}
+
+/** CPU time (user + system) a process has used, µs; from /proc (Linux). */
+function cpuUs(pid: number | undefined): number {
+  if (pid === undefined) return NaN;
+  try {
+    const fields = readFileSync(`/proc/${pid}/stat`, "utf8").split(") ")[1]!.split(" ");
+    // utime and stime are fields 14 and 15 of the whole line (12 and 13 after the name).
+    return ((Number(fields[11]) + Number(fields[12])) * 1e6) / 100;
+  } catch {
+    return NaN;
+  }
 }
 
 const quantile = (xs: number[], q: number): number => {
@@ -111,18 +126,28 @@ export async function runHttpScenario(quick: boolean, log: (line: string) => voi
     log(`  low load: p50 NATS client ${quantile(natsLat, 0.5).toFixed(2)} ms, gateway ${quantile(httpLat, 0.5).toFixed(2)} ms`);
 
     const total = quick ? 2_000 : 6_000;
-    const closedLoop = async (one: () => Promise<number>): Promise<number> => {
+    const pids = { pipeline: serve.pid, gateway: gateway.pid, "nats-server": nats.pid };
+    const closedLoop = async (one: () => Promise<number>): Promise<{ rps: number; cpu: Record<string, number> }> => {
       let left = total;
+      const before = Object.fromEntries(Object.entries(pids).map(([k, pid]) => [k, cpuUs(pid)]));
+      const self = process.cpuUsage();
       const t = performance.now();
       await Promise.all(
         Array.from({ length: CONCURRENCY }, async () => {
           while (left-- > 0) await one();
         }),
       );
-      return total / ((performance.now() - t) / 1_000);
+      const rps = total / ((performance.now() - t) / 1_000);
+      const used = process.cpuUsage(self);
+      const cpu: Record<string, number> = { "load generator": round((used.user + used.system) / total, 0) };
+      for (const [k, pid] of Object.entries(pids)) cpu[k] = round((cpuUs(pid) - before[k]!) / total, 0);
+      return { rps, cpu };
     };
-    const natsRps = await closedLoop(viaNats);
-    const httpRps = await closedLoop(viaHttp);
+    const natsRun = await closedLoop(viaNats);
+    const httpRun = await closedLoop(viaHttp);
+    const natsRps = natsRun.rps;
+    const httpRps = httpRun.rps;
+    log(`  CPU µs per request, NATS client: ${JSON.stringify(natsRun.cpu)}; gateway: ${JSON.stringify(httpRun.cpu)}`);
     log(`  throughput at ${CONCURRENCY} in flight: NATS client ${natsRps.toFixed(0)}/s, gateway ${httpRps.toFixed(0)}/s`);
     return {
       low_load: {
@@ -134,6 +159,7 @@ export async function runHttpScenario(quick: boolean, log: (line: string) => voi
         http_p99_ms: round(quantile(httpLat, 0.99)),
       },
       throughput: { requests_each: total, concurrency: CONCURRENCY, nats_rps: round(natsRps, 0), http_rps: round(httpRps, 0), http_over_nats: round(httpRps / natsRps) },
+      cpu_us_per_request: { nats: natsRun.cpu, http: httpRun.cpu },
       errors,
     };
   } finally {
