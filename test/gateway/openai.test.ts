@@ -197,6 +197,27 @@ describe("HTTP gateway: the OpenAI SDK", function () {
     expect(wrongRoute.status).to.equal(404);
   });
 
+  it("every sluice error code gets its HTTP status and OpenAI's error shape", async () => {
+    const table: Record<string, number> = {
+      INVALID_ARGUMENT: 400,
+      NOT_FOUND: 404,
+      RESOURCE_EXHAUSTED: 429,
+      CANCELLED: 499,
+      INTERNAL: 500,
+      UNAVAILABLE: 503,
+      DEADLINE_EXCEEDED: 504,
+    };
+    for (const [code, status] of Object.entries(table)) {
+      const r = await post(gw, "/infer/echo", { prompt: "fails", parameters: { simulate_error: code } });
+      expect(r.status, code).to.equal(status);
+      const body = (await r.json()) as { error: { code: string; message: string; type: string } };
+      expect(body.error.code).to.equal(code);
+      expect(body.error.message).to.contain(`simulated ${code}`);
+      expect(body.error.type).to.be.a("string");
+      if (status === 429) expect(r.headers.get("retry-after")).to.equal("1");
+    }
+  });
+
   it("429 with Retry-After when the tenant is over its rate", async () => {
     const limited = sdk(gw, KEYS.limited);
     const outcomes = await Promise.all(
