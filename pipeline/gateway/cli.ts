@@ -35,7 +35,23 @@ function untilSignal(): Promise<NodeJS.Signals> {
   });
 }
 
+/** A usage error: one line on stderr, exit status 2. */
+function usageError(message: string): number {
+  console.error(`sluice gateway: ${message} (sluice gateway --help)`);
+  return 2;
+}
+
 export async function cmdGateway(args: string[]): Promise<number> {
+  try {
+    return await gateway(args);
+  } catch (err) {
+    const e = err as { code?: unknown; message?: string };
+    if (err instanceof ConfigError || (typeof e?.code === "string" && e.code.startsWith("ERR_PARSE_ARGS"))) return usageError(e.message ?? String(err));
+    throw err;
+  }
+}
+
+async function gateway(args: string[]): Promise<number> {
   const { values: v, positionals } = parseArgs({
     args,
     options: {

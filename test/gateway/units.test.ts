@@ -1,5 +1,6 @@
 /** The gateway's pure parts: SSE framing, callback signatures and delays, key hashing, settings, translation. */
 import { expect } from "chai";
+import { runCli } from "../support/process.js";
 import { loadConfig } from "../../pipeline/config.js";
 import { hashApiKey } from "../../pipeline/gateway/auth.js";
 import { callbackDelayMs, parseCallbackUrl, signCallback, verifyCallback } from "../../pipeline/gateway/callbacks.js";
@@ -75,5 +76,16 @@ describe("gateway parts", () => {
     expect(thrown(() => embeddingsRequest({ model: "m", input: [1, 2] }, 10)).param).to.equal("input");
     expect(thrown(() => embeddingsRequest({ model: "m", input: "a", encoding_format: "int8" }, 10)).param).to.equal("encoding_format");
     expect(thrown(() => embeddingsRequest({ model: "m", input: Array(11).fill("a") }, 10)).param).to.equal("input");
+  });
+
+  it("sluice gateway: a usage error is one line and exit status 2; keys hash prints the SHA-256", async () => {
+    for (const args of [["gateway", "--port", "x"], ["gateway", "--no-such-flag"], ["gateway", "keys", "add"], ["gateway", "what"]]) {
+      const p = runCli(args);
+      expect(await p.exited, args.join(" ")).to.equal(2);
+      expect(p.output().trim().split("\n"), args.join(" ")).to.have.length(1);
+    }
+    const h = runCli(["gateway", "keys", "hash", "sluice-dev"]);
+    expect(await h.exited).to.equal(0);
+    expect(h.output().trim()).to.equal(hashApiKey("sluice-dev"));
   });
 });
