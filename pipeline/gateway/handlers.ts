@@ -111,7 +111,6 @@ function failed(id: string, err: unknown): InferResult {
 
 function callbackOf(o: Record<string, unknown>): string | undefined {
   const v = o["callback_url"];
-  delete o["callback_url"];
   return v === undefined || v === null ? undefined : parseCallbackUrl(v);
 }
 
@@ -211,7 +210,7 @@ export async function inferEndpoint(ctx: GatewayContext, call: HttpCall): Promis
   const model = call.params["model"]!;
   const raw = await readJsonObject(call.req, ctx.settings.maxBodyBytes);
   const callback = callbackOf(raw);
-  for (const k of Object.keys(raw)) if (!["prompt", "inputs", "parameters"].includes(k)) throw badField(k, `unknown field '${k}' (a sluice request has prompt, inputs, parameters)`);
+  for (const k of Object.keys(raw)) if (!["prompt", "inputs", "parameters", "callback_url"].includes(k)) throw badField(k, `unknown field '${k}' (a sluice request has prompt, inputs, parameters)`);
   const body: InferBody = {};
   const prompt = field.string(raw, "prompt");
   if (prompt !== undefined) body.prompt = prompt;

@@ -99,7 +99,9 @@ export class Gateway implements h.GatewayContext {
       const metrics = opts.metrics ?? new GatewayMetrics();
       const callbacks = new Callbacks(settings, (o) => metrics.callback(o.delivered, o.attempts), onError);
       const server = createServer({ keepAlive: true });
-      const gw = new Gateway(settings, server, nc, !opts.nc, registry, keys, records, callbacks, metrics, opts.tracing);
+      // A tracing that records nothing is left out: the caller's traceparent is passed on as it is.
+      const tracing = opts.tracing?.enabled ? opts.tracing : undefined;
+      const gw = new Gateway(settings, server, nc, !opts.nc, registry, keys, records, callbacks, metrics, tracing);
       server.on("request", (req: IncomingMessage, res: ServerResponse) => gw.handle(req, res));
       await new Promise<void>((resolve, reject) => {
         server.once("error", reject);

@@ -52,8 +52,15 @@ describe("HTTP gateway: trace context", function () {
     const parent = "00f067aa0ba902b7";
     const r = await post(gw, "/chat/completions", { model: "echo", messages: [{ role: "user", content: "traced" }] }, { traceparent: `00-${traceId}-${parent}-01` });
     expect(r.status).to.equal(200);
+    // Every span of the path, the request's own (ended last, when it is settled) included.
+    const wanted: Array<[string, string]> = [
+      [SERVICE_GATEWAY, "send infer.req"],
+      [SERVICE_PIPELINE, "receive infer.req"],
+      [SERVICE_PIPELINE, "send infer.res"],
+      [SERVICE_WORKER, "SERVER"],
+    ];
     const spans = await receiver.waitForSpans(
-      (all) => [SERVICE_GATEWAY, SERVICE_PIPELINE, SERVICE_WORKER].every((s) => all.some((x) => x.traceId === traceId && x.serviceName === s)),
+      (all) => wanted.every(([service, what]) => all.some((x) => x.traceId === traceId && x.serviceName === service && (x.name === what || x.kind === what))),
       30_000,
     );
     const inTrace = spans.filter((s) => s.traceId === traceId);
