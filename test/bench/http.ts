@@ -144,6 +144,9 @@ export async function runHttpScenario(quick: boolean, log: (line: string) => voi
       return { rps, cpu };
     };
     const natsRun = await closedLoop(viaNats);
+    // Closed before the gateway's run: its subscription to the tenant's results would otherwise
+    // receive every result of that run too, costing nats-server and the load generator.
+    await c.close();
     const httpRun = await closedLoop(viaHttp);
     const natsRps = natsRun.rps;
     const httpRps = httpRun.rps;
