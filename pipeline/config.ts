@@ -4,8 +4,8 @@
  */
 import { readFileSync } from "node:fs";
 import type { Priority } from "../operators/types.js";
-import type { ModelSpec } from "./registry.js";
-import { parseTenantsConfig, type TenantLimits } from "./tenant-limits.js";
+import type { ModelSpec } from "./routing/registry.js";
+import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 

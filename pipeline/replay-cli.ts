@@ -19,7 +19,7 @@ import {
   type ReplayReport,
   type ReplaySelection,
   type SelectedRequest,
-} from "./replay.js";
+} from "./tools/replay.js";
 import { connectNats } from "./connection.js";
 
 export const REPLAY_USAGE = `usage: sluice replay [selection] [options]

@@ -9,7 +9,7 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError } from "../../pipeline/client.js";
+import { InferenceClient, InferenceError } from "../../pipeline/client/client.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult, Priority } from "../../operators/types.js";
 import { useNats, waitFor, type NatsFixture } from "../support/nats.js";

@@ -3,7 +3,7 @@ import { Subject, type Subscription } from "rxjs";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { defaultConfig } from "../../pipeline/config.js";
-import { ConsumerPullSource, JsDelivery, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
+import { ConsumerPullSource, JsDelivery, durableName, ensureConsumers, ensureStreams, STREAM_REQUESTS } from "../../pipeline/intake/jetstream.js";
 import { pullWithCredits, type PullBatch, type PullSource, type PullWithCreditsOptions } from "../../operators/pull-with-credits.js";
 import type { Delivery } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";

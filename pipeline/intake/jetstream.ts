@@ -17,10 +17,10 @@ import {
   type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
-import type { PullBatch, PullSource } from "../operators/pull-with-credits.js";
-import { PRIORITIES, type Delivery, type Priority } from "../operators/types.js";
-import type { ConsumerSettings, StreamsConfig } from "./config.js";
-import { subjects } from "./subjects.js";
+import type { PullBatch, PullSource } from "../../operators/pull-with-credits.js";
+import { PRIORITIES, type Delivery, type Priority } from "../../operators/types.js";
+import type { ConsumerSettings, StreamsConfig } from "../config.js";
+import { subjects } from "../subjects.js";
 
 export const STREAM_REQUESTS = "INFER_REQ";
 export const STREAM_RESULTS = "INFER_RES";

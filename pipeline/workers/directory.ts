@@ -11,7 +11,7 @@
  */
 import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
-import { TOKEN_RE } from "./subjects.js";
+import { TOKEN_RE } from "../subjects.js";
 
 export const WORKERS_BUCKET = "infer_workers";
 export const DEFAULT_WORKER_TTL_MS = 15_000;

@@ -43,18 +43,18 @@ import {
 } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { Subject } from "rxjs";
-import type { RouteDecision } from "../operators/route-to-version.js";
-import type { DeadLetter, ResultSink, Settled } from "../operators/settle-outcome.js";
-import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Priority } from "../operators/types.js";
-import { inferencePipeline } from "./compose.js";
-import { defaultConfig, type SluiceConfig } from "./config.js";
-import { getStoredResult, STREAM_REQUESTS } from "./jetstream.js";
-import { ModelRegistry, type ModelTable } from "./registry.js";
-import { silentLogger, type PipelineLogger } from "./service.js";
-import { H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
-import { WorkerClient } from "./worker-client.js";
-import { WORKERS_BUCKET, WorkerDirectory } from "./worker-directory.js";
-import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
+import type { RouteDecision } from "../../operators/route-to-version.js";
+import type { DeadLetter, ResultSink, Settled } from "../../operators/settle-outcome.js";
+import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Priority } from "../../operators/types.js";
+import { inferencePipeline } from "../request-path.js";
+import { defaultConfig, type SluiceConfig } from "../config.js";
+import { getStoredResult, STREAM_REQUESTS } from "../intake/jetstream.js";
+import { ModelRegistry, type ModelTable } from "../routing/registry.js";
+import { silentLogger, type PipelineLogger } from "../service.js";
+import { H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN } from "../subjects.js";
+import { WorkerClient } from "../workers/client.js";
+import { WORKERS_BUCKET, WorkerDirectory } from "../workers/directory.js";
+import { WorkerPool, type WorkerConnection } from "../workers/pool.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 

@@ -5,9 +5,9 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Kvm, type KV } from "@nats-io/kv";
-import type { ErrorInfo } from "../operators/types.js";
+import type { ErrorInfo } from "../../operators/types.js";
 import { watchBucket, type BucketWatch } from "./kv-watch.js";
-import { TOKEN_RE } from "./subjects.js";
+import { TOKEN_RE } from "../subjects.js";
 
 export const MODELS_BUCKET = "infer_models";
 export const DEFAULT_MAX_BATCH = 32;

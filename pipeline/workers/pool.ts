@@ -15,11 +15,11 @@
  *   connection closes.
  */
 import { Subject, type Observable } from "rxjs";
-import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
-import type { Batch, ErrorCode, Priority, RoutedJob } from "../operators/types.js";
-import type { BatchTrace, Tracing } from "./telemetry.js";
-import type { Chunk, GenerationReply, Generator } from "../operators/generate-each.js";
-import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./worker-client.js";
+import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../../operators/dispatch-batch.js";
+import type { Batch, ErrorCode, Priority, RoutedJob } from "../../operators/types.js";
+import type { BatchTrace, Tracing } from "../telemetry/telemetry.js";
+import type { Chunk, GenerationReply, Generator } from "../../operators/generate-each.js";
+import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./client.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {

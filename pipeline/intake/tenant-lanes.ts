@@ -31,11 +31,11 @@ import {
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
-import { CreditedDelivery, type PullBatch } from "../operators/pull-with-credits.js";
-import type { Delivery, Priority } from "../operators/types.js";
-import type { ConsumerSettings } from "./config.js";
+import { CreditedDelivery, type PullBatch } from "../../operators/pull-with-credits.js";
+import type { Delivery, Priority } from "../../operators/types.js";
+import type { ConsumerSettings } from "../config.js";
 import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
-import { TOKEN_RE } from "./subjects.js";
+import { TOKEN_RE } from "../subjects.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;

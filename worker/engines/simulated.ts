@@ -17,7 +17,7 @@
  */
 import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
-import { ERROR_CODES, type ErrorCode } from "../operators/types.js";
+import { ERROR_CODES, type ErrorCode } from "../../operators/types.js";
 import {
   EngineClosedError,
   EngineError,
@@ -29,7 +29,7 @@ import {
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
-} from "./engine.js";
+} from "../engine.js";
 
 export const DEFAULT_BASE_MS = 8;
 export const DEFAULT_PER_ITEM_MS = 0.5;

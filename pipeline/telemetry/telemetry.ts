@@ -79,8 +79,8 @@ import {
   type SpanProcessor,
 } from "@opentelemetry/sdk-trace-node";
 import { ATTR_ERROR_TYPE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT, ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
-import type { Settled } from "../operators/settle-outcome.js";
-import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../worker/engine.js";
+import type { Settled } from "../../operators/settle-outcome.js";
+import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../../worker/engine.js";
 
 export const SERVICE_PIPELINE = "sluice-pipeline";
 export const SERVICE_WORKER = "sluice-worker";

@@ -1,11 +1,11 @@
 /** The results and dead-letter streams as the operators' {@link ResultSink}. */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders, InvalidArgumentError } from "@nats-io/transport-node";
-import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
-import type { InferJob, InferResult } from "../operators/types.js";
-import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
-import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
-import type { Tracing } from "./telemetry.js";
+import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../../operators/settle-outcome.js";
+import type { InferJob, InferResult } from "../../operators/types.js";
+import { getStoredResult, STREAM_RESULTS } from "../intake/jetstream.js";
+import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "../subjects.js";
+import type { Tracing } from "../telemetry/telemetry.js";
 
 const encoder = new TextEncoder();
 

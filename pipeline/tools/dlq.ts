@@ -31,9 +31,9 @@
  */
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
-import { ERROR_CODES } from "../operators/types.js";
-import { findStoredResult, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
-import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
+import { ERROR_CODES } from "../../operators/types.js";
+import { findStoredResult, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../intake/jetstream.js";
+import { H, ID_RE, subjects, TOKEN_RE } from "../subjects.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
