@@ -24,7 +24,7 @@ import { ModelRegistry, parseModelSpec } from "./routing/registry.js";
 import { PipelineService } from "./service.js";
 import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry/telemetry.js";
 import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./workers/directory.js";
-import type { Priority } from "../operators/types.js";
+import type { Priority } from "../proto/wire.js";
 import { connectNats } from "./connection.js";
 
 const USAGE = `usage: sluice <command> [options]

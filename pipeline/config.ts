@@ -3,7 +3,7 @@
  * variables, then command-line flags. Every tunable has a named default here.
  */
 import { readFileSync } from "node:fs";
-import type { Priority } from "../operators/types.js";
+import type { Priority } from "../proto/wire.js";
 import type { ModelSpec } from "./routing/registry.js";
 import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
 

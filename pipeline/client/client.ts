@@ -10,9 +10,9 @@
  */
 import { headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../../operators/types.js";
+import type { InferResult } from "../../operators/types.js";
+import { ERROR_CODES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../intake/jetstream.js";
-import { H, ID_RE, subjects, TOKEN_RE } from "../subjects.js";
 import { fromCarrier, type TraceCarrier, type Tracing } from "../telemetry/telemetry.js";
 import { connectNats } from "../connection.js";
 

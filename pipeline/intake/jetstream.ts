@@ -18,13 +18,9 @@ import {
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import type { PullBatch, PullSource } from "../../operators/pull-with-credits.js";
-import { PRIORITIES, type Delivery, type Priority } from "../../operators/types.js";
+import type { Delivery } from "../../operators/types.js";
+import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
 import type { ConsumerSettings, StreamsConfig } from "../config.js";
-import { subjects } from "../subjects.js";
-
-export const STREAM_REQUESTS = "INFER_REQ";
-export const STREAM_RESULTS = "INFER_RES";
-export const STREAM_DLQ = "INFER_DLQ";
 
 export function streamConfigs(s: StreamsConfig): StreamConfig[] {
   const common = {

@@ -32,10 +32,11 @@ import {
 import { nanos } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
 import { CreditedDelivery, type PullBatch } from "../../operators/pull-with-credits.js";
-import type { Delivery, Priority } from "../../operators/types.js";
+import type { Delivery } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
+import { STREAM_REQUESTS, TOKEN_RE } from "../../proto/wire.js";
 import type { ConsumerSettings } from "../config.js";
-import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
-import { TOKEN_RE } from "../subjects.js";
+import { ConsumerPullSource } from "./jetstream.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;

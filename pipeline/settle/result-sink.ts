@@ -3,8 +3,8 @@ import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "
 import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders, InvalidArgumentError } from "@nats-io/transport-node";
 import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../../operators/types.js";
-import { getStoredResult, STREAM_RESULTS } from "../intake/jetstream.js";
-import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "../subjects.js";
+import { getStoredResult } from "../intake/jetstream.js";
+import { STREAM_RESULTS, H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "../../proto/wire.js";
 import type { Tracing } from "../telemetry/telemetry.js";
 
 const encoder = new TextEncoder();

@@ -31,9 +31,8 @@
  */
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
-import { ERROR_CODES } from "../../operators/types.js";
-import { findStoredResult, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../intake/jetstream.js";
-import { H, ID_RE, subjects, TOKEN_RE } from "../subjects.js";
+import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, subjects, TOKEN_RE, REQUEST_SUBJECT_RE } from "../../proto/wire.js";
+import { findStoredResult } from "../intake/jetstream.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
@@ -41,8 +40,8 @@ export const DLQ_HEADERS = {
   errorReason: H.errorReason,
   originalSubject: H.originalSubject,
   deliveries: H.deliveries,
-  requestId: "Infer-Request-Id",
-  originalSeq: "Infer-Original-Seq",
+  requestId: H.requestId,
+  originalSeq: H.originalSeq,
 } as const;
 
 const DLQ_HEADER_SET = new Set(Object.values(DLQ_HEADERS).map((h) => h.toLowerCase()));
@@ -52,7 +51,6 @@ const FETCH_BATCH = 256;
 const FETCH_EXPIRES_MS = 1_000;
 /** The server drops a listing's consumer idle this long (one the process abandoned). */
 const CONSUMER_INACTIVE_MS = 60_000;
-const REQUEST_SUBJECT_RE = /^infer\.req\.(high|normal|low)\.([a-z0-9_-]{1,64})\.([a-z0-9_-]{1,64})$/;
 
 /** A DLQ operation that cannot run: `code` is PROTOCOL.md's. */
 export class DlqError extends Error {

@@ -45,43 +45,21 @@ import { Kvm } from "@nats-io/kv";
 import { Subject } from "rxjs";
 import type { RouteDecision } from "../../operators/route-to-version.js";
 import type { DeadLetter, ResultSink, Settled } from "../../operators/settle-outcome.js";
-import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Priority } from "../../operators/types.js";
+import type { Delivery, ErrorInfo, InferJob, InferResult } from "../../operators/types.js";
+import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN, WORKERS_BUCKET, VERSION_RE, DEADLINE_RE, replaySubjects, REPLAY_HEADERS, SESSION_RE } from "../../proto/wire.js";
 import { inferencePipeline } from "../request-path.js";
 import { defaultConfig, type SluiceConfig } from "../config.js";
-import { getStoredResult, STREAM_REQUESTS } from "../intake/jetstream.js";
+import { getStoredResult } from "../intake/jetstream.js";
 import { ModelRegistry, type ModelTable } from "../routing/registry.js";
 import { silentLogger, type PipelineLogger } from "../service.js";
-import { H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN } from "../subjects.js";
 import { WorkerClient } from "../workers/client.js";
-import { WORKERS_BUCKET, WorkerDirectory } from "../workers/directory.js";
+import { WorkerDirectory } from "../workers/directory.js";
 import { WorkerPool, type WorkerConnection } from "../workers/pool.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
-/** Subjects of a replay session (PROTOCOL.md: `infer.replay.<session>.>`). */
-export const replaySubjects = {
-  all: (session: string): string => `infer.replay.${session}.>`,
-  result: (session: string, tenant: string, id: string): string => `infer.replay.${session}.res.${tenant}.${id}`,
-  results: (session: string): string => `infer.replay.${session}.res.>`,
-  /** Chunks of a replayed streamed request (live: `infer.tok.<tenant>.<id>`). */
-  tokens: (session: string, tenant: string, id: string): string => `infer.replay.${session}.tok.${tenant}.${id}`,
-  dlq: (session: string, tenant: string, model: string): string => `infer.replay.${session}.dlq.${tenant}.${model}`,
-};
-
-/** Headers a replay adds to its results and dead letters. */
-export const REPLAY_HEADERS = {
-  /** The original request's `traceparent`: the link from the replayed trace to the original. */
-  ofTraceparent: "Infer-Replay-Of-Traceparent",
-  session: "Infer-Replay-Session",
-  /** Stream sequence of the original request in `INFER_REQ`. */
-  ofSeq: "Infer-Replay-Of-Seq",
-} as const;
-
-export const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const TRACE_ID_RE = /^[0-9a-f]{32}$/;
 const TRACEPARENT_RE = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})/;
-const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const DEADLINE_RE = /^[1-9][0-9]*$/;
 
 /** Re-runs of one request after naks, by default. */
 export const DEFAULT_MAX_RERUNS = 10;

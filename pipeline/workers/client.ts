@@ -5,7 +5,8 @@
  * as a {@link WorkerCallError} that says whether another try (on another worker) makes sense.
  */
 import * as grpc from "@grpc/grpc-js";
-import { ERROR_CODES, type ErrorCode, type ErrorInfo, type Usage } from "../../operators/types.js";
+import type { ErrorInfo, Usage } from "../../operators/types.js";
+import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import { fromValue, JsonValueError, toStruct, toValue } from "../../proto/json.js";
 import {
   HealthServiceDefinition,

@@ -10,7 +10,7 @@ import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jet
 import { InferenceClient } from "../../pipeline/client/client.js";
 import { cmdDlq } from "../../pipeline/dlq-cli.js";
 import { listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry } from "../../pipeline/tools/dlq.js";
-import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../pipeline/intake/jetstream.js";
+import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { EngineError, type Engine, type EngineBatch, type EngineGeneration, type EngineItemResult, type EngineRequest } from "../../worker/engine.js";
 import { WorkerServer } from "../../worker/server.js";

@@ -12,22 +12,8 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { InferenceClient } from "../../pipeline/client/client.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
-import { STREAM_REQUESTS } from "../../pipeline/intake/jetstream.js";
-import {
-  compareResults,
-  countSelection,
-  filterSubjectOf,
-  lineDiff,
-  parsePace,
-  parseTimeSpec,
-  replay,
-  REPLAY_HEADERS,
-  replaySubjects,
-  textSimilarity,
-  type ReplayItem,
-  type ReplayProgress,
-  type ReplaySelection,
-} from "../../pipeline/tools/replay.js";
+import { STREAM_REQUESTS, REPLAY_HEADERS, replaySubjects } from "../../proto/wire.js";
+import { compareResults, countSelection, filterSubjectOf, lineDiff, parsePace, parseTimeSpec, replay, textSimilarity, type ReplayItem, type ReplayProgress, type ReplaySelection } from "../../pipeline/tools/replay.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { WorkerRegistration } from "../../pipeline/workers/directory.js";
 import type { InferResult } from "../../operators/types.js";

@@ -10,7 +10,7 @@ import { headers as natsHeaders, nuid, PermissionViolationError } from "@nats-io
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { InferenceClient } from "../../pipeline/client/client.js";
-import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../pipeline/intake/jetstream.js";
+import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";
 import { StreamResultSink } from "../../pipeline/settle/result-sink.js";
 import { WorkerRegistration } from "../../pipeline/workers/directory.js";
 import { PipelineService, type PipelineLogger } from "../../pipeline/service.js";

@@ -17,7 +17,7 @@
  */
 import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
-import { ERROR_CODES, type ErrorCode } from "../../operators/types.js";
+import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import {
   EngineClosedError,
   EngineError,
