@@ -21,6 +21,7 @@ import type { PullBatch, PullSource } from "../../operators/pull-with-credits.js
 import type { Delivery } from "../../operators/types.js";
 import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
 import type { ConsumerSettings, StreamsConfig } from "../config.js";
+import { headerValue } from "../support/headers.js";
 
 export function streamConfigs(s: StreamsConfig): StreamConfig[] {
   const common = {
@@ -218,13 +219,11 @@ export class JsDelivery implements Delivery {
   header(name: string): string | undefined {
     const h = this.headersSafe;
     if (!h) return undefined;
-    const want = name.toLowerCase();
     try {
-      for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
+      return headerValue(h, name);
     } catch {
       return undefined;
     }
-    return undefined;
   }
   headerEntries(): Array<[string, string]> {
     const out: Array<[string, string]> = [];

@@ -37,6 +37,7 @@ import type { Priority } from "../../proto/wire.js";
 import { STREAM_REQUESTS, TOKEN_RE } from "../../proto/wire.js";
 import type { ConsumerSettings } from "../config.js";
 import { ConsumerPullSource } from "./jetstream.js";
+import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;
@@ -57,6 +58,8 @@ export interface TenantLanesOptions {
 }
 
 export const DEFAULT_LANE_SWEEP_MS = 5_000;
+/** Backoff of a lane or discovery pull that failed. */
+const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 const PROBE_EVERY_MS = 1_000;
 const DISCOVERY_BATCH = 512;
 /**
@@ -308,7 +311,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         if (got < n) l.hint = 0;
       } catch (err) {
         l.failures++;
-        l.blockedUntil = Date.now() + Math.min(5_000, 100 * 2 ** Math.min(l.failures - 1, 6));
+        l.blockedUntil = Date.now() + backoffMs(l.failures - 1, PULL_RETRY);
         later(l.blockedUntil - Date.now(), pump);
         try {
           o.onPullError?.(l.p, err);
@@ -424,7 +427,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
           } catch {
             // ignore
           }
-          await new Promise((r) => later(Math.min(5_000, 100 * 2 ** Math.min(failures - 1, 6)), () => r(undefined)));
+          await new Promise((r) => later(backoffMs(failures - 1, PULL_RETRY), () => r(undefined)));
         }
       }
     };
@@ -490,7 +493,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         } catch {
           // ignore
         }
-        later(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), () => start(failures + 1));
+        later(backoffMs(failures, PULL_RETRY), () => start(failures + 1));
       });
     };
     start(0);

@@ -33,6 +33,7 @@ import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats
 import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
 import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, subjects, TOKEN_RE, REQUEST_SUBJECT_RE } from "../../proto/wire.js";
 import { findStoredResult } from "../intake/jetstream.js";
+import { headerValue } from "../support/headers.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
@@ -168,13 +169,6 @@ async function handlesOf(t: DlqTarget): Promise<{ js: JetStreamClient; jsm: JetS
   return { js: jetstream(t), jsm: await jetstreamManager(t) };
 }
 
-function headerOf(h: MsgHdrs | undefined, name: string): string | undefined {
-  if (!h) return undefined;
-  const want = name.toLowerCase();
-  for (const [k, vs] of h) if (k.toLowerCase() === want) return vs[0];
-  return undefined;
-}
-
 function headerEntries(h: MsgHdrs | undefined): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   if (h) for (const [k, vs] of h) for (const v of vs) out.push([k, v]);
@@ -189,7 +183,7 @@ function intOf(s: string | undefined): number | undefined {
 
 function entryOf(seq: number, subject: string, time: Date, h: MsgHdrs | undefined, size: number): DeadLetterEntry {
   const [, , tenant = "", model = ""] = subject.split(".");
-  const id = headerOf(h, DLQ_HEADERS.requestId);
+  const id = headerValue(h, DLQ_HEADERS.requestId);
   return {
     seq,
     time,
@@ -197,11 +191,11 @@ function entryOf(seq: number, subject: string, time: Date, h: MsgHdrs | undefine
     tenant,
     model,
     requestId: id !== undefined && ID_RE.test(id) ? id : undefined,
-    code: headerOf(h, DLQ_HEADERS.errorCode),
-    reason: headerOf(h, DLQ_HEADERS.errorReason),
-    deliveries: intOf(headerOf(h, DLQ_HEADERS.deliveries)),
-    originalSubject: headerOf(h, DLQ_HEADERS.originalSubject),
-    originalSeq: intOf(headerOf(h, DLQ_HEADERS.originalSeq)),
+    code: headerValue(h, DLQ_HEADERS.errorCode),
+    reason: headerValue(h, DLQ_HEADERS.errorReason),
+    deliveries: intOf(headerValue(h, DLQ_HEADERS.deliveries)),
+    originalSubject: headerValue(h, DLQ_HEADERS.originalSubject),
+    originalSeq: intOf(headerValue(h, DLQ_HEADERS.originalSeq)),
     size,
   };
 }
@@ -250,7 +244,7 @@ async function* readEntries(h: { js: JetStreamClient; jsm: JetStreamManager }, s
       for await (const m of batch) {
         n++;
         if (m.seq > toSeq) return;
-        const size = intOf(headerOf(m.headers, "Nats-Msg-Size")) ?? m.data.byteLength;
+        const size = intOf(headerValue(m.headers, "Nats-Msg-Size")) ?? m.data.byteLength;
         yield entryOf(m.seq, m.subject, new Date(m.info.timestampNanos / 1e6), m.headers, size);
         if (m.seq >= toSeq || m.info.pending === 0) return;
       }
@@ -375,7 +369,7 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
 
     const res = await findStoredResult((q) => getStored(jsm, STREAM_RESULTS, q), tenant, id);
     if (res) {
-      if (headerOf(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
+      if (headerValue(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
       const until = res.time.getTime() + resultWindowMs;
       if (now() < until) {
         return notYet(
@@ -386,7 +380,7 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
       }
     }
     const original = e.originalSeq !== undefined ? await getStored(jsm, STREAM_REQUESTS, { seq: e.originalSeq }) : null;
-    const firstPublish = original && headerOf(original.header, H.msgId) === id ? original.time.getTime() : undefined;
+    const firstPublish = original && headerValue(original.header, H.msgId) === id ? original.time.getTime() : undefined;
     /** `first`: when the id was first published, when known (else the window is counted from now). */
     const requestNotYet = (first: number | undefined): RequeueItem => {
       const at = (first ?? now()) + requestWindowMs;

@@ -46,7 +46,7 @@ import { Subject } from "rxjs";
 import type { RouteDecision } from "../../operators/route-to-version.js";
 import type { DeadLetter, ResultSink, Settled } from "../../operators/settle-outcome.js";
 import type { Delivery, ErrorInfo, InferJob, InferResult } from "../../operators/types.js";
-import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN, WORKERS_BUCKET, VERSION_RE, DEADLINE_RE, replaySubjects, REPLAY_HEADERS, SESSION_RE } from "../../proto/wire.js";
+import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, WORKERS_BUCKET, VERSION_RE, DEADLINE_RE, replaySubjects, REPLAY_HEADERS, SESSION_RE } from "../../proto/wire.js";
 import { inferencePipeline } from "../request-path.js";
 import { defaultConfig, type SluiceConfig } from "../config.js";
 import { getStoredResult } from "../intake/jetstream.js";
@@ -55,6 +55,8 @@ import { silentLogger, type PipelineLogger } from "../service.js";
 import { WorkerClient } from "../workers/client.js";
 import { WorkerDirectory } from "../workers/directory.js";
 import { WorkerPool, type WorkerConnection } from "../workers/pool.js";
+import { headerValue, sanitizeHeader } from "../support/headers.js";
+import { deadLetterHeaders, deadLetterTokens } from "../settle/dead-letter.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
@@ -184,25 +186,17 @@ export function newTraceparent(like?: string): string {
   return `00-${randomBytes(16).toString("hex")}-${randomBytes(8).toString("hex")}-${flags}`;
 }
 
-function headerOf(m: JsMsg, name: string): string | undefined {
-  const h = m.headers;
-  if (!h) return undefined;
-  const want = name.toLowerCase();
-  for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
-  return undefined;
-}
-
 function selectedOf(m: JsMsg): SelectedRequest {
   const parts = subjectParts(m.subject);
   return {
     seq: m.seq,
-    id: headerOf(m, H.msgId),
+    id: headerValue(m.headers, H.msgId),
     time: new Date(m.info.timestampNanos / 1e6),
     subject: m.subject,
     tenant: parts.tenant,
     model: parts.model,
     priority: parts.priority,
-    traceparent: headerOf(m, H.traceparent),
+    traceparent: headerValue(m.headers, H.traceparent),
   };
 }
 
@@ -229,10 +223,10 @@ function matcher(s: ReplaySelection): (m: JsMsg) => boolean {
       if (priorities && (p.priority === undefined || !priorities.has(p.priority))) return false;
     }
     if (ids) {
-      const id = headerOf(m, H.msgId);
+      const id = headerValue(m.headers, H.msgId);
       if (id === undefined || !ids.has(id)) return false;
     }
-    if (traceId !== undefined && traceIdOf(headerOf(m, H.traceparent)) !== traceId) return false;
+    if (traceId !== undefined && traceIdOf(headerValue(m.headers, H.traceparent)) !== traceId) return false;
     return true;
   };
 }
@@ -609,9 +603,7 @@ export class ReplayDelivery implements Delivery {
     return this.how;
   }
   header(name: string): string | undefined {
-    const want = name.toLowerCase();
-    for (const [k, v] of this.record.headers) if (k.toLowerCase() === want) return v;
-    return undefined;
+    return headerValue(this.record.headers, name);
   }
   headerEntries(): Array<[string, string]> {
     return this.record.headers.map(([k, v]): [string, string] => [k, v]);
@@ -635,14 +627,6 @@ function recordOf(d: Delivery): ReplayRecord | undefined {
 }
 
 const encoder = new TextEncoder();
-
-/** Headers of a request that are not copied into a replay dead letter. */
-const NOT_COPIED = new Set(["nats-msg-id", "nats-expected-stream", "nats-expected-last-sequence", "nats-expected-last-msg-id"]);
-
-function sanitizeHeader(s: string): string {
-  // eslint-disable-next-line no-control-regex
-  return s.replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
-}
 
 /**
  * The replay's {@link ResultSink}: results on `infer.replay.<session>.res.<tenant>.<id>`, dead
@@ -681,20 +665,10 @@ export class ReplayResultSink implements ResultSink {
   }
 
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
-    const d = letter.delivery;
-    const h = natsHeaders();
-    for (const [k, v] of d.headerEntries()) if (!NOT_COPIED.has(k.toLowerCase())) h.append(k, v);
-    const originalId = d.header(H.msgId);
-    if (originalId !== undefined) h.set("Infer-Request-Id", sanitizeHeader(originalId));
-    h.set(H.originalSubject, d.subject);
-    h.set(H.errorCode, letter.error.code);
-    h.set(H.errorReason, sanitizeHeader(letter.error.message));
-    h.set(H.deliveries, String(d.deliveryCount));
-    h.set("Infer-Original-Seq", String(d.seq));
-    const tenant = letter.tenant !== undefined && TOKEN_RE.test(letter.tenant) ? letter.tenant : UNKNOWN_TOKEN;
-    const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
-    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), d.data, { headers: h });
+    const { tenant, model } = deadLetterTokens(letter);
+    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), letter.delivery.data, { headers: deadLetterHeaders(letter) });
   }
+
 }
 
 // ---- the replay ---------------------------------------------------------------------------
@@ -832,7 +806,7 @@ function replayHeaders(m: JsMsg, session: string, traceparent: string, nowMs: nu
   out.push([H.traceparent, traceparent]);
   out.push([REPLAY_HEADERS.session, session]);
   out.push([REPLAY_HEADERS.ofSeq, String(m.seq)]);
-  const original = headerOf(m, H.traceparent);
+  const original = headerValue(m.headers, H.traceparent);
   if (original !== undefined) out.push([REPLAY_HEADERS.ofTraceparent, sanitizeHeader(original)]);
   return out;
 }
@@ -1160,7 +1134,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
         msg,
         tenant: parts.tenant,
         model: parts.model,
-        id: headerOf(msg, H.msgId),
+        id: headerValue(msg.headers, H.msgId),
         recorded: undefined,
         ready: Promise.resolve(),
       };
@@ -1177,7 +1151,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
       await until(() => inFlight < maxInFlight || stopped());
       if (stopped()) return;
       const now = Date.now();
-      const originalTraceparent = headerOf(p.msg, H.traceparent);
+      const originalTraceparent = headerValue(p.msg.headers, H.traceparent);
       const traceparent = newTraceparent(originalTraceparent);
       const rec: ReplayRecord = {
         seq: p.msg.seq,
