@@ -6,7 +6,6 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
-  JetStreamApiError,
   RetentionPolicy,
   StorageType,
   type Consumer,
@@ -22,6 +21,7 @@ import type { Delivery } from "../../operators/types.js";
 import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
 import type { ConsumerSettings, StreamsConfig } from "../config.js";
 import { headerValue } from "../support/headers.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 export function streamConfigs(s: StreamsConfig): StreamConfig[] {
   const common = {
@@ -89,7 +89,7 @@ export function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig
 }
 
 function isNotFound(err: unknown): boolean {
-  return err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10014);
+  return isJsApiError(err, JsApiCode.StreamNotFound, JsApiCode.ConsumerNotFound);
 }
 
 /**
@@ -132,7 +132,7 @@ export async function ensureStreams(jsm: JetStreamManager, s: StreamsConfig): Pr
         await jsm.streams.add(cfg);
       } catch (addErr) {
         // Another process created it in between: update to our configuration.
-        if (addErr instanceof JetStreamApiError && addErr.code === 10058) await jsm.streams.update(cfg.name, cfg);
+        if (isJsApiError(addErr, JsApiCode.StreamNameInUse)) await jsm.streams.update(cfg.name, cfg);
         else throw addErr;
       }
     }

@@ -38,6 +38,7 @@ import { STREAM_REQUESTS, TOKEN_RE } from "../../proto/wire.js";
 import type { ConsumerSettings } from "../config.js";
 import { ConsumerPullSource } from "./jetstream.js";
 import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;
@@ -115,7 +116,7 @@ export async function ensureDiscoveryConsumers(jsm: JetStreamManager, c: Consume
     } catch (err) {
       if (!(err instanceof JetStreamApiError)) throw err;
       await jsm.consumers.add(STREAM_REQUESTS, cfg).catch((e: unknown) => {
-        if (!(e instanceof JetStreamApiError && e.code === 10148)) throw e;
+        if (!isJsApiError(e, JsApiCode.ConsumerAlreadyExists)) throw e;
       });
     }
   }

@@ -30,10 +30,11 @@
  * ```
  */
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
-import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
+import { DeliverPolicy, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
 import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, subjects, TOKEN_RE, REQUEST_SUBJECT_RE } from "../../proto/wire.js";
 import { findStoredResult } from "../intake/jetstream.js";
 import { headerValue } from "../support/headers.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
@@ -274,7 +275,7 @@ async function getStored(jsm: JetStreamManager, stream: string, query: { seq: nu
     return await jsm.streams.getMessage(stream, query);
   } catch (err) {
     // The stream itself is missing: nothing is stored there.
-    if (err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10037)) return null;
+    if (isJsApiError(err, JsApiCode.StreamNotFound, JsApiCode.NoMessageFound)) return null;
     throw err;
   }
 }
@@ -316,7 +317,7 @@ async function duplicateWindowMs(jsm: JetStreamManager, stream: string): Promise
   try {
     return ((await jsm.streams.info(stream)).config.duplicate_window ?? 0) / 1e6;
   } catch (err) {
-    if (err instanceof JetStreamApiError && err.code === 10059) return 0;
+    if (isJsApiError(err, JsApiCode.StreamNotFound)) return 0;
     throw err;
   }
 }
