@@ -9,7 +9,8 @@
 import { InferenceClient } from "../pipeline/client/client.js";
 import { loadConfig } from "../pipeline/config.js";
 import { NatsServer } from "../pipeline/dev/nats-server.js";
-import { PipelineService, silentLogger } from "../pipeline/service.js";
+import { PipelineService } from "../pipeline/service.js";
+import { silentLogger } from "../pipeline/support/logger.js";
 import { SERVICE_PIPELINE, startTracing } from "../pipeline/telemetry/telemetry.js";
 import { SimulatedEngine } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";

@@ -19,7 +19,8 @@ import { InferenceClient } from "../pipeline/client/client.js";
 import { loadConfig } from "../pipeline/config.js";
 import { DEV_MODELS } from "../pipeline/dev/dev.js";
 import { NatsServer } from "../pipeline/dev/nats-server.js";
-import { PipelineService, silentLogger } from "../pipeline/service.js";
+import { PipelineService } from "../pipeline/service.js";
+import { silentLogger } from "../pipeline/support/logger.js";
 import { SimulatedEngine } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 

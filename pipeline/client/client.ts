@@ -13,7 +13,7 @@ import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, t
 import type { InferResult } from "../../operators/types.js";
 import { ERROR_CODES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../intake/jetstream.js";
-import { fromCarrier, type TraceCarrier, type Tracing } from "../telemetry/telemetry.js";
+import type { TraceCarrier, Tracing } from "../telemetry/telemetry.js";
 import { connectNats } from "../connection.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
@@ -215,7 +215,7 @@ export class InferenceClient {
     const parent: TraceCarrier = {};
     if (opts.traceparent) parent.traceparent = opts.traceparent;
     if (opts.tracestate) parent.tracestate = opts.tracestate;
-    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes: data.length }, fromCarrier(parent));
+    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes: data.length }, parent);
     const carrier = span?.carrier ?? parent;
     if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
     if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);

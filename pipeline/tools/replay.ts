@@ -50,11 +50,11 @@ import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, WORKERS
 import { inferencePipeline } from "../request-path.js";
 import { defaultConfig, type SluiceConfig } from "../config.js";
 import { getStoredResult } from "../intake/jetstream.js";
-import { ModelRegistry, type ModelTable } from "../routing/registry.js";
-import { silentLogger, type PipelineLogger } from "../service.js";
-import { WorkerClient } from "../workers/client.js";
-import { WorkerDirectory } from "../workers/directory.js";
-import { WorkerPool, type WorkerConnection } from "../workers/pool.js";
+import type { ModelTable } from "../routing/registry.js";
+import { silentLogger, type PipelineLogger } from "../support/logger.js";
+import type { WorkerDirectory } from "../workers/directory.js";
+import { openFleet } from "../workers/fleet.js";
+import type { WorkerConnection } from "../workers/pool.js";
 import { headerValue, sanitizeHeader } from "../support/headers.js";
 import { deadLetterHeaders, deadLetterTokens } from "../settle/dead-letter.js";
 
@@ -903,38 +903,19 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
   const jsm = await jetstreamManager(nc);
   // The same registry and worker directory as live, with a pool of its own: the replay reaches
   // the same workers, but its batches and breakers do not mix with live traffic.
-  let registry: ModelRegistry | undefined;
-  let table: ModelTable;
-  if (options.table) table = options.table;
-  else {
-    registry = await ModelRegistry.open(nc, {
-      replicas: config.streams.replicas,
-      timeoutMs: config.pipeline.defaultTimeoutMs,
-      onInvalid: (key, err) => log.warn(`replay registry: ignoring invalid value of '${key}': ${err.message}`),
-    });
-    table = registry.table;
-  }
-  const pool = new WorkerPool({
-    batchesPerWorker: config.pipeline.batchesPerWorker,
-    timeoutMs: (model) => table.timeoutMs(model),
-    connect: options.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
-    healthIntervalMs: config.pipeline.healthIntervalMs,
-    onEvent: (e) => {
-      if (e.type === "unhealthy" || e.type === "ejected" || e.type === "retry-budget-exhausted") log.warn(`replay worker pool: ${JSON.stringify(e)}`);
-    },
+  const fleet = await openFleet(nc, {
+    config,
+    log,
+    logPrefix: "replay ",
+    ...(options.table ? { table: options.table } : {}),
+    ...(options.connectWorker ? { connectWorker: options.connectWorker } : {}),
   });
-  for (const w of config.workers) pool.add(w.model, w.version, w.endpoint, w.capacity);
-  let directory: WorkerDirectory | undefined;
+  const { table, pool, directory } = fleet;
   let progressTimer: NodeJS.Timeout | undefined;
   /** Requests waiting out a nak's delay before their re-run. */
   const reruns = new Map<NodeJS.Timeout, ReplayRecord>();
   let onAbort: (() => void) | undefined;
   try {
-    directory = await WorkerDirectory.start(nc, pool, {
-      ttlMs: config.pipeline.workerTtlMs,
-      replicas: config.streams.replicas,
-      onInvalid: (key, why) => log.warn(`replay worker registry: ignoring '${key}': ${why}`),
-    });
     await warmUp(nc, directory, config.pipeline.workerTtlMs);
 
     // Credits: a request holds one from its injection to its verdict, re-runs included.
@@ -1201,8 +1182,6 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
     if (onAbort) signal?.removeEventListener("abort", onAbort);
     if (progressTimer) clearInterval(progressTimer);
     for (const t of reruns.keys()) clearTimeout(t);
-    await directory?.stop();
-    await registry?.stop();
-    await pool.stop();
+    await fleet.stop();
   }
 }

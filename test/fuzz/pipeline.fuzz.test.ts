@@ -11,7 +11,8 @@ import { headers as natsHeaders, type MsgHdrs, type Subscription } from "@nats-i
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { InferenceClient } from "../../pipeline/client/client.js";
 import { STREAM_DLQ, ERROR_CODES } from "../../proto/wire.js";
-import { PipelineService, type PipelineLogger } from "../../pipeline/service.js";
+import { PipelineService } from "../../pipeline/service.js";
+import type { PipelineLogger } from "../../pipeline/support/logger.js";
 import { infer } from "../../proto/gen/inference.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startWorker, testConfig, type TestWorker } from "../support/stack.js";
