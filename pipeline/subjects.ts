@@ -30,6 +30,8 @@ export const UNKNOWN_TOKEN = "_unknown";
 
 export const TOKEN_RE = /^[a-z0-9_-]{1,64}$/;
 export const ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
+/** A model version: 1-64 of A-Z a-z 0-9 . _ - */
+export const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
 
 export const H = {
   msgId: "Nats-Msg-Id",

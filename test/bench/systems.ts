@@ -118,7 +118,7 @@ export const sluiceSystem: BenchSystem = {
       ),
     );
     // Metrics on, as deployed, but on a free port so runs never collide over 9464.
-    const proc = spawnNode("sluice serve", [compiled("pipeline/cli.ts"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
+    const proc = spawnNode("sluice serve", [compiled("pipeline/cli/main.ts"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
       SLUICE_METRICS_PORT: "0",
     });
     try {
