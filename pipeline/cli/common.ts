@@ -91,6 +91,13 @@ export function count(value: string): number {
   return n;
 }
 
+/** Parser of a duration in milliseconds that may be fractional (a simulated device's cost). */
+export function milliseconds(value: string): number {
+  const n = Number(value);
+  if (value.trim() === "" || !Number.isFinite(n) || n < 0) throw new InvalidArgumentError("must be a number of milliseconds >= 0.");
+  return n;
+}
+
 /** Parser of a positive integer option value. */
 export function positive(value: string): number {
   const n = count(value);

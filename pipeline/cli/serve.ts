@@ -8,7 +8,7 @@ import { DevStack } from "../dev.js";
 import { PipelineService } from "../service.js";
 import { SERVICE_WORKER, startTracing, traceEngine } from "../telemetry.js";
 import { WorkerRegistration } from "../worker-directory.js";
-import { connectCli, connectFailure, count, isConnectFailure, port, positive, serverOption, serversOf, UsageError, untilSignal } from "./common.js";
+import { connectCli, connectFailure, count, isConnectFailure, milliseconds, port, positive, serverOption, serversOf, UsageError, untilSignal } from "./common.js";
 import type { CliContext } from "./program.js";
 
 /** Default metrics port of `serve` and `dev`. */
@@ -22,8 +22,8 @@ export function addServeCommands(program: Command, ctx: CliContext): void {
     .command("dev")
     .description("start a local nats-server (temporary store), a simulated worker and the pipeline")
     .option("--port <n>", "NATS client port (default: a free one)", count)
-    .option("--base-ms <n>", "simulated device time per batch, ms", count)
-    .option("--per-item-ms <n>", "simulated device time per request, ms", count)
+    .option("--base-ms <n>", "simulated device time per batch, ms", milliseconds)
+    .option("--per-item-ms <n>", "simulated device time per request, ms", milliseconds)
     .addOption(metricsPortOption())
     .action(async (o: { port?: number; baseMs?: number; perItemMs?: number; metricsPort?: number }) => {
       const dev = await DevStack.start({
@@ -85,8 +85,8 @@ export function addServeCommands(program: Command, ctx: CliContext): void {
     .option("--engine-url <url>", "where the inference server listens (vllm, deepspeed-mii; or $SLUICE_ENGINE_URL)")
     .option("--engine-model <name>", "the model name the inference server knows (or $SLUICE_ENGINE_MODEL)")
     .option("--engine-chat", "vllm: use the chat completions API")
-    .option("--base-ms <n>", "simulated engine: device time per batch, ms", count)
-    .option("--per-item-ms <n>", "simulated engine: device time per request, ms", count)
+    .option("--base-ms <n>", "simulated engine: device time per batch, ms", milliseconds)
+    .option("--per-item-ms <n>", "simulated engine: device time per request, ms", milliseconds)
     .option("--register <list>", "write this worker into the registry (bucket infer_workers) as model@version,... and keep it fresh")
     .option("--advertise <host:port>", "the endpoint registered (default: the one listened on)")
     .option("--capacity <n>", "requests this worker takes at once, as registered (default: the engine's)", positive)
