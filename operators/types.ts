@@ -3,7 +3,7 @@
  * process around it: a {@link Delivery} is any message that can be settled once.
  */
 
-/** Error codes, named as gRPC's (PROTOCOL.md, "Error codes"). */
+/** Error codes, named as gRPC's (docs/protocol.md, "Error codes"). */
 export type ErrorCode =
   | "INVALID_ARGUMENT"
   | "NOT_FOUND"
@@ -109,7 +109,7 @@ export interface Timing {
   total_ms: number;
 }
 
-/** The result payload published on `infer.res.<tenant>.<id>` (PROTOCOL.md, "A result"). */
+/** The result payload published on `infer.res.<tenant>.<id>` (docs/protocol.md, "A result"). */
 export interface InferResult {
   id: string;
   status: "ok" | "error";

@@ -19,7 +19,7 @@ import { connectNats } from "./connection.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
-/** A request that ended in an error result (or could not be sent); `code` is PROTOCOL.md's. */
+/** A request that ended in an error result (or could not be sent); `code` is docs/protocol.md's. */
 export class InferenceError extends Error {
   override readonly name = "InferenceError";
   constructor(

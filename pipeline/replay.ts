@@ -58,7 +58,7 @@ import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
-/** Subjects of a replay session (PROTOCOL.md: `infer.replay.<session>.>`). */
+/** Subjects of a replay session (docs/protocol.md: `infer.replay.<session>.>`). */
 export const replaySubjects = {
   all: (session: string): string => `infer.replay.${session}.>`,
   result: (session: string, tenant: string, id: string): string => `infer.replay.${session}.res.${tenant}.${id}`,
@@ -103,7 +103,7 @@ const LEVENSHTEIN_MAX_CELLS = 20_000_000;
 /** Line pairs above which the diff stops aligning lines and shows a block replaced. */
 const DIFF_MAX_CELLS = 4_000_000;
 
-/** A replay that cannot start (bad selection, missing stream): `code` is PROTOCOL.md's. */
+/** A replay that cannot start (bad selection, missing stream): `code` is docs/protocol.md's. */
 export class ReplayError extends Error {
   override readonly name = "ReplayError";
   constructor(

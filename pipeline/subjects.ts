@@ -1,4 +1,4 @@
-/** Subject names of PROTOCOL.md, in one place. */
+/** Subject names of docs/protocol.md, in one place. */
 import type { Priority } from "../operators/types.js";
 
 export const subjects = {

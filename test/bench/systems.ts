@@ -61,7 +61,7 @@ export interface BenchSystem {
   /** Starts the system; resolves once it consumes requests. */
   start(ctx: SystemContext): Promise<RunningSystem>;
   /**
-   * How the load generator reaches this system; requests on NATS as PROTOCOL.md has them when
+   * How the load generator reaches this system; requests on NATS as docs/protocol.md has them when
    * omitted. A baseline on another broker brings its own.
    */
   connectLoad?(ctx: SystemContext, tenant: string): Promise<LoadTarget>;
