@@ -77,6 +77,11 @@ export async function main(argv: string[]): Promise<number> {
     const cmd = argv.find((a) => !a.startsWith("-"));
     return cmd && program.commands.some((c) => c.name() === cmd) ? `sluice ${cmd}` : "sluice";
   };
+  const swallowed = optionTakenAsValue(program, argv);
+  if (swallowed !== undefined) {
+    console.error(swallowed);
+    return EXIT_USAGE;
+  }
   try {
     await program.parseAsync(argv, { from: "user" });
     return ctx.exitCode;
@@ -91,6 +96,35 @@ export async function main(argv: string[]): Promise<number> {
     if (process.env["SLUICE_DEBUG"] === "1") console.error(err);
     return code;
   }
+}
+
+/**
+ * `--prompt --tenant t`: commander takes the next argument as an option's value whatever it is,
+ * so a forgotten value would swallow the following option. Reported as the missing value it is.
+ */
+function optionTakenAsValue(program: Command, argv: readonly string[]): string | undefined {
+  let cmd = program;
+  let path = "sluice";
+  const isOption = (c: Command, arg: string): boolean =>
+    arg === "-h" || arg === "--help" || c.options.some((o) => o.long === arg.split("=")[0] || o.short === arg);
+  for (let i = 0; i < argv.length; i++) {
+    const arg = argv[i]!;
+    const sub = arg.startsWith("-") ? undefined : cmd.commands.find((c) => c.name() === arg);
+    if (sub) {
+      // Messages name the top-level command, as commander's own do.
+      if (cmd === program) path = `sluice ${sub.name()}`;
+      cmd = sub;
+      continue;
+    }
+    const opt = cmd.options.find((o) => o.long === arg || o.short === arg);
+    if (!opt || !(opt.required || opt.optional)) continue;
+    const next = argv[i + 1];
+    if (next !== undefined && isOption(cmd, next)) {
+      return `${path}: option '${opt.flags}' argument missing (the next argument is the option '${next}')`;
+    }
+    i++;
+  }
+  return undefined;
 }
 
 /** The one line and exit status of an error thrown by a command. */

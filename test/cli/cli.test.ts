@@ -55,9 +55,10 @@ describe("sluice CLI: usage mistakes are one line and exit 2", function () {
   this.timeout(120_000);
 
   it("a mistyped option, a missing value, an unknown command, a bad choice, a missing required option", async () => {
-    const [typo, noValue, unknown, priority, noTenant, badPort] = await Promise.all([
+    const [typo, noValue, swallowed, unknown, priority, noTenant, badPort] = await Promise.all([
       sluice(["publish", "--tenant", "t", "--model", "echo", "--promt", "hi"]),
       sluice(["publish", "--tenant", "t", "--model", "echo", "--prompt"]),
+      sluice(["publish", "--tenant", "--model", "echo", "--prompt", "hi"]),
       sluice(["frobnicate"]),
       sluice(["publish", "--tenant", "t", "--model", "echo", "--prompt", "hi", "--priority", "urgent"]),
       sluice(["publish", "--model", "echo", "--prompt", "hi"]),
@@ -65,6 +66,7 @@ describe("sluice CLI: usage mistakes are one line and exit 2", function () {
     ]);
     expectOneLine(typo, 2, "sluice publish: unknown option '--promt'", "--prompt");
     expectOneLine(noValue, 2, "sluice publish:", "--prompt", "argument missing");
+    expectOneLine(swallowed, 2, "sluice publish: option '-t, --tenant <tenant>' argument missing", "'--model'");
     expectOneLine(unknown, 2, "unknown command 'frobnicate'");
     expectOneLine(priority, 2, "'urgent'", "high, normal, low");
     expectOneLine(noTenant, 2, "--tenant is required");
