@@ -98,8 +98,13 @@ interface Waiter {
 }
 
 const encoder = new TextEncoder();
-/** Room left for a request's headers when its size is checked against the server's max_payload. */
-const HEADER_ALLOWANCE = 1_024;
+
+/** Size of a header block on the wire: `NATS/1.0`, a line per value, a blank line. */
+function headerBytes(h: ReturnType<typeof natsHeaders>): number {
+  let n = "NATS/1.0\r\n\r\n".length;
+  for (const [k, vs] of h) for (const v of vs) n += encoder.encode(`${k}: ${v}\r\n`).length;
+  return n;
+}
 
 function kib(bytes: number): string {
   return bytes % 1024 === 0 ? `${bytes / 1024} KiB` : `${(bytes / 1024).toFixed(1)} KiB`;
@@ -260,7 +265,7 @@ export class InferenceClient {
     if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
     if (opts.stream) h.set(H.stream, "1");
     const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
-    this.checkSize(data.length);
+    this.checkBodySize(data.length);
     const subject = subjects.request(priority, this.tenant, model);
     const parent: TraceCarrier = {};
     if (opts.traceparent) parent.traceparent = opts.traceparent;
@@ -269,6 +274,12 @@ export class InferenceClient {
     const carrier = span?.carrier ?? parent;
     if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
     if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);
+    // The message as the server counts it: body and headers, with the Nats-Msg-Id JetStream adds.
+    const overServer = this.overServerMax(data.length, headerBytes(h) + `${H.msgId}: ${id}\r\n`.length);
+    if (overServer) {
+      span?.end(overServer.code, overServer);
+      throw overServer;
+    }
     try {
       const ack = await this.js.publish(subject, data, { msgID: id, headers: h });
       span?.setAttributes({ "sluice.stream.sequence": ack.seq, ...(ack.duplicate ? { "sluice.duplicate": true } : {}) });
@@ -322,24 +333,24 @@ export class InferenceClient {
     }
   }
 
-  /**
-   * Refuses a body the pipeline would answer INVALID_ARGUMENT for its size, or the NATS server
-   * would refuse (its `max_payload`; the headers take a little of it too).
-   */
-  private checkSize(bytes: number): void {
+  /** Refuses a body the pipeline would answer INVALID_ARGUMENT for its size. */
+  private checkBodySize(bytes: number): void {
     if (bytes > this.maxPayloadBytes) {
       throw new InferenceError(
         "INVALID_ARGUMENT",
         `request body of ${bytes} bytes is over the request size limit of ${this.maxPayloadBytes} bytes (${kib(this.maxPayloadBytes)})`,
       );
     }
+  }
+
+  /** The error for a message the NATS server would refuse (over its `max_payload`), if it is one. */
+  private overServerMax(bodyBytes: number, headerBytes: number): InferenceError | undefined {
     const serverMax = this.nc.info?.max_payload;
-    if (serverMax !== undefined && serverMax > 0 && bytes + HEADER_ALLOWANCE > serverMax) {
-      throw new InferenceError(
-        "INVALID_ARGUMENT",
-        `request body of ${bytes} bytes with its headers is over the NATS server's max_payload of ${serverMax} bytes (${kib(serverMax)})`,
-      );
-    }
+    if (serverMax === undefined || serverMax <= 0 || bodyBytes + headerBytes <= serverMax) return undefined;
+    return new InferenceError(
+      "INVALID_ARGUMENT",
+      `request body of ${bodyBytes} bytes with ${headerBytes} bytes of headers is over the NATS server's max_payload of ${serverMax} bytes (${kib(serverMax)})`,
+    );
   }
 
   /**
