@@ -8,11 +8,12 @@ import { createHash } from "node:crypto";
 import type { IncomingHttpHeaders } from "node:http";
 import { Kvm, type KV } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { watchBucket, type BucketWatch } from "../kv-watch.js";
-import { TOKEN_RE } from "../subjects.js";
+import { watchBucket, type BucketWatch } from "../routing/kv-watch.js";
+import { API_KEYS_BUCKET, TOKEN_RE } from "../../proto/wire.js";
 import { HttpError } from "./errors.js";
 
-export const API_KEYS_BUCKET = "infer_api_keys";
+export { API_KEYS_BUCKET };
+
 
 /** The hex SHA-256 of a key: what is stored in place of the key. */
 export function hashApiKey(key: string): string {

@@ -3,7 +3,7 @@
  * with the HTTP status that the sluice error code maps to.
  */
 import type { ServerResponse } from "node:http";
-import type { ErrorCode } from "../../operators/types.js";
+import type { ErrorCode } from "../../proto/wire.js";
 
 /** Codes the gateway itself answers with, besides the pipeline's error codes. */
 export type GatewayCode = ErrorCode | "UNAUTHENTICATED" | "PERMISSION_DENIED" | "PAYLOAD_TOO_LARGE" | "METHOD_NOT_ALLOWED";

@@ -3,9 +3,10 @@
  * and their results into the HTTP answer (JSON, server-sent events, or 202 for later).
  */
 import type { IncomingMessage, ServerResponse } from "node:http";
-import { ERROR_CODES, type ErrorCode, type InferResult } from "../../operators/types.js";
-import { InferenceError, type InferBody, type InferenceClient, type InferOptions } from "../client.js";
-import type { ModelTable } from "../registry.js";
+import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
+import type { InferResult } from "../../operators/types.js";
+import { InferenceError, type InferBody, type InferenceClient, type InferOptions } from "../client/client.js";
+import type { ModelTable } from "../routing/registry.js";
 import { readJsonObject, field } from "./body.js";
 import { Callbacks, parseCallbackUrl } from "./callbacks.js";
 import type { GatewaySettings } from "./config.js";

@@ -4,7 +4,7 @@
  */
 import type { IncomingHttpHeaders } from "node:http";
 import { nuid } from "@nats-io/transport-node";
-import { PRIORITIES, type Priority } from "../../operators/types.js";
+import { PRIORITIES, type Priority } from "../../proto/wire.js";
 import type { GatewaySettings } from "./config.js";
 import { HttpError } from "./errors.js";
 

@@ -6,8 +6,9 @@
  */
 import { Kvm, type KV } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { HTTP_REQUESTS_BUCKET } from "../../proto/wire.js";
 
-export const HTTP_REQUESTS_BUCKET = "infer_http_requests";
+export { HTTP_REQUESTS_BUCKET };
 
 /** Which endpoint accepted the request: how its result is presented. */
 export type RequestKind = "chat" | "completion" | "embeddings" | "infer";

@@ -16,10 +16,10 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from "node:net";
 import { performance } from "node:perf_hooks";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { InferenceClient } from "../client.js";
+import { InferenceClient } from "../client/client.js";
 import { connectNats } from "../connection.js";
-import { ModelRegistry } from "../registry.js";
-import type { Tracing } from "../telemetry.js";
+import { ModelRegistry } from "../routing/registry.js";
+import type { Tracing } from "../telemetry/telemetry.js";
 import { ApiKeys } from "./auth.js";
 import { Callbacks } from "./callbacks.js";
 import { defaultGatewaySettings, validateGatewaySettings, type GatewaySettings } from "./config.js";

@@ -13,7 +13,7 @@ import { Agent, request } from "node:http";
 import { writeFile } from "node:fs/promises";
 import { join } from "node:path";
 import { performance } from "node:perf_hooks";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { hashApiKey } from "../../pipeline/gateway/auth.js";
 import { compiled, makeTempDir, removeTempDir, spawnNode, startNats, startWorkerProcess, stopNats, type BenchChild } from "./procs.js";
 

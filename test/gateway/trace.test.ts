@@ -3,10 +3,11 @@
  * the worker's spans all join the caller's trace, exported over OTLP to a real receiver.
  */
 import { expect } from "chai";
-import { PipelineService, silentLogger } from "../../pipeline/service.js";
+import { PipelineService } from "../../pipeline/service.js";
+import { silentLogger } from "../../pipeline/support/logger.js";
 import { SERVICE_GATEWAY } from "../../pipeline/gateway/server.js";
-import { SERVICE_PIPELINE, SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "../../pipeline/telemetry.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SERVICE_PIPELINE, SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "../../pipeline/telemetry/telemetry.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { WorkerServer } from "../../worker/server.js";
 import { OtlpReceiver } from "../support/otlp-receiver.js";
 import { useNats } from "../support/nats.js";
