@@ -1,6 +1,6 @@
 /**
  * Callbacks: the answer of an async request POSTed to its `callback_url`, signed, and retried
- * with a growing delay (with jitter) until the receiver answers 2xx, for at most
+ * with a growing delay (the shared backoff, with jitter) until the receiver answers 2xx, for at most
  * `callbackMaxAttempts` deliveries. A 4xx other than 408 and 429 is final.
  *
  * Signature (as Stripe's): header `X-Sluice-Signature: t=<unix seconds>,v1=<hex>` where hex is
@@ -12,6 +12,7 @@
  * before the result arrives loses them (the result stays readable with GET /v1/requests/{id}).
  */
 import { createHmac, timingSafeEqual } from "node:crypto";
+import { backoffMs } from "../../operators/support/backoff.js";
 import type { GatewaySettings } from "./config.js";
 import { HttpError } from "./errors.js";
 import type { HttpAnswer } from "./present.js";
@@ -35,10 +36,9 @@ export function verifyCallback(secret: string, body: string, header: string | un
   return want.length === got.length && timingSafeEqual(want, got);
 }
 
-/** Delay before delivery `attempt` (2, 3, …): base · 2^(attempt-2), capped, times a jitter of 0.5-1. */
+/** Delay before delivery `attempt` (2, 3, …): the shared backoff, base · 2^(attempt-2) capped, plus jitter. */
 export function callbackDelayMs(attempt: number, baseMs: number, maxMs: number, random: () => number = Math.random): number {
-  const d = Math.min(maxMs, baseMs * 2 ** Math.max(0, attempt - 2));
-  return d * (0.5 + random() / 2);
+  return backoffMs(attempt - 2, { baseMs, maxMs }, random);
 }
 
 /** A callback's URL, checked: http or https only. */

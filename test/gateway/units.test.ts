@@ -37,10 +37,10 @@ describe("gateway parts", () => {
     expect(verifyCallback("k", '{"x":1}', undefined)).to.equal(false);
   });
 
-  it("callback delays double from the base, capped, with a jitter of 0.5-1", () => {
-    expect([2, 3, 4, 5].map((a) => callbackDelayMs(a, 100, 1_000, () => 1))).to.deep.equal([100, 200, 400, 800]);
-    expect(callbackDelayMs(9, 100, 1_000, () => 1)).to.equal(1_000);
-    expect(callbackDelayMs(3, 100, 1_000, () => 0)).to.equal(100);
+  it("callback delays double from the base, capped, jitter only adding", () => {
+    expect([2, 3, 4, 5].map((a) => callbackDelayMs(a, 100, 1_000, () => 0))).to.deep.equal([100, 200, 400, 800]);
+    expect(callbackDelayMs(9, 100, 1_000, () => 0)).to.equal(1_000);
+    expect(callbackDelayMs(3, 100, 1_000, () => 0.5)).to.equal(220);
     expect(thrown(() => parseCallbackUrl("file:///etc/passwd")).param).to.equal("callback_url");
   });
 
