@@ -72,10 +72,10 @@ export async function runHttpScenario(quick: boolean, log: (line: string) => voi
         gateway: { apiKeys: { [hashApiKey(KEY)]: TENANT } },
       }),
     );
-    const serve = spawnNode("sluice serve", [compiled("pipeline/cli.ts"), "serve", "--config", configFile, "--server", nats.url], { SLUICE_METRICS_PORT: "0" });
+    const serve = spawnNode("sluice serve", [compiled("pipeline/cli/main.ts"), "serve", "--config", configFile, "--server", nats.url], { SLUICE_METRICS_PORT: "0" });
     procs.push(serve);
     await serve.waitFor(/sluice serve ready/);
-    const gateway = spawnNode("sluice gateway", [compiled("pipeline/cli.ts"), "gateway", "--config", configFile, "--server", nats.url, "--port", "0", "--host", "127.0.0.1"]);
+    const gateway = spawnNode("sluice gateway", [compiled("pipeline/cli/main.ts"), "gateway", "--config", configFile, "--server", nats.url, "--port", "0", "--host", "127.0.0.1"]);
     procs.push(gateway);
     const base = (await gateway.waitFor(/sluice gateway ready: (http:\S+)/))[1]!;
     const url = new URL(`${base}/completions`);
