@@ -6,7 +6,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { Subject, tap, type Observable, type Subscription } from "rxjs";
-import { pullByPriority, type PriorityClass } from "../operators/pull-by-priority.js";
+import { creditGate, type GateLane } from "./intake/credit-gate.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { InferResult, Outcome, Priority } from "../operators/types.js";
 import { inferencePipeline } from "./compose.js";
@@ -177,14 +177,14 @@ export class PipelineService {
     const { pipeline: p, consumer: c } = this.config;
     this.cancels.listen(this.nc);
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
-    const classes: PriorityClass[] = [];
+    const lanes: GateLane[] = [];
     const termReason = honoursTermReason(this.nc.info?.version);
     for (const priority of p.priorities) {
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
       if (p.tenantLanes) continue;
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
-      classes.push({ name: priority, source: new ConsumerPullSource(consumer, { termReason }), weight: p.priorityWeights[priority] ?? 1 });
+      lanes.push({ key: priority, priority, source: new ConsumerPullSource(consumer, { termReason }) });
     }
     const onPullError = (priority: Priority, err: unknown): void => {
       this.stats.pullErrors++;
@@ -207,12 +207,14 @@ export class PipelineService {
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
         })
-      : pullByPriority(classes, {
+      : creditGate({
+          lanes,
           maxUnsettled: p.maxInFlight,
+          weights: p.priorityWeights,
           expiresMs: p.pullExpiresMs,
           workingIntervalMs,
-          onPullError: (priority, err) => onPullError(priority as Priority, err),
-          onUnsettledChange: (priority, n) => this.noteUnsettled(priority as Priority, n),
+          onPullError: (lane, err) => onPullError(lane.priority, err),
+          onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;

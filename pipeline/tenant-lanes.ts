@@ -31,10 +31,30 @@ import {
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
-import { CreditedDelivery, type PullBatch } from "../operators/pull-with-credits.js";
+import { CreditedDelivery, type AsyncPull } from "./intake/credit-gate.js";
 import type { Delivery, Priority } from "../operators/types.js";
 import type { ConsumerSettings } from "./config.js";
-import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
+import { JsDelivery, STREAM_REQUESTS } from "./jetstream.js";
+
+type PullBatch<M> = AsyncPull & AsyncIterable<M>;
+
+/** A lane's consumer, one fetch per pull. */
+class ConsumerPullSource {
+  constructor(
+    private readonly consumer: Consumer,
+    private readonly opts: { termReason: boolean },
+  ) {}
+  async pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>> {
+    const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
+    const opts = this.opts;
+    return {
+      close: () => it.close(),
+      async *[Symbol.asyncIterator]() {
+        for await (const m of it) yield new JsDelivery(m, opts);
+      },
+    };
+  }
+}
 import { TOKEN_RE } from "./subjects.js";
 
 export interface TenantLanesOptions {
@@ -150,7 +170,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
     const unsettledByPriority = new Map<Priority, number>(o.priorities.map((p) => [p, 0]));
     const held = new Set<CreditedDelivery>();
     const heldSeqs = new Set<number>();
-    const discoveries = new Set<PullBatch<unknown> & { close(): Promise<unknown> }>();
+    const discoveries = new Set<{ close(): Promise<unknown> }>();
     const timers = new Set<NodeJS.Timeout>();
 
     const later = (ms: number, f: () => void): void => {

@@ -127,9 +127,11 @@ export function schedule(lanes: readonly LaneState[], policy: SchedulePolicy): P
   }
 
   // 3. Leftovers (rounding, or shares a lane cannot use yet): lend them to the busy lane with the
-  //    largest deficit that has no pull of its own open, so no credit idles under a backlog.
+  //    largest deficit that has no pull of its own open, so no credit idles under a backlog; a
+  //    lane with a pull open takes them only when they make a pull worth opening.
   if (free > 0) {
-    const lend = deficits.find(({ l }) => l.requested === 0 && !pulled.has(l.key)) ?? (free >= Math.max(1, Math.floor(max / 8)) ? deficits[0] : undefined);
+    const worth = (d: (typeof deficits)[number]): boolean => free >= Math.max(1, Math.floor(max / 8), Math.floor(d.target * minPullFraction));
+    const lend = deficits.find(({ l }) => l.requested === 0 && !pulled.has(l.key)) ?? deficits.find((d) => !pulled.has(d.l.key) && worth(d));
     if (lend) open(lend.l, free, true);
   }
   return mergeOrders(out);
