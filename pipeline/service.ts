@@ -17,7 +17,8 @@ import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honour
 import { ModelRegistry } from "./registry.js";
 import { StreamResultSink } from "./result-sink.js";
 import { CancelRegistry } from "./cancel.js";
-import { ensureDiscoveryConsumers, tenantLaneSource } from "./tenant-lanes.js";
+import { laneIntake } from "./intake/lanes.js";
+import { laneConsumerPrefix } from "./intake/lane-protocol.js";
 import { TenantRegistry } from "./tenant-limits.js";
 import { subjects } from "./subjects.js";
 import { WorkerDirectory } from "./worker-directory.js";
@@ -121,10 +122,8 @@ export class PipelineService {
     try {
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);
-      // One durable consumer per priority: the discovery consumers of the tenant lanes, or the
-      // work consumers themselves when lanes are off.
-      if (config.pipeline.tenantLanes) await ensureDiscoveryConsumers(jsm, config.consumer, config.pipeline.priorities);
-      else await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
+      // One shared durable consumer per priority (tenant lanes come and go beside them).
+      await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
       const registry = await ModelRegistry.open(nc, {
         replicas: config.streams.replicas,
         seed: config.models,
@@ -182,7 +181,6 @@ export class PipelineService {
     for (const priority of p.priorities) {
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
-      if (p.tenantLanes) continue;
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
       lanes.push({ key: priority, priority, source: new ConsumerPullSource(consumer, { termReason }) });
     }
@@ -193,7 +191,8 @@ export class PipelineService {
     };
     const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
     const source$ = p.tenantLanes
-      ? tenantLaneSource({
+      ? laneIntake({
+          nc: this.nc,
           js: this.js,
           jsm: this.jsm,
           termReason,
@@ -251,7 +250,7 @@ export class PipelineService {
       const sums = new Map<Priority, { pending: number; ackPending: number }>(p.priorities.map((pr) => [pr, { pending: 0, ackPending: 0 }]));
       for await (const ci of this.jsm.consumers.list(STREAM_REQUESTS)) {
         for (const pr of p.priorities) {
-          const mine = p.tenantLanes ? ci.name.startsWith(`${c.durablePrefix}-${pr}-t-`) : ci.name === durableName(c, pr);
+          const mine = ci.name === durableName(c, pr) || ci.name.startsWith(laneConsumerPrefix(c.durablePrefix, pr));
           if (!mine) continue;
           const sum = sums.get(pr)!;
           sum.pending += ci.num_pending;
@@ -262,7 +261,7 @@ export class PipelineService {
     });
     this.running = true;
     this.log.info(
-      `pipeline consuming ${p.priorities.join(", ")} (${p.tenantLanes ? "a lane per tenant" : "one consumer per priority"}; at most ${p.maxInFlight} in flight)`,
+      `pipeline consuming ${p.priorities.join(", ")} (one consumer per priority${p.tenantLanes ? ", and a lane for a tenant while it floods" : ""}; at most ${p.maxInFlight} in flight)`,
     );
   }
 

@@ -67,10 +67,11 @@ export interface CreditGateOptions {
   /** Held deliveries older than this are reported `working()`; 0 turns it off. */
   workingIntervalMs?: number;
   /**
-   * Sees each delivery before it is emitted; returning false means the caller has settled it
-   * (e.g. acknowledged it as served by another lane): it is not emitted.
+   * Sees each delivery (holding its credit) before it is emitted, and decides: `emit(d)` now or
+   * later, or settle it instead (acknowledged as served by another lane, say), which returns the
+   * credit. Without it every delivery is emitted at once.
    */
-  admit?: (lane: GateLane, d: Delivery) => boolean;
+  admit?: (lane: GateLane, d: CreditedDelivery, emit: (d: CreditedDelivery) => void) => void;
   drain?: Observable<unknown>;
   onPullError?: (lane: GateLane, err: unknown) => void;
   /** Unsettled deliveries per priority, at each change. */
@@ -184,6 +185,10 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       }
     };
 
+    const emit = (d: CreditedDelivery): void => {
+      if (!d.settled && !subscriber.closed) subscriber.next(d);
+    };
+
     const release = (r: LaneRun, d: CreditedDelivery): void => {
       held.delete(d);
       r.seqs.delete(d.seq);
@@ -248,13 +253,13 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
             return;
           }
           if (r.seqs.has(m.seq)) return;
-          if (opts.admit && !opts.admit(r.lane, m)) return;
           const d = new CreditedDelivery(m, (x) => release(r, x));
           held.add(d);
           r.seqs.add(m.seq);
           r.unsettled++;
           noteUnsettled(r.lane.priority, +1);
-          subscriber.next(d);
+          if (opts.admit) opts.admit(r.lane, d, emit);
+          else subscriber.next(d);
         },
         error: (err: unknown) => end(err ?? new Error("pull failed")),
         complete: () => end(undefined),
@@ -340,6 +345,10 @@ export class CreditedDelivery implements Delivery {
     private readonly inner: Delivery,
     private readonly onSettle: (d: CreditedDelivery, how: "ack" | "nak" | "term") => void,
   ) {}
+  /** The delivery as the pull source made it. */
+  get source(): Delivery {
+    return this.inner;
+  }
   get subject(): string {
     return this.inner.subject;
   }

@@ -146,3 +146,13 @@ function mergeOrders(orders: PullOrder[]): PullOrder[] {
   }
   return [...by.values()];
 }
+
+/**
+ * Whether a tenant seen on a priority's shared consumer should get a lane of its own: the shared
+ * consumer has a backlog of at least `minBacklog` behind this request, and the tenant took more
+ * than half of the last `window` requests it served (its burst stands in front of the others).
+ * Two tenants with equal bursts share the stream order fairly and get no lane.
+ */
+export function wantsLane(o: { tenantCount: number; window: number; windowFull: boolean; backlog: number; minBacklog: number; lanes: number; maxLanes: number }): boolean {
+  return o.windowFull && o.backlog >= o.minBacklog && o.tenantCount * 2 > o.window && o.lanes < o.maxLanes;
+}
