@@ -70,6 +70,10 @@ export const LANE_STAGE_TTL_MS = 5_000;
 export const LANE_CHECK_MS = 500;
 /** Cost of a shared consumer's request against a lane's (1): it gets twice a lane's share. */
 export const SHARED_COST = 0.5;
+/** A flood gets a lane only when another tenant of its priority was served this recently. */
+export const LANE_PEER_WINDOW_MS = 30_000;
+/** Tenants remembered per priority for that (the most recent ones). */
+const PEERS_REMEMBERED = 64;
 /** Deferred requests come back after this long. */
 export const LANE_DEFER_MS = 200;
 
@@ -97,8 +101,8 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
     let announcements: NatsSubscription | undefined;
     let checkTimer: NodeJS.Timeout | undefined;
     // The tenants of the last `window` requests each shared consumer served.
-    const recent = new Map<Priority, { ring: string[]; at: number; count: Map<string, number> }>(
-      o.priorities.map((p) => [p, { ring: [], at: 0, count: new Map() }]),
+    const recent = new Map<Priority, { ring: string[]; at: number; count: Map<string, number>; lastSeen: Map<string, number> }>(
+      o.priorities.map((p) => [p, { ring: [], at: 0, count: new Map(), lastSeen: new Map() }]),
     );
 
     const sleep = (ms: number): Promise<void> =>
@@ -293,9 +297,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       r.at = (r.at + 1) % window;
       const n = (r.count.get(tenant) ?? 0) + 1;
       r.count.set(tenant, n);
+      const now = Date.now();
+      r.lastSeen.delete(tenant);
+      r.lastSeen.set(tenant, now);
+      if (r.lastSeen.size > PEERS_REMEMBERED) r.lastSeen.delete(r.lastSeen.keys().next().value!);
       const backlog = d.source instanceof JsDelivery ? d.source.msg.info.pending : 0;
       const k = keyOf(p, tenant);
-      if (!views.has(k) && !busy.has(k) && wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes })) {
+      if (n * 2 <= window || views.has(k) || busy.has(k)) return;
+      let othersActive = false;
+      for (const [t, at] of r.lastSeen) if (t !== tenant && now - at <= LANE_PEER_WINDOW_MS) othersActive = true;
+      if (wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
         void openLane(p, tenant);
       }
     };

@@ -151,8 +151,20 @@ function mergeOrders(orders: PullOrder[]): PullOrder[] {
  * Whether a tenant seen on a priority's shared consumer should get a lane of its own: the shared
  * consumer has a backlog of at least `minBacklog` behind this request, and the tenant took more
  * than half of the last `window` requests it served (its burst stands in front of the others).
- * Two tenants with equal bursts share the stream order fairly and get no lane.
+ * Two tenants with equal bursts share the stream order fairly and get no lane, and so does a
+ * tenant alone in its priority (no other tenant served lately): its lane would only add a
+ * delivery per request.
  */
-export function wantsLane(o: { tenantCount: number; window: number; windowFull: boolean; backlog: number; minBacklog: number; lanes: number; maxLanes: number }): boolean {
-  return o.windowFull && o.backlog >= o.minBacklog && o.tenantCount * 2 > o.window && o.lanes < o.maxLanes;
+export function wantsLane(o: {
+  tenantCount: number;
+  window: number;
+  windowFull: boolean;
+  backlog: number;
+  minBacklog: number;
+  lanes: number;
+  maxLanes: number;
+  /** Another tenant of the priority was served lately: a lone tenant's lane would only cost. */
+  othersActive: boolean;
+}): boolean {
+  return o.othersActive && o.windowFull && o.backlog >= o.minBacklog && o.tenantCount * 2 > o.window && o.lanes < o.maxLanes;
 }

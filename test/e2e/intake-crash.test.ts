@@ -76,7 +76,10 @@ describe("intake: two pipelines, tenants coming and going, a SIGKILL", function 
       inflight.add(p);
       if (inflight.size >= 500) await Promise.race(inflight);
     };
-    // A flood, then many small tenants and a trickle, in waves, while the first pipeline dies.
+    // A tenant served lately (a flood gets a lane only beside others), then a flood, then many
+    // small tenants and a trickle, in waves, while the first pipeline dies.
+    await send("trickle", "warm");
+    await waitFor("the warm-up answered", () => seen.has("warm"));
     for (let i = 0; i < 4_000; i++) await send("flood", `f${i}`);
     let lanesSeen = 0;
     for (let wave = 0; wave < 6; wave++) {

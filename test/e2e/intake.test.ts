@@ -97,6 +97,8 @@ describe("intake: bounded consumers at many tenants", function () {
   });
 
   it("gives a flooding tenant a lane while it floods, and deletes it once drained", async () => {
+    // Another tenant served lately: a flood gets a lane only beside others.
+    await run([{ tenant: "warm", id: "warm-0" }]);
     const flood = Array.from({ length: 4_000 }, (_, i) => ({ tenant: "flood", id: `flood-${i}` }));
     const others = Array.from({ length: 200 }, (_, i) => ({ tenant: `o${i % 50}`, id: `other-${i}` }));
     const most = await run([...flood, ...others]);

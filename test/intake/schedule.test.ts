@@ -1,5 +1,5 @@
 import { expect } from "chai";
-import { schedule, type LaneState, type PullOrder, type SchedulePolicy } from "../../pipeline/intake/schedule.js";
+import { schedule, wantsLane, type LaneState, type PullOrder, type SchedulePolicy } from "../../pipeline/intake/schedule.js";
 
 const policy = (maxUnsettled: number): SchedulePolicy => ({ maxUnsettled, weights: { high: 8, normal: 4, low: 1 } });
 const lane = (key: string, over: Partial<LaneState> = {}): LaneState => ({ key, priority: "normal", requested: 0, unsettled: 0, backlog: true, ...over });
@@ -104,5 +104,15 @@ describe("intake schedule (pure policy)", () => {
       // A free credit with a busy, unblocked lane holding nothing is never left unused.
       if (free > 0 && lanes.some((l) => l.backlog && l.blocked !== true && l.requested + l.unsettled === 0)) expect(total(orders)).to.be.greaterThan(0);
     }
+  });
+
+  it("gives a lane to a tenant flooding beside others only", () => {
+    const base = { tenantCount: 20, window: 32, windowFull: true, backlog: 1_000, minBacklog: 256, lanes: 0, maxLanes: 16, othersActive: true };
+    expect(wantsLane(base)).to.equal(true);
+    expect(wantsLane({ ...base, othersActive: false }), "alone in its priority").to.equal(false);
+    expect(wantsLane({ ...base, tenantCount: 16 }), "half the window: two equal floods").to.equal(false);
+    expect(wantsLane({ ...base, backlog: 255 }), "no backlog behind it").to.equal(false);
+    expect(wantsLane({ ...base, windowFull: false }), "too few seen yet").to.equal(false);
+    expect(wantsLane({ ...base, lanes: 16 }), "lanes capped").to.equal(false);
   });
 });
