@@ -18,7 +18,9 @@
  * closed and the gate completes once everything it delivered has been settled.
  */
 import { asyncScheduler, Observable, type SchedulerLike, type Subscription } from "rxjs";
-import type { Delivery, Priority } from "../../operators/types.js";
+import type { Delivery } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
+import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
 import { schedule, type LaneState } from "./schedule.js";
 
 /** Where messages come from. A pull emits up to `max` messages and completes when it ends. */
@@ -77,13 +79,15 @@ export interface CreditGateOptions {
   /** Unsettled deliveries per priority, at each change. */
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
   scheduler?: SchedulerLike;
+  /** Random source of the backoff's jitter, in [0, 1) (tests pass their own). */
+  random?: () => number;
 }
 
 export const DEFAULT_PULL_EXPIRES_MS = 5_000;
 /** nats.js refuses pulls that expire in under a second. */
 export const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
-export const PULL_RETRY_MIN_MS = 100;
-export const PULL_RETRY_MAX_MS = 5_000;
+/** Backoff of a lane whose pull failed (with jitter). */
+export const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 const EQUAL_WEIGHTS: Readonly<Record<Priority, number>> = { high: 1, normal: 1, low: 1 };
 
 interface OpenPull {
@@ -229,7 +233,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
           } catch {
             // ignore
           }
-          const backoff = Math.min(PULL_RETRY_MAX_MS, PULL_RETRY_MIN_MS * 2 ** Math.min(r.failures - 1, 10));
+          const backoff = backoffMs(r.failures - 1, PULL_RETRY, opts.random);
           r.blocked ??= scheduler.schedule(() => {
             r.blocked = undefined;
             pump();

@@ -17,8 +17,7 @@
  * delivered sequence one GATE after the announcement, so every request delivered after that read
  * reaches a process that has heard of the lane.
  */
-import type { Priority } from "../../operators/types.js";
-import { TOKEN_RE } from "../subjects.js";
+import { TOKEN_RE, type Priority } from "../../proto/wire.js";
 
 export type LaneStage = "pending" | "open" | "closing" | "closed" | "gone";
 

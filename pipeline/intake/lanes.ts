@@ -19,9 +19,10 @@
 import { AckPolicy, DeliverPolicy, JetStreamApiError, type ConsumerConfig, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { nanos, type NatsConnection, type Subscription as NatsSubscription } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
-import type { Delivery, Priority } from "../../operators/types.js";
+import type { Delivery } from "../../operators/types.js";
+import { STREAM_REQUESTS, type Priority } from "../../proto/wire.js";
 import type { ConsumerSettings } from "../config.js";
-import { ConsumerPullSource, durableName, JsDelivery, STREAM_REQUESTS } from "../jetstream.js";
+import { ConsumerPullSource, durableName, JsDelivery } from "./jetstream.js";
 import { creditGate, type CreditedDelivery, type GateControl, type GateLane } from "./credit-gate.js";
 import {
   decideLane,
@@ -37,6 +38,8 @@ import {
   type LaneAnnouncement,
   type LaneView,
 } from "./lane-protocol.js";
+import { backoffMs } from "../../operators/support/backoff.js";
+import { PULL_RETRY } from "./credit-gate.js";
 import { wantsLane } from "./schedule.js";
 
 export interface LaneIntakeOptions {
@@ -400,7 +403,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       startUp().catch((err: unknown) => {
         if (closed) return;
         pullError(o.priorities[0] ?? "normal", err);
-        const t = setTimeout(() => start(failures + 1), Math.min(5_000, 100 * 2 ** Math.min(failures, 6)));
+        const t = setTimeout(() => start(failures + 1), backoffMs(failures, PULL_RETRY));
         t.unref();
         timers.add(t);
       });

@@ -15,7 +15,7 @@
  * No lane with a backlog is starved: each gets at least one credit once any are free, and
  * credits nobody's share can use are lent to the busy lane furthest below its share.
  */
-import type { Priority } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
 
 /** What the gate knows of one lane when it asks for a schedule. */
 export interface LaneState {

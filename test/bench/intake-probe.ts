@@ -5,7 +5,7 @@
 import { readFileSync } from "node:fs";
 import { connect } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { STREAM_REQUESTS } from "../../pipeline/jetstream.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
 
 /** Clock ticks per second of /proc's CPU times (USER_HZ; 100 on Linux). */
 const USER_HZ = 100;

@@ -2,8 +2,9 @@
 import { expect } from "chai";
 import { Observable, type SchedulerLike } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
-import { creditGate, PULL_RETRY_MIN_MS, type GateLane, type PullSource } from "../../pipeline/intake/credit-gate.js";
-import type { Delivery, Priority } from "../../operators/types.js";
+import { creditGate, PULL_RETRY, type GateLane, type PullSource } from "../../pipeline/intake/credit-gate.js";
+import type { Delivery } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
 
 class VMsg implements Delivery {
   readonly settles: string[] = [];
@@ -160,13 +161,14 @@ describe("credit gate in virtual time", () => {
       up.arrive(0, 10_000, 1);
       const errors: number[] = [];
       const got = { up: 0, down: 0 } as Record<string, number>;
-      const sub = creditGate({ lanes: [lane(down), lane(up)], maxUnsettled: 4, scheduler: ts, onPullError: () => errors.push(ts.now()) }).subscribe((d) => {
+      // No jitter: the doubling alone (jitter only ever adds to it).
+      const sub = creditGate({ lanes: [lane(down), lane(up)], maxUnsettled: 4, scheduler: ts, random: () => 0, onPullError: () => errors.push(ts.now()) }).subscribe((d) => {
         got[d.subject]!++;
         ts.schedule(() => d.ack(), 1);
       });
       ts.schedule(() => sub.unsubscribe(), 2_000);
       ts.flush();
-      expect(errors).to.deep.equal([0, PULL_RETRY_MIN_MS, PULL_RETRY_MIN_MS * 3]);
+      expect(errors).to.deep.equal([0, PULL_RETRY.baseMs, PULL_RETRY.baseMs * 3]);
       expect(down.pulls.map((p) => p.at).slice(0, 4)).to.deep.equal([0, 100, 300, 700]);
       // The healthy lane went on meanwhile; the failing one is served once it recovers.
       expect(got.up).to.be.greaterThan(1_000);
