@@ -161,6 +161,10 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
         do {
           again = false;
           if (closed || draining) return;
+          // Nothing free: no schedule to build (the common case at saturation).
+          let used = 0;
+          for (const r of runs.values()) used += r.requested + r.unsettled;
+          if (used >= max) return;
           const states: LaneState[] = [];
           for (const r of runs.values()) {
             if (r.removed) continue;
