@@ -69,6 +69,8 @@ export const DEFAULT_MAX_LANES = 16;
 export const DEFAULT_LANE_GATE_MS = 50;
 /** A lane stage that waits on another process longer than this is given up (that process died). */
 export const LANE_STAGE_TTL_MS = 5_000;
+/** A finished lane is deleted by the server once nobody has pulled it for this long. */
+export const LANE_EXPIRE_MS = 2_000;
 /** How often lanes are checked for being drained, while any exist. */
 export const LANE_CHECK_MS = 500;
 /** Cost of a shared consumer's request against a lane's (1): it gets twice a lane's share. */
@@ -265,9 +267,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
           else if (now.stage === "closed" && info.num_ack_pending === 0 && (info.num_pending === 0 || info.delivered.stream_seq >= (now.end ?? 0))) {
             busy.add(k);
             try {
-              await o.jsm.consumers.delete(STREAM_REQUESTS, info.name).catch((err: unknown) => {
-                if (!(err instanceof JetStreamApiError)) throw err;
-              });
+              // Nobody pulls it once it is gone: the server deletes it (the pipeline needs no
+              // right to delete consumers).
+              await o.jsm.consumers.update(STREAM_REQUESTS, info.name, { inactive_threshold: nanos(LANE_EXPIRE_MS) });
               await announce(v.p, { tenant: v.tenant, stage: "gone", owner: me });
             } finally {
               busy.delete(k);
