@@ -79,10 +79,10 @@ export const SHARED_COST = 0.5;
 export const LANE_PEER_WINDOW_MS = 30_000;
 /** Tenants remembered per priority for that (the most recent ones). */
 const PEERS_REMEMBERED = 64;
-/** Deferred requests come back after this long. */
-export const LANE_DEFER_MS = 200;
 
 const keyOf = (p: Priority, tenant: string): string => `${p}/${tenant}`;
+/** Where requests wait out the quiet time after a reconnect. */
+const QUIET_KEY = "";
 const tenantOf = (subject: string): string => subject.split(".")[3] ?? "";
 
 export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
@@ -326,7 +326,8 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       const shared = lane.key === p;
       const tenant = shared ? tenantOf(d.subject) : lane.key.slice(p.length + 1);
       if (shared && Date.now() < quietUntil) {
-        d.nak(LANE_DEFER_MS);
+        // Held (with its credit) until the quiet time after a reconnect is over.
+        park(QUIET_KEY, lane, d);
         return;
       }
       const view = viewOf(p, tenant);
@@ -334,13 +335,15 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       if (decision === "serve") {
         if (shared) noteServed(p, d, tenant);
         emitFn?.(d);
-      } else if (decision === "defer") {
-        const k = keyOf(p, tenant);
-        const list = parked.get(k) ?? [];
-        list.push({ lane, d });
-        parked.set(k, list);
-      } else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
+      } else if (decision === "defer") park(keyOf(p, tenant), lane, d);
+      else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
     };
+    function park(k: string, lane: GateLane, d: CreditedDelivery): void {
+      const list = parked.get(k) ?? [];
+      list.push({ lane, d });
+      parked.set(k, list);
+      ensureCheck();
+    }
     /** Decides again for the requests parked on a tenant's lane stage. */
     const unpark = (k: string): void => {
       const list = parked.get(k);
