@@ -251,6 +251,8 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       }
     };
 
+    const sharedBacklog = async (p: Priority): Promise<number> => (await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p))).num_pending;
+
     /** Closes drained lanes and deletes finished ones. Runs only while lanes exist. */
     const check = async (): Promise<void> => {
       for (const k of [...parked.keys()]) unpark(k);
@@ -263,7 +265,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         if (!now || (now.stage !== "open" && now.stage !== "closed")) continue;
         try {
           const info = await o.jsm.consumers.info(STREAM_REQUESTS, laneConsumerName(c.durablePrefix, v.p, v.tenant));
-          if (now.stage === "open" && info.num_pending === 0 && info.num_ack_pending === 0) await closeLane(v.p, v.tenant, now.start ?? 0);
+          // A drained lane closes once the shared consumer has no backlog either (a quiet
+          // tenant's lane stays while a flood is queued, so its next request is served at once).
+          if (now.stage === "open" && info.num_pending === 0 && info.num_ack_pending === 0 && (await sharedBacklog(v.p)) < minBacklog) await closeLane(v.p, v.tenant, now.start ?? 0);
           else if (now.stage === "closed" && info.num_ack_pending === 0 && (info.num_pending === 0 || info.delivered.stream_seq >= (now.end ?? 0))) {
             busy.add(k);
             try {
@@ -313,6 +317,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       for (const [t, at] of r.lastSeen) if (t !== tenant && now - at <= LANE_PEER_WINDOW_MS) othersActive = true;
       if (wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
         void openLane(p, tenant);
+        // The tenants served lately get lanes too (as many as the cap leaves): their next
+        // requests are served from their lanes at once instead of behind the flood.
+        let room = maxLanes - lanesOf(p) - 1;
+        for (const [t, at] of [...r.lastSeen].reverse()) {
+          if (room <= 0) break;
+          const kt = keyOf(p, t);
+          if (t === tenant || now - at > LANE_PEER_WINDOW_MS || views.has(kt) || busy.has(kt)) continue;
+          room--;
+          void openLane(p, t);
+        }
       }
     };
 
