@@ -13,7 +13,7 @@ import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, t
 import type { InferResult } from "../../operators/types.js";
 import { ERROR_CODES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../intake/jetstream.js";
-import type { TraceCarrier, Tracing } from "../telemetry/telemetry.js";
+import type { TraceCarrier, Tracing } from "../telemetry/types.js";
 import { connectNats } from "../connection.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
