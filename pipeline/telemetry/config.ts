@@ -1,6 +1,6 @@
 /** Tracing configuration: options first, then the standard OTEL_* environment variables. */
 import { ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
-import { type TracingOptions, type ResolvedTracingConfig, type Env, type TracesProtocol, TRACES_PROTOCOLS, type SamplerName, SAMPLER_NAMES, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_OTLP_TIMEOUT_MS, DEFAULT_MAX_EXPORT_BATCH_SIZE, DEFAULT_SCHEDULED_DELAY_MS, DEFAULT_EXPORT_TIMEOUT_MS, DEFAULT_FLUSH_TIMEOUT_MS } from "./types.js";
+import { type TracingOptions, type ResolvedTracingConfig, type Env, type TracesProtocol, TRACES_PROTOCOLS, type SamplerName, SAMPLER_NAMES, DEFAULT_MAX_QUEUE_SIZE, DEFAULT_OTLP_TIMEOUT_MS, DEFAULT_MAX_EXPORT_BATCH_SIZE, DEFAULT_SCHEDULED_DELAY_MS, DEFAULT_EXPORT_TIMEOUT_MS, DEFAULT_FLUSH_TIMEOUT_MS, type TracesExporter } from "./types.js";
 
 /** Resolves options, the standard environment variables and defaults. Never throws. */
 export function resolveTracingConfig(opts: TracingOptions): ResolvedTracingConfig {
@@ -64,13 +64,20 @@ export function resolveTracingConfig(opts: TracingOptions): ResolvedTracingConfi
     ...parseKeyValueList(read("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), "OTEL_EXPORTER_OTLP_TRACES_HEADERS", warnings),
   };
 
-  const disabled = read("OTEL_SDK_DISABLED")?.toLowerCase() === "true" || read("OTEL_TRACES_EXPORTER")?.toLowerCase() === "none";
+  const rawExporter = (opts.exporter ?? read("OTEL_TRACES_EXPORTER"))?.trim().toLowerCase();
+  let exporter: TracesExporter = "otlp";
+  if (rawExporter === "console") exporter = "console";
+  else if (rawExporter !== undefined && rawExporter !== "" && rawExporter !== "otlp" && rawExporter !== "none") {
+    warnings.push(`unsupported OTEL_TRACES_EXPORTER '${rawExporter}': using otlp`);
+  }
+  const disabled = read("OTEL_SDK_DISABLED")?.toLowerCase() === "true" || rawExporter === "none";
   const maxQueueSize = positive(opts.maxQueueSize, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE);
   const otlpTimeoutDefault = positive(undefined, "OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_OTLP_TIMEOUT_MS);
   return {
-    enabled: url !== undefined && !disabled,
+    enabled: (exporter === "console" || url !== undefined) && !disabled,
     serviceName,
     url,
+    exporter,
     protocol,
     sampler,
     samplerRatio,

@@ -16,9 +16,11 @@ import { ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
 import { type TracingOptions, type Tracing, type ResolvedTracingConfig, INSTRUMENTATION_NAME } from "./types.js";
 import { resolveTracingConfig } from "./config.js";
 import { TracingImpl, errorMessage } from "./spans.js";
+import { ConsoleLineExporter } from "./console-exporter.js";
 
 /**
- * Starts tracing for one service. With no endpoint configured (or `OTEL_SDK_DISABLED=true`,
+ * Starts tracing for one service. With no endpoint configured and no `OTEL_TRACES_EXPORTER=console`
+ * (or with `OTEL_SDK_DISABLED=true`,
  * `OTEL_TRACES_EXPORTER=none`) the returned tracing records nothing and passes incoming trace
  * context through unchanged. Never throws.
  */
@@ -82,6 +84,7 @@ function buildPipeline(config: ResolvedTracingConfig): ExportPipeline {
 }
 
 function createExporter(config: ResolvedTracingConfig): SpanExporter {
+  if (config.exporter === "console") return new ConsoleLineExporter();
   const url = config.url;
   const timeoutMillis = config.otlpTimeoutMs;
   switch (config.protocol) {

@@ -54,6 +54,7 @@ export {
   type SamplerName,
   type SpanHandle,
   type TraceCarrier,
+  type TracesExporter,
   type TracesProtocol,
   type Tracing,
   type TracingOptions,

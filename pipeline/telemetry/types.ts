@@ -63,6 +63,8 @@ export const ATTR = {
 
 export type TracesProtocol = "http/protobuf" | "http/json" | "grpc";
 export const TRACES_PROTOCOLS: readonly TracesProtocol[] = ["http/protobuf", "http/json", "grpc"];
+/** Values of `OTEL_TRACES_EXPORTER` that are supported (besides `none`). */
+export type TracesExporter = "otlp" | "console";
 
 /** The values of `OTEL_TRACES_SAMPLER` that are supported. */
 export type SamplerName =
@@ -96,6 +98,11 @@ export interface TracingOptions {
   endpoint?: string;
   /** Full traces URL, as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as given); wins over `endpoint`. */
   tracesEndpoint?: string;
+  /**
+   * As `OTEL_TRACES_EXPORTER`: `otlp` (default; needs an endpoint) or `console` (one line per
+   * span on stderr, no collector needed).
+   */
+  exporter?: TracesExporter;
   /** As `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`; `http/protobuf` by default. */
   protocol?: TracesProtocol;
   /** As `OTEL_TRACES_SAMPLER`; `parentbased_always_on` by default. */
@@ -128,6 +135,8 @@ export interface ResolvedTracingConfig {
   readonly serviceName: string;
   /** The traces URL the exporter sends to. */
   readonly url: string | undefined;
+  /** `otlp` to `url`, or `console` (stderr). */
+  readonly exporter: TracesExporter;
   readonly protocol: TracesProtocol;
   readonly sampler: SamplerName;
   readonly samplerRatio: number;

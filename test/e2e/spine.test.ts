@@ -108,7 +108,11 @@ describe("spine: publish → pipeline → worker → result", function () {
   });
 
   it("answers an over-size payload with INVALID_ARGUMENT naming the limit", async () => {
-    const r = await client.request("echo", { prompt: "x".repeat(300 * 1024) });
+    // Any NATS client may send one (the sluice client refuses it before sending).
+    const id = `big-${nuid.next()}`;
+    const waiting = client.result(id, { timeoutMs: 10_000 });
+    await jetstream(nats.nc).publish("infer.req.normal.acme.echo", enc.encode(JSON.stringify({ prompt: "x".repeat(300 * 1024) })), { msgID: id });
+    const r = await waiting;
     expect(r.status).to.equal("error");
     expect(r.error?.code).to.equal("INVALID_ARGUMENT");
     expect(r.error?.message).to.match(/limit/);
