@@ -1,10 +1,8 @@
 import { map, type OperatorFunction } from "rxjs";
 import { infer, type google } from "../proto/gen/inference.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type Outcome } from "./types.js";
-import { PRIORITIES, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE } from "../proto/wire.js";
+import { PRIORITIES, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../proto/wire.js";
 
-/** Largest request body accepted by default (256 KiB). */
-export const DEFAULT_MAX_PAYLOAD_BYTES = 262_144;
 /** Largest `parameters.max_tokens` accepted by default. */
 export const DEFAULT_MAX_TOKENS_LIMIT = 1_000_000;
 

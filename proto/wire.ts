@@ -45,6 +45,9 @@ export const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 /** `Infer-Deadline`: epoch milliseconds, digits only. */
 export const DEADLINE_RE = /^[1-9][0-9]*$/;
 
+/** Largest request body the pipeline accepts by default (256 KiB). */
+export const DEFAULT_MAX_PAYLOAD_BYTES = 262_144;
+
 /** Placeholder token for a DLQ subject when the request's tenant or model is unusable. */
 export const UNKNOWN_TOKEN = "_unknown";
 

@@ -24,4 +24,4 @@ if (r.status !== 0) process.exit(r.status ?? 1);
 
 const gen = join(root, "proto", "gen");
 mkdirSync(join(out, "proto", "gen"), { recursive: true });
-for (const f of readdirSync(gen)) if (f.endsWith(".js")) copyFileSync(join(gen, f), join(out, "proto", "gen", f));
+for (const f of readdirSync(gen)) if (f.endsWith(".js") || f.endsWith(".d.ts")) copyFileSync(join(gen, f), join(out, "proto", "gen", f));

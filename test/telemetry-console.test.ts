@@ -4,7 +4,8 @@ import { context, SpanStatusCode, trace } from "@opentelemetry/api";
 import { BasicTracerProvider, SimpleSpanProcessor } from "@opentelemetry/sdk-trace-node";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import { ConsoleLineExporter } from "../pipeline/telemetry/console-exporter.js";
-import { resolveTracingConfig, startTracing } from "../pipeline/telemetry/telemetry.js";
+import { resolveTracingConfig } from "../pipeline/telemetry/config.js";
+import { startTracing } from "../pipeline/telemetry/export.js";
 
 describe("telemetry: the console exporter", () => {
   it("OTEL_TRACES_EXPORTER=console turns tracing on without an endpoint; none and unknown values do not", async () => {

@@ -2,16 +2,10 @@ import { createServer, type AddressInfo, type Socket } from "node:net";
 import { expect } from "chai";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { Delivery, InferJob, InferResult } from "../operators/types.js";
-import {
-  resolveTracingConfig,
-  SERVICE_CLIENT,
-  SERVICE_PIPELINE,
-  SERVICE_WORKER,
-  startTracing,
-  traceEngine,
-  type Env,
-  type Tracing,
-} from "../pipeline/telemetry/telemetry.js";
+import { resolveTracingConfig } from "../pipeline/telemetry/config.js";
+import { SERVICE_CLIENT, SERVICE_PIPELINE, SERVICE_WORKER, type Env, type Tracing } from "../pipeline/telemetry/types.js";
+import { startTracing } from "../pipeline/telemetry/export.js";
+import { traceEngine } from "../pipeline/telemetry/engine.js";
 import type { Engine, EngineBatch, EngineGeneration, EngineItemResult } from "../worker/engine.js";
 import { OtlpReceiver, type ReceivedSpan } from "./support/otlp-receiver.js";
 

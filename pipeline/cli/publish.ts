@@ -5,7 +5,8 @@ import { Option, type Command } from "commander";
 import { PRIORITIES, type Priority } from "../../proto/wire.js";
 import { InferenceClient, InferenceError, type InferBody, type InferOptions, type PublishReceipt } from "../client/client.js";
 import { TOKEN_RE } from "../../proto/wire.js";
-import { SERVICE_CLIENT, startTracing, type Tracing } from "../telemetry/telemetry.js";
+import { SERVICE_CLIENT, type Tracing } from "../telemetry/types.js";
+import { startTracing } from "../telemetry/export.js";
 import { connectCli, json, positive, serverOption, serversOf, UsageError } from "./common.js";
 import type { CliContext } from "./program.js";
 

@@ -11,10 +11,9 @@
 import { headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { InferResult } from "../../operators/types.js";
-import { DEFAULT_MAX_PAYLOAD_BYTES } from "../../operators/decode-request.js";
-import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE } from "../../proto/wire.js";
+import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../intake/jetstream.js";
-import type { TraceCarrier, Tracing } from "../telemetry/telemetry.js";
+import type { TraceCarrier, Tracing } from "../telemetry/types.js";
 import { connectNats } from "../connection.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;

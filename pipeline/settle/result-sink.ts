@@ -5,7 +5,7 @@ import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type Result
 import type { InferJob, InferResult } from "../../operators/types.js";
 import { getStoredResult } from "../intake/jetstream.js";
 import { STREAM_RESULTS, H, subjects } from "../../proto/wire.js";
-import type { Tracing } from "../telemetry/telemetry.js";
+import type { Tracing } from "../telemetry/types.js";
 import { deadLetterHeaders, deadLetterTokens } from "./dead-letter.js";
 
 const encoder = new TextEncoder();

@@ -57,6 +57,7 @@ import { openFleet } from "../workers/fleet.js";
 import type { WorkerConnection } from "../workers/pool.js";
 import { headerValue, sanitizeHeader } from "../support/headers.js";
 import { deadLetterHeaders, deadLetterTokens } from "../settle/dead-letter.js";
+import { textSimilarity, lineDiff, type Similarity } from "./text-compare.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
@@ -78,10 +79,6 @@ const LOOKAHEAD = 256;
 /** How long to wait for the worker directory to load the registered workers. */
 const DIRECTORY_WARMUP_MS = 2_000;
 export const DEFAULT_PROGRESS_INTERVAL_MS = 1_000;
-/** Character pairs above which text similarity falls back from Levenshtein to token Jaccard. */
-const LEVENSHTEIN_MAX_CELLS = 20_000_000;
-/** Line pairs above which the diff stops aligning lines and shows a block replaced. */
-const DIFF_MAX_CELLS = 4_000_000;
 
 /** A replay that cannot start (bad selection, missing stream): `code` is PROTOCOL.md's. */
 export class ReplayError extends Error {
@@ -374,13 +371,6 @@ export interface ResultView {
   error?: ErrorInfo;
 }
 
-export interface Similarity {
-  /** `levenshtein`: 1 - edit distance / longer length, on characters; `jaccard`: shared / all distinct whitespace tokens (for long texts). */
-  metric: "levenshtein" | "jaccard";
-  /** 0 (nothing alike) to 1 (identical). */
-  value: number;
-}
-
 export interface Comparison {
   verdict: Verdict;
   /** For `different` outputs. */
@@ -432,117 +422,6 @@ export function compareResults(original: ResultView | undefined, replayed: Resul
   const a = original.status === "ok" ? comparableText(original.output) : `error ${original.error?.code ?? ""}: ${original.error?.message ?? ""}`;
   const b = comparableText(replayed.output);
   return { verdict: "different", similarity: textSimilarity(a, b), diff: lineDiff(a, b) };
-}
-
-function commonEnds(a: string, b: string): { prefix: number; suffix: number } {
-  let prefix = 0;
-  const max = Math.min(a.length, b.length);
-  while (prefix < max && a.charCodeAt(prefix) === b.charCodeAt(prefix)) prefix++;
-  let suffix = 0;
-  while (suffix < max - prefix && a.charCodeAt(a.length - 1 - suffix) === b.charCodeAt(b.length - 1 - suffix)) suffix++;
-  return { prefix, suffix };
-}
-
-/**
- * How alike two texts are, 0..1: normalized Levenshtein distance on characters; for texts too
- * long for that (the common start and end aside), Jaccard similarity of their whitespace tokens.
- */
-export function textSimilarity(a: string, b: string): Similarity {
-  if (a === b) return { metric: "levenshtein", value: 1 };
-  const { prefix, suffix } = commonEnds(a, b);
-  const x = a.slice(prefix, a.length - suffix);
-  const y = b.slice(prefix, b.length - suffix);
-  if (x.length * y.length > LEVENSHTEIN_MAX_CELLS) {
-    const ta = new Set(a.split(/\s+/).filter(Boolean));
-    const tb = new Set(b.split(/\s+/).filter(Boolean));
-    let shared = 0;
-    for (const t of ta) if (tb.has(t)) shared++;
-    const all = ta.size + tb.size - shared;
-    return { metric: "jaccard", value: round3(all === 0 ? 1 : shared / all) };
-  }
-  let prev = Array.from({ length: y.length + 1 }, (_, j) => j);
-  let cur = new Array<number>(y.length + 1).fill(0);
-  for (let i = 1; i <= x.length; i++) {
-    cur[0] = i;
-    const cx = x.charCodeAt(i - 1);
-    for (let j = 1; j <= y.length; j++) {
-      const sub = prev[j - 1]! + (cx === y.charCodeAt(j - 1) ? 0 : 1);
-      cur[j] = Math.min(sub, prev[j]! + 1, cur[j - 1]! + 1);
-    }
-    [prev, cur] = [cur, prev];
-  }
-  const distance = prev[y.length]!;
-  return { metric: "levenshtein", value: round3(1 - distance / Math.max(a.length, b.length)) };
-}
-
-function round3(x: number): number {
-  return Math.round(x * 1000) / 1000;
-}
-
-/**
- * A unified-style diff of two texts by lines: `--- original`, `+++ replayed`, then hunks
- * `@@ -l,n +l,n @@` with `-` (only in the original), `+` (only in the replay) and ` ` (context)
- * lines. Lines are aligned by longest common subsequence; past a size limit the changed middle
- * is shown as removed then added.
- */
-export function lineDiff(a: string, b: string, context = 2): string[] {
-  const x = a.split("\n");
-  const y = b.split("\n");
-  let pre = 0;
-  while (pre < x.length && pre < y.length && x[pre] === y[pre]) pre++;
-  let suf = 0;
-  while (suf < x.length - pre && suf < y.length - pre && x[x.length - 1 - suf] === y[y.length - 1 - suf]) suf++;
-  const xm = x.slice(pre, x.length - suf);
-  const ym = y.slice(pre, y.length - suf);
-  type Op = { op: " " | "-" | "+"; line: string };
-  const middle: Op[] = [];
-  if (xm.length * ym.length <= DIFF_MAX_CELLS && xm.length > 0 && ym.length > 0) {
-    // LCS lengths of suffixes, then walk forward.
-    const w = ym.length + 1;
-    const lcs = new Uint32Array((xm.length + 1) * w);
-    for (let i = xm.length - 1; i >= 0; i--)
-      for (let j = ym.length - 1; j >= 0; j--)
-        lcs[i * w + j] = xm[i] === ym[j] ? lcs[(i + 1) * w + j + 1]! + 1 : Math.max(lcs[(i + 1) * w + j]!, lcs[i * w + j + 1]!);
-    let i = 0;
-    let j = 0;
-    while (i < xm.length && j < ym.length) {
-      if (xm[i] === ym[j]) {
-        middle.push({ op: " ", line: xm[i]! });
-        i++;
-        j++;
-      } else if (lcs[(i + 1) * w + j]! >= lcs[i * w + j + 1]!) middle.push({ op: "-", line: xm[i++]! });
-      else middle.push({ op: "+", line: ym[j++]! });
-    }
-    while (i < xm.length) middle.push({ op: "-", line: xm[i++]! });
-    while (j < ym.length) middle.push({ op: "+", line: ym[j++]! });
-  } else {
-    for (const line of xm) middle.push({ op: "-", line });
-    for (const line of ym) middle.push({ op: "+", line });
-  }
-  const ops: Op[] = [...x.slice(0, pre).map((line): Op => ({ op: " ", line })), ...middle, ...x.slice(x.length - suf).map((line): Op => ({ op: " ", line }))];
-  const out = ["--- original", "+++ replayed"];
-  // Hunks: changed lines with `context` lines around them, merged when they touch.
-  const changed = ops.map((o, k) => (o.op === " " ? -1 : k)).filter((k) => k >= 0);
-  let k = 0;
-  while (k < changed.length) {
-    const start = Math.max(0, changed[k]! - context);
-    let end = changed[k]!;
-    while (k + 1 < changed.length && changed[k + 1]! - end <= 2 * context + 1) end = changed[++k]!;
-    k++;
-    const stop = Math.min(ops.length - 1, end + context);
-    let aLine = 1;
-    let bLine = 1;
-    for (let q = 0; q < start; q++) {
-      if (ops[q]!.op !== "+") aLine++;
-      if (ops[q]!.op !== "-") bLine++;
-    }
-    const hunk = ops.slice(start, stop + 1);
-    const aLen = hunk.filter((o) => o.op !== "+").length;
-    const bLen = hunk.filter((o) => o.op !== "-").length;
-    out.push(`@@ -${aLen === 0 ? aLine - 1 : aLine},${aLen} +${bLen === 0 ? bLine - 1 : bLine},${bLen} @@`);
-    for (const o of hunk) out.push(`${o.op}${o.line}`);
-  }
-  return out;
 }
 
 // ---- deliveries and sink ------------------------------------------------------------------

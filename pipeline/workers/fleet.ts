@@ -9,7 +9,7 @@ import type { SluiceConfig } from "../config.js";
 import { ModelRegistry, type ModelTable } from "../routing/registry.js";
 import type { PipelineLogger } from "../support/logger.js";
 import { Teardowns } from "../support/teardown.js";
-import type { Tracing } from "../telemetry/telemetry.js";
+import type { Tracing } from "../telemetry/types.js";
 import { WorkerClient } from "./client.js";
 import { WorkerDirectory } from "./directory.js";
 import { WorkerPool, type PoolEvent, type WorkerConnection, type WorkerPoolOptions } from "./pool.js";

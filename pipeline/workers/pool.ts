@@ -18,7 +18,7 @@ import { Subject, type Observable } from "rxjs";
 import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../../operators/dispatch-batch.js";
 import type { Batch, RoutedJob } from "../../operators/types.js";
 import type { ErrorCode, Priority } from "../../proto/wire.js";
-import type { BatchTrace, Tracing } from "../telemetry/telemetry.js";
+import type { BatchTrace, Tracing } from "../telemetry/types.js";
 import type { Chunk, GenerationReply, Generator } from "../../operators/generate-each.js";
 import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./client.js";
 import { backoffMs } from "../../operators/support/backoff.js";

@@ -14,7 +14,9 @@ import { createEngine, ENGINE_NAMES, EngineSpecError } from "../../worker/engine
 import { DeepSpeedMiiEngine } from "../../worker/engines/deepspeed-mii.js";
 import { WorkerServer } from "../../worker/server.js";
 import { SimulatedEngine } from "../../worker/engines/simulated.js";
-import { apportion, SseDecoder, VllmEngine, type VllmEngineOptions } from "../../worker/engines/vllm.js";
+import { VllmEngine, type VllmEngineOptions } from "../../worker/engines/vllm.js";
+import { apportion } from "../../worker/http/batch.js";
+import { SseDecoder } from "../../worker/http/sse.js";
 
 // ---------------------------------------------------------------------------------------------
 // A fake HTTP server: records every request, answers with the test's handler.

@@ -6,7 +6,7 @@ import { expect } from "chai";
 import { PipelineService } from "../../pipeline/service.js";
 import { silentLogger } from "../../pipeline/support/logger.js";
 import { SERVICE_GATEWAY } from "../../pipeline/gateway/server.js";
-import { SERVICE_PIPELINE, SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "../../pipeline/telemetry/telemetry.js";
+import { SERVICE_PIPELINE, SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "../../pipeline/telemetry/mod.js";
 import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { WorkerServer } from "../../worker/server.js";
 import { OtlpReceiver } from "../support/otlp-receiver.js";

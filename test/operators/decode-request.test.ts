@@ -1,14 +1,8 @@
 import { expect } from "chai";
 import { TestScheduler } from "rxjs/testing";
 import { infer, type google } from "../../proto/gen/inference.js";
-import {
-  decodeDelivery,
-  decodeRequest,
-  DEFAULT_MAX_PAYLOAD_BYTES,
-  DEFAULT_MAX_TOKENS_LIMIT,
-  type Decoded,
-  type DecodeOptions,
-} from "../../operators/decode-request.js";
+import { decodeDelivery, decodeRequest, DEFAULT_MAX_TOKENS_LIMIT, type Decoded, type DecodeOptions } from "../../operators/decode-request.js";
+import { DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
 
 // ---- a fake delivery: plain data, no NATS --------------------------------------------------

@@ -45,27 +45,11 @@ import {
   type EngineToken,
   type EngineUsage,
 } from "../engine.js";
-import {
-  abortReason,
-  booleanParameter,
-  generationOnce,
-  type HttpGeneration,
-  DEFAULT_REQUEST_TIMEOUT_MS,
-  HttpEngineClient,
-  integerParameter,
-  isRecord,
-  mapParameters,
-  numberParameter,
-  ONE_ANSWER,
-  parameterKey,
-  runBatch,
-  stringsParameter,
-  tokenCount,
-  type BatchCalls,
-  type ParameterRule,
-  type Preparation,
-  type PreparedItem,
-} from "./vllm.js";
+import { abortReason } from "../http/errors.js";
+import { booleanParameter, integerParameter, mapParameters, numberParameter, ONE_ANSWER, parameterKey, stringsParameter, type ParameterRule } from "../http/parameters.js";
+import { generationOnce, type HttpGeneration } from "../http/generation.js";
+import { DEFAULT_REQUEST_TIMEOUT_MS, HttpEngineClient } from "../http/client.js";
+import { isRecord, runBatch, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
 
 /** Items in flight at once, by default: the gateway's default number of processes. */
 export const DEFAULT_MII_CAPACITY = 32;

@@ -1,0 +1,15 @@
+/**
+ * The client library, what `import ... from "sluice"` gives: publish inference requests and
+ * await their results. Loads the NATS client and nothing of the pipeline's tracing or gRPC.
+ */
+export {
+  DEFAULT_RESULT_TIMEOUT_MS,
+  InferenceClient,
+  InferenceError,
+  type ClientOptions,
+  type InferBody,
+  type InferOptions,
+  type StreamEvent,
+} from "./client.js";
+export type { InferResult, Timing, Usage } from "../../operators/types.js";
+export { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority } from "../../proto/wire.js";
