@@ -3,12 +3,13 @@
  * serves live traffic (`PipelineService`) and replays.
  *
  * ```
- * deliveries ─ decode ─ answered before? ─ admit (deadline) ─ route ─ give up? ─ shadow copies ─ batch ─ dispatch ─┬─ settle ─▶ Settled
- *                                                                                               └─ shadow results
+ * deliveries ─ decode ─ answered before? ─ admit (deadline) ─ route ─ give up? ─ cached? ─ shadow copies ─ batch ─ dispatch ─ store in cache ─┬─ settle ─▶ Settled
+ *                                                                                                                    └─ shadow results
  * ```
  */
 import { connect, filter, map, merge, mergeMap, pipe, share, tap, type Observable, type OperatorFunction } from "rxjs";
 import { admitByDeadline } from "../operators/admit-by-deadline.js";
+import { answerFromCache, type CachedAnswers } from "../operators/answer-from-cache.js";
 import { batchByModelVersion } from "../operators/batch-by-model-version.js";
 import { decodeRequest } from "../operators/decode-request.js";
 import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
@@ -18,6 +19,7 @@ import { admitByTenantLimits, DEFAULT_TENANT_MAX_WAIT_MS } from "../operators/ad
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
 import { skipAnswered } from "../operators/skip-answered.js";
+import { storeInCache, type AnswerStore } from "../operators/store-in-cache.js";
 import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
@@ -51,6 +53,8 @@ export interface PipelineSteps {
     publish: (o: Outcome) => Promise<void>;
     onSkipped?: () => void;
   };
+  /** The result cache: deterministic requests of models with `cache` answered without a worker. Off when omitted. */
+  cache?: CachedAnswers<RoutedJob> & AnswerStore;
   /** Request spans: started after decoding, ended when settled. */
   tracing?: Tracing;
   maxPayloadBytes: number;
@@ -89,7 +93,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
     );
     const storedResult = steps.sink.storedResult?.bind(steps.sink);
-    const outcomes$ = admitted$.pipe(
+    const routed$ = admitted$.pipe(
       // A redelivered request answered before (a crash, a lost ack) is not run again.
       onJobs(storedResult ? skipAnswered(storedResult) : (x: Observable<InferJob>) => x),
       onJobs(map((job: InferJob) => (isCancelled(job) ? cancelledOutcome(job) : job))),
@@ -98,6 +102,9 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       onJobs(routeToVersion(route)),
       onJobs(tap((job: RoutedJob) => steps.tracing?.requestOf(job.delivery)?.setJob(job))),
       onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
+      onJobs(steps.cache ? answerFromCache(steps.cache) : (x: Observable<RoutedJob>) => x),
+    );
+    const outcomes$ = routed$.pipe(
       onJobs<RoutedJob, Outcome>(
         pipe(
           shadowStep,
@@ -131,6 +138,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
           ),
         ),
       ),
+      steps.cache ? storeInCache(steps.cache) : (x: Observable<Outcome>) => x,
       share(),
     );
     const settled$ = outcomes$.pipe(

@@ -4,6 +4,7 @@
  */
 import { readFileSync } from "node:fs";
 import type { Priority } from "../operators/types.js";
+import { DEFAULT_CACHE_MAX_AGE_MS, DEFAULT_CACHE_MAX_BYTES } from "./cache/result-cache.js";
 import type { ModelSpec } from "./registry.js";
 import { parseTenantsConfig, type TenantLimits } from "./tenant-limits.js";
 
@@ -23,6 +24,13 @@ export interface StreamsConfig {
   dlqMaxAgeMs: number;
   /** Largest message the streams accept. */
   maxMsgSize: number;
+  /**
+   * Longest an answer stays in the result cache (bucket `infer_cache`), whatever a model's
+   * `cache.ttl_ms`: NATS 2.9 has no per-message TTL, so this is the bucket's max age.
+   */
+  cacheMaxAgeMs: number;
+  /** Size bound of the result cache; when full, new answers are not stored until old ones expire. */
+  cacheMaxBytes: number;
 }
 
 export interface ConsumerSettings {
@@ -125,6 +133,8 @@ export function defaultConfig(): SluiceConfig {
       resultsMaxAgeMs: DAY,
       dlqMaxAgeMs: 14 * DAY,
       maxMsgSize: 1024 * 1024,
+      cacheMaxAgeMs: DEFAULT_CACHE_MAX_AGE_MS,
+      cacheMaxBytes: DEFAULT_CACHE_MAX_BYTES,
     },
     consumer: {
       durablePrefix: "sluice",
@@ -255,6 +265,8 @@ export function validateConfig(cfg: SluiceConfig): void {
   pos(cfg.consumer.maxDeliver, "consumer.maxDeliver");
   pos(cfg.consumer.maxAckPending, "consumer.maxAckPending");
   pos(cfg.streams.replicas, "streams.replicas");
+  pos(cfg.streams.cacheMaxAgeMs, "streams.cacheMaxAgeMs");
+  pos(cfg.streams.cacheMaxBytes, "streams.cacheMaxBytes");
   try {
     parseTenantsConfig(cfg.tenants);
   } catch (err) {

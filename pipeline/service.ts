@@ -24,6 +24,8 @@ import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
 import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
 import { connectNats } from "./connection.js";
+import { CacheMetrics } from "./cache/cache-metrics.js";
+import { ResultCache } from "./cache/result-cache.js";
 
 export interface PipelineLogger {
   info(msg: string): void;
@@ -84,6 +86,7 @@ export class PipelineService {
     private readonly ownsTracing: boolean,
     readonly metrics: PipelineMetrics,
     readonly tenants: TenantRegistry,
+    readonly cache: ResultCache,
   ) {}
 
   /** Cancellations heard on `infer.cancel.*.*`. */
@@ -154,7 +157,14 @@ export class PipelineService {
         seed: config.tenants,
         onInvalid: (key, err) => log.warn(`tenant registry: ignoring '${key}': ${err.message}`),
       });
-      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics, tenants);
+      const cache = await ResultCache.open(nc, {
+        table: registry.table,
+        replicas: config.streams.replicas,
+        maxAgeMs: config.streams.cacheMaxAgeMs,
+        maxBytes: config.streams.cacheMaxBytes,
+        metrics: new CacheMetrics(metrics.registry),
+      });
+      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics, tenants, cache);
       await svc.run();
       if (t.metricsPort >= 0) {
         try {
@@ -229,6 +239,7 @@ export class PipelineService {
         isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
         tenantLimits: this.tenants.limiter,
         tenantMaxWaitMs: pp.tenantMaxWaitMs,
+        cache: this.cache,
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,
