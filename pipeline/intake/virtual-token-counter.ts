@@ -1,0 +1,215 @@
+/**
+ * Token-weighted fair share between tenants, after the Virtual Token Counter (Sheng et al.,
+ * "Fairness in Serving Large Language Models", OSDI 2024; AIBrix's `vtc-basic`).
+ *
+ * Each tenant has a counter of the device tokens it was given: a request adds its estimated
+ * tokens when it is admitted (prompt plus `max_tokens`) and the estimate is corrected by the
+ * tokens it really used when it ends. Credits go to the tenant with the lowest counter first, so
+ * a tenant whose prompts are ten times longer gets a tenth of the requests, and the same share of
+ * tokens. A tenant that comes back after being idle starts at the lowest counter of the tenants
+ * with work, not below it: idle time is not saved up to be spent as a burst later.
+ *
+ * Pure: no clock, no I/O. The intake asks {@link VirtualTokenCounter.allocate} how to hand out
+ * credits; the pipeline reports admissions and completions.
+ *
+ * ```ts
+ * const vtc = new VirtualTokenCounter();
+ * vtc.allocate([{ tenant: "a", want: 8 }, { tenant: "b", want: 8 }], 4); // Map { a → 2, b → 2 } at first
+ * vtc.charge("a", 4_064);                                              // admitted: its estimate
+ * vtc.correct("a", 4_064, 4_010);                                      // ended: what it used
+ * ```
+ */
+
+/** A tenant asking for credits. */
+export interface CreditClaim {
+  readonly tenant: string;
+  /** Most credits it can use now (its queued requests); 0: it has work but cannot take more now. */
+  readonly want: number;
+  /** Credits it holds that have not brought a request yet (their tokens are projected). */
+  readonly outstanding?: number;
+}
+
+export interface VirtualTokenCounterOptions {
+  /** Tokens a request is assumed to cost before a tenant's first one is seen. */
+  defaultRequestTokens?: number;
+  /** Weight of the newest request in a tenant's mean request cost (exponential moving average). */
+  meanWeight?: number;
+  /** Counters kept for tenants without work, at most; the lowest are dropped first. */
+  maxIdleTenants?: number;
+}
+
+/** See {@link VirtualTokenCounterOptions.defaultRequestTokens}. */
+export const DEFAULT_REQUEST_TOKENS = 256;
+/** See {@link VirtualTokenCounterOptions.meanWeight}. */
+export const DEFAULT_MEAN_WEIGHT = 0.2;
+/** See {@link VirtualTokenCounterOptions.maxIdleTenants}. */
+export const DEFAULT_MAX_IDLE_TENANTS = 10_000;
+
+interface TenantCount {
+  /** Tokens given (estimates, corrected as requests end). */
+  tokens: number;
+  /** Mean tokens of its recent requests; undefined before the first. */
+  mean: number | undefined;
+}
+
+export class VirtualTokenCounter {
+  private readonly counts = new Map<string, TenantCount>();
+  /** Tenants with work at the last allocation. */
+  private active = new Set<string>();
+  private readonly defaultTokens: number;
+  private readonly meanWeight: number;
+  private readonly maxIdle: number;
+
+  constructor(opts: VirtualTokenCounterOptions = {}) {
+    this.defaultTokens = positive(opts.defaultRequestTokens ?? DEFAULT_REQUEST_TOKENS, "defaultRequestTokens");
+    this.meanWeight = opts.meanWeight ?? DEFAULT_MEAN_WEIGHT;
+    if (!(this.meanWeight > 0 && this.meanWeight <= 1)) throw new RangeError(`meanWeight must be in (0, 1], got ${this.meanWeight}`);
+    this.maxIdle = opts.maxIdleTenants ?? DEFAULT_MAX_IDLE_TENANTS;
+  }
+
+  /** Tokens given to a tenant so far (0 for one never seen). */
+  counter(tenant: string): number {
+    return this.counts.get(tenant)?.tokens ?? 0;
+  }
+
+  /** What the next request of a tenant is expected to cost. */
+  expectedCost(tenant: string): number {
+    return this.counts.get(tenant)?.mean ?? this.meanOfAll() ?? this.defaultTokens;
+  }
+
+  /** A request of `tenant` was admitted with this many estimated tokens. */
+  charge(tenant: string, tokens: number): void {
+    const t = Math.max(0, finite(tokens));
+    const c = this.entry(tenant);
+    c.tokens += t;
+    c.mean = c.mean === undefined ? t : c.mean + this.meanWeight * (t - c.mean);
+  }
+
+  /** A request charged `estimated` tokens ended having used `actual` (0: it never ran on a device). */
+  correct(tenant: string, estimated: number, actual: number): void {
+    const c = this.counts.get(tenant);
+    if (!c) return;
+    c.tokens = Math.max(0, c.tokens + Math.max(0, finite(actual)) - Math.max(0, finite(estimated)));
+  }
+
+  /**
+   * Hands out `credits` among the claims, one at a time to the tenant whose counter, with the
+   * tokens its outstanding and newly given credits are expected to bring, is lowest (ties: the
+   * order of the claims), never more than a tenant wants. Every claim counts as a tenant with
+   * work: one that had none at the last allocation is first raised to the lowest counter of those
+   * that had.
+   */
+  allocate(claims: readonly CreditClaim[], credits: number): Map<string, number> {
+    this.lift(claims);
+    const given = new Map<string, number>();
+    const heap = new MinHeap<{ tenant: string; projected: number; cost: number; room: number; order: number }>((a, b) =>
+      a.projected !== b.projected ? a.projected < b.projected : a.order < b.order,
+    );
+    claims.forEach((c, order) => {
+      const cost = this.expectedCost(c.tenant);
+      const room = Math.max(0, Math.floor(c.want));
+      if (room > 0) heap.push({ tenant: c.tenant, projected: this.counter(c.tenant) + Math.max(0, c.outstanding ?? 0) * cost, cost, room, order });
+    });
+    for (let left = Math.floor(credits); left > 0 && heap.size > 0; left--) {
+      const top = heap.pop()!;
+      given.set(top.tenant, (given.get(top.tenant) ?? 0) + 1);
+      top.room--;
+      top.projected += top.cost;
+      if (top.room > 0) heap.push(top);
+    }
+    return given;
+  }
+
+  /** Tenants that come back to work start at the lowest counter of those that kept working. */
+  private lift(claims: readonly CreditClaim[]): void {
+    const now = new Set(claims.map((c) => c.tenant));
+    let floor = Number.POSITIVE_INFINITY;
+    for (const t of now) if (this.active.has(t)) floor = Math.min(floor, this.counter(t));
+    if (floor === Number.POSITIVE_INFINITY) {
+      // Nobody kept working: returning tenants start level with the lowest of them.
+      for (const t of now) floor = Math.min(floor, this.counter(t));
+    }
+    for (const t of now) {
+      if (this.active.has(t)) continue;
+      const c = this.entry(t);
+      if (c.tokens < floor) c.tokens = floor;
+    }
+    this.active = now;
+    this.prune();
+  }
+
+  private entry(tenant: string): TenantCount {
+    let c = this.counts.get(tenant);
+    if (!c) this.counts.set(tenant, (c = { tokens: 0, mean: undefined }));
+    return c;
+  }
+
+  private meanOfAll(): number | undefined {
+    let sum = 0;
+    let n = 0;
+    for (const c of this.counts.values()) {
+      if (c.mean === undefined) continue;
+      sum += c.mean;
+      n++;
+    }
+    return n > 0 ? sum / n : undefined;
+  }
+
+  /** Idle tenants beyond the bound are forgotten, lowest counters first (they would be raised on return anyway). */
+  private prune(): void {
+    const idle = this.counts.size - this.active.size;
+    if (idle <= this.maxIdle) return;
+    const candidates = [...this.counts.entries()].filter(([t]) => !this.active.has(t)).sort((a, b) => a[1].tokens - b[1].tokens);
+    for (const [t] of candidates.slice(0, idle - this.maxIdle)) this.counts.delete(t);
+  }
+}
+
+function finite(x: number): number {
+  return Number.isFinite(x) ? x : 0;
+}
+
+function positive(x: number, name: string): number {
+  if (!(Number.isFinite(x) && x > 0)) throw new RangeError(`${name} must be a number > 0, got ${x}`);
+  return x;
+}
+
+/** A binary heap; `before(a, b)` is true when a comes out first. */
+class MinHeap<T> {
+  private readonly items: T[] = [];
+  constructor(private readonly before: (a: T, b: T) => boolean) {}
+
+  get size(): number {
+    return this.items.length;
+  }
+
+  push(x: T): void {
+    const a = this.items;
+    a.push(x);
+    for (let i = a.length - 1; i > 0; ) {
+      const parent = (i - 1) >> 1;
+      if (!this.before(a[i]!, a[parent]!)) break;
+      [a[i], a[parent]] = [a[parent]!, a[i]!];
+      i = parent;
+    }
+  }
+
+  pop(): T | undefined {
+    const a = this.items;
+    const top = a[0];
+    const last = a.pop();
+    if (a.length > 0 && last !== undefined) {
+      a[0] = last;
+      for (let i = 0; ; ) {
+        const l = 2 * i + 1;
+        const r = l + 1;
+        let m = i;
+        if (l < a.length && this.before(a[l]!, a[m]!)) m = l;
+        if (r < a.length && this.before(a[r]!, a[m]!)) m = r;
+        if (m === i) break;
+        [a[i], a[m]] = [a[m]!, a[i]!];
+        i = m;
+      }
+    }
+    return top;
+  }
+}

@@ -1,0 +1,127 @@
+import { expect } from "chai";
+import { VirtualTokenCounter } from "../../pipeline/intake/virtual-token-counter.js";
+import { estimateTokens, usedTokens } from "../../pipeline/intake/token-cost.js";
+
+/** Serves two always-backlogged tenants through `rounds` allocations of `credits`, charging each credit its tenant's cost. */
+function serve(vtc: VirtualTokenCounter, costs: Record<string, number>, rounds: number, credits: number): Record<string, { requests: number; tokens: number }> {
+  const out: Record<string, { requests: number; tokens: number }> = {};
+  for (const t of Object.keys(costs)) out[t] = { requests: 0, tokens: 0 };
+  for (let r = 0; r < rounds; r++) {
+    const given = vtc.allocate(
+      Object.keys(costs).map((tenant) => ({ tenant, want: credits })),
+      credits,
+    );
+    for (const [t, n] of given) {
+      for (let i = 0; i < n; i++) vtc.charge(t, costs[t]!);
+      out[t]!.requests += n;
+      out[t]!.tokens += n * costs[t]!;
+    }
+  }
+  return out;
+}
+
+describe("VirtualTokenCounter", () => {
+  it("splits credits evenly between tenants whose requests cost the same", () => {
+    const vtc = new VirtualTokenCounter();
+    const s = serve(vtc, { a: 100, b: 100 }, 50, 8);
+    expect(s["a"]!.requests).to.equal(200);
+    expect(s["b"]!.requests).to.equal(200);
+  });
+
+  it("gives a tenant with 10x longer requests a tenth of the requests and the same tokens, within one request", () => {
+    const vtc = new VirtualTokenCounter();
+    const s = serve(vtc, { long: 4_000, short: 400 }, 200, 8);
+    // 1,600 credits: tokens even within one long request (the granularity of a credit).
+    expect(Math.abs(s["long"]!.tokens - s["short"]!.tokens)).to.be.at.most(4_000 + 400);
+    expect(s["short"]!.requests).to.be.within(9 * s["long"]!.requests, 11 * s["long"]!.requests);
+  });
+
+  it("hands credits to the lowest counter first, and never more than a tenant wants", () => {
+    const vtc = new VirtualTokenCounter({ defaultRequestTokens: 10 });
+    vtc.charge("a", 100);
+    vtc.charge("b", 10);
+    vtc.allocate([{ tenant: "a", want: 5 }, { tenant: "b", want: 5 }], 0); // both active now
+    const given = vtc.allocate([{ tenant: "a", want: 5 }, { tenant: "b", want: 2 }], 6);
+    // b (10, costing 10) takes 2 and is full; the rest go to a.
+    expect(given.get("b")).to.equal(2);
+    expect(given.get("a")).to.equal(4);
+    expect(vtc.allocate([{ tenant: "a", want: 0 }], 5).size).to.equal(0);
+  });
+
+  it("counts outstanding credits at the tenant's expected cost", () => {
+    const vtc = new VirtualTokenCounter();
+    vtc.charge("a", 10);
+    vtc.charge("b", 10);
+    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    // a holds 3 credits not yet delivered (3 x 10 expected): b gets the next three.
+    const given = vtc.allocate([{ tenant: "a", want: 10, outstanding: 3 }, { tenant: "b", want: 10 }], 3);
+    expect(given.get("b")).to.equal(3);
+    expect(given.get("a")).to.equal(undefined);
+  });
+
+  it("corrects an estimate by the tokens used, and refunds a request that did not run", () => {
+    const vtc = new VirtualTokenCounter();
+    vtc.charge("a", 1_000);
+    vtc.correct("a", 1_000, 600);
+    expect(vtc.counter("a")).to.equal(600);
+    vtc.charge("a", 500);
+    vtc.correct("a", 500, 0);
+    expect(vtc.counter("a")).to.equal(600);
+    vtc.correct("nobody", 10, 5);
+    expect(vtc.counter("nobody")).to.equal(0);
+  });
+
+  it("raises a tenant that comes back after idling to the lowest counter of the busy ones (no saved-up share)", () => {
+    const vtc = new VirtualTokenCounter();
+    serve(vtc, { busy: 100 }, 10, 10); // busy alone: 10,000 tokens
+    expect(vtc.counter("busy")).to.equal(10_000);
+    const given = vtc.allocate([{ tenant: "busy", want: 10 }, { tenant: "back", want: 10 }], 10);
+    expect(vtc.counter("back")).to.equal(10_000);
+    // Level: they share, instead of the newcomer taking all ten.
+    expect(given.get("back")).to.be.within(4, 6);
+    expect(given.get("busy")).to.be.within(4, 6);
+  });
+
+  it("lets a tenant that stays busy keep its lead over one that went idle and came back below it", () => {
+    const vtc = new VirtualTokenCounter();
+    vtc.charge("a", 50);
+    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    vtc.charge("b", 500);
+    // b goes idle, a keeps working, b comes back: b keeps its higher counter (never lowered).
+    vtc.allocate([{ tenant: "a", want: 1 }], 0);
+    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    expect(vtc.counter("b")).to.equal(500);
+  });
+
+  it("forgets idle tenants beyond its bound, lowest counters first", () => {
+    const vtc = new VirtualTokenCounter({ maxIdleTenants: 2 });
+    for (const [t, n] of [["x", 1], ["y", 2], ["z", 3]] as const) vtc.charge(t, n);
+    vtc.allocate([{ tenant: "w", want: 1 }], 0);
+    expect(vtc.counter("x")).to.equal(0);
+    expect(vtc.counter("y")).to.equal(2);
+    expect(vtc.counter("z")).to.equal(3);
+  });
+
+  it("rejects nonsense options", () => {
+    expect(() => new VirtualTokenCounter({ defaultRequestTokens: 0 })).to.throw(RangeError, /defaultRequestTokens/);
+    expect(() => new VirtualTokenCounter({ meanWeight: 2 })).to.throw(RangeError, /meanWeight/);
+  });
+});
+
+describe("token cost", () => {
+  it("estimates prompt and inputs at 4 characters a token, plus max_tokens", () => {
+    expect(estimateTokens({ prompt: "x".repeat(400) })).to.equal(100);
+    expect(estimateTokens({ prompt: "x".repeat(400), parameters: { max_tokens: 64 } })).to.equal(164);
+    expect(estimateTokens({ inputs: { a: "12345678" } })).to.equal(4); // {"a":"12345678"} is 16 characters
+    expect(estimateTokens({})).to.equal(1);
+    expect(estimateTokens({ prompt: "", parameters: { max_tokens: "lots" } })).to.equal(1);
+  });
+
+  it("takes the tokens used from an ok result; nothing for errors and cache hits", () => {
+    expect(usedTokens({ id: "a", status: "ok", usage: { prompt_tokens: 7, completion_tokens: 3 } })).to.equal(10);
+    expect(usedTokens({ id: "a", status: "error", usage: { prompt_tokens: 7, completion_tokens: 3 } })).to.equal(0);
+    expect(usedTokens({ id: "a", status: "ok", usage: { prompt_tokens: 7, completion_tokens: 3 }, timing: { queue_ms: 0, batch_size: 0, worker_ms: 0, total_ms: 0, cache: "hit" } })).to.equal(0);
+    expect(usedTokens({ id: "a", status: "ok" })).to.equal(undefined);
+    expect(usedTokens(undefined)).to.equal(0);
+  });
+});
