@@ -15,6 +15,7 @@ import { decodeRequest } from "../operators/decode-request.js";
 import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
 import { generateEach, type Chunk, type Generator } from "../operators/generate-each.js";
 import { onJobs } from "../operators/on-jobs.js";
+import { isOutcome } from "../operators/outcome.js";
 import { admitByTenantLimits, DEFAULT_TENANT_MAX_WAIT_MS } from "../operators/admit-by-tenant-limits.js";
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
@@ -25,6 +26,7 @@ import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./registry.js";
 import type { Tracing } from "./telemetry.js";
 import type { TenantLimiter } from "./tenant-limits.js";
+import type { TokenFairShare } from "./intake/token-fair-share.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;
@@ -55,6 +57,8 @@ export interface PipelineSteps {
   };
   /** The result cache: deterministic requests of models with `cache` answered without a worker. Off when omitted. */
   cache?: CachedAnswers<RoutedJob> & AnswerStore;
+  /** Token-weighted fair share: hears each admitted request (charged) and each settled one (corrected). */
+  fairShare?: Pick<TokenFairShare, "admitted" | "settled">;
   /** Request spans: started after decoding, ended when settled. */
   tracing?: Tracing;
   maxPayloadBytes: number;
@@ -91,6 +95,9 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         else t.startRequest(d.outcome.job.delivery, d.outcome.job);
       }),
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+      tap((x) => {
+        if (!isOutcome(x)) steps.fairShare?.admitted(x);
+      }),
     );
     const storedResult = steps.sink.storedResult?.bind(steps.sink);
     const routed$ = admitted$.pipe(
@@ -153,6 +160,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       tap((s) => {
         steps.tracing?.settle(s);
         steps.tenantLimits?.releasedOutcome(s.outcome);
+        steps.fairShare?.settled(s);
       }),
     );
     const shadow = steps.shadow;

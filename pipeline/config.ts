@@ -51,6 +51,12 @@ export interface PipelineSettings {
    * tenant's burst does not hold up another's trickle. Off: one consumer per priority, stream order.
    */
   tenantLanes: boolean;
+  /**
+   * With tenant lanes, what a tenant's fair share counts: `tokens` (prompt plus completion,
+   * estimated from the request and corrected by its usage: a tenant with longer prompts gets
+   * fewer requests, not more of the device) or `requests`.
+   */
+  fairShare: "tokens" | "requests";
   /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
   priorityWeights: Record<Priority, number>;
   maxPayloadBytes: number;
@@ -146,6 +152,7 @@ export function defaultConfig(): SluiceConfig {
       maxInFlight: 256,
       priorityWeights: { high: 8, normal: 4, low: 1 },
       tenantLanes: true,
+      fairShare: "tokens",
       maxPayloadBytes: 256 * 1024,
       pullExpiresMs: 5_000,
       publishConcurrency: 256,
@@ -257,6 +264,8 @@ export function validateConfig(cfg: SluiceConfig): void {
     if (!["high", "normal", "low"].includes(p)) throw new ConfigError(`pipeline.priorityWeights: unknown priority '${p}'`);
     if (typeof w !== "number" || !Number.isFinite(w) || w <= 0) throw new ConfigError(`pipeline.priorityWeights.${p} must be a number > 0`);
   }
+  if (cfg.pipeline.fairShare !== "tokens" && cfg.pipeline.fairShare !== "requests")
+    throw new ConfigError(`pipeline.fairShare must be "tokens" or "requests", got ${JSON.stringify(cfg.pipeline.fairShare)}`);
   pos(cfg.pipeline.maxPayloadBytes, "pipeline.maxPayloadBytes");
   pos(cfg.pipeline.batchesPerWorker, "pipeline.batchesPerWorker");
   if (!Number.isFinite(cfg.pipeline.publishRetryMs) || cfg.pipeline.publishRetryMs < 0)

@@ -26,6 +26,7 @@ import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
 import { connectNats } from "./connection.js";
 import { CacheMetrics } from "./cache/cache-metrics.js";
 import { ResultCache } from "./cache/result-cache.js";
+import { TokenFairShare } from "./intake/token-fair-share.js";
 
 export interface PipelineLogger {
   info(msg: string): void;
@@ -202,6 +203,7 @@ export class PipelineService {
       this.log.warn(`pull (${priority}) failed: ${(err as Error)?.message ?? err}`);
     };
     const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
+    const fairShare = p.tenantLanes && p.fairShare === "tokens" ? new TokenFairShare() : undefined;
     const source$ = p.tenantLanes
       ? tenantLaneSource({
           js: this.js,
@@ -216,6 +218,7 @@ export class PipelineService {
           onPullError,
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
+          ...(fairShare ? { fairShare } : {}),
         })
       : pullByPriority(classes, {
           maxUnsettled: p.maxInFlight,
@@ -240,6 +243,7 @@ export class PipelineService {
         tenantLimits: this.tenants.limiter,
         tenantMaxWaitMs: pp.tenantMaxWaitMs,
         cache: this.cache,
+        ...(fairShare ? { fairShare } : {}),
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,

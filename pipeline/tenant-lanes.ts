@@ -36,6 +36,7 @@ import type { Delivery, Priority } from "../operators/types.js";
 import type { ConsumerSettings } from "./config.js";
 import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
 import { TOKEN_RE } from "./subjects.js";
+import type { TokenFairShare } from "./intake/token-fair-share.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;
@@ -53,6 +54,11 @@ export interface TenantLanesOptions {
   drain?: Observable<unknown>;
   onPullError?: (priority: Priority, err: unknown) => void;
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /**
+   * Share credits between the tenants of a priority by the tokens each was given (lowest first)
+   * instead of evenly by requests; see `pipeline/intake/virtual-token-counter.ts`.
+   */
+  fairShare?: Pick<TokenFairShare, "setActive" | "allocate">;
 }
 
 export const DEFAULT_LANE_SWEEP_MS = 5_000;
@@ -207,11 +213,29 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         return;
       }
       const totalW = active.reduce((a, x) => a + (o.weights[x.p] ?? 1), 0);
+      const fair = o.fairShare;
+      fair?.setActive(active.flatMap((x) => x.lanes.map((l) => l.tenant)));
       for (const { p, lanes: ls } of active) {
         if (free <= 0) break;
         const heldByP = [...lanes.values()].filter((l) => l.p === p).reduce((a, l) => a + l.requested + l.unsettled, 0);
         // Share of priority p; if it already holds its share, it may still use what others leave.
         let budget = Math.max(1, Math.floor((max * (o.weights[p] ?? 1)) / totalW) - heldByP);
+        if (fair) {
+          // By tokens: the lowest counters first, one pull at a time per lane.
+          const given = fair.allocate(
+            ls.map((l) => ({ tenant: l.tenant, want: l.requested > 0 ? 0 : l.hint > 0 ? l.hint : 1, outstanding: l.requested })),
+            Math.min(free, budget),
+          );
+          for (const [i, l] of ls.entries()) {
+            const take = given[i] ?? 0;
+            if (take <= 0) continue;
+            free -= take;
+            budget -= take;
+            if (l.hint === 0) l.nextProbeAt = now + PROBE_EVERY_MS;
+            void pullLane(l, take);
+          }
+          continue;
+        }
         // Round robin over the tenants with work, from where the last round stopped.
         const start = (rr.get(p) ?? 0) % ls.length;
         const perLane = Math.max(1, Math.floor(budget / ls.length));
@@ -232,6 +256,19 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       // share were limited by their hint; a busy tenant may take what idle ones leave).
       if (free > 0 && free < max) {
         const more = [...lanes.values()].filter((l) => l.requested === 0 && l.hint > 0 && l.blockedUntil <= now);
+        if (fair) {
+          const given = fair.allocate(
+            more.map((l) => ({ tenant: l.tenant, want: l.hint })),
+            free,
+          );
+          for (const [i, l] of more.entries()) {
+            const take = Math.min(given[i] ?? 0, free);
+            if (take <= 0) continue;
+            free -= take;
+            void pullLane(l, take);
+          }
+          more.length = 0;
+        }
         for (const l of more) {
           if (free <= 0) break;
           const take = Math.min(l.hint, free);

@@ -25,7 +25,13 @@ export class TokenFairShare {
     this.counter = new VirtualTokenCounter(opts);
   }
 
-  allocate(claims: readonly CreditClaim[], credits: number): Map<string, number> {
+  /** See {@link VirtualTokenCounter.setActive}. */
+  setActive(tenants: Iterable<string>): void {
+    this.counter.setActive(tenants);
+  }
+
+  /** See {@link VirtualTokenCounter.allocate}. */
+  allocate(claims: readonly CreditClaim[], credits: number): number[] {
     return this.counter.allocate(claims, credits);
   }
 

@@ -14,7 +14,8 @@
  *
  * ```ts
  * const vtc = new VirtualTokenCounter();
- * vtc.allocate([{ tenant: "a", want: 8 }, { tenant: "b", want: 8 }], 4); // Map { a → 2, b → 2 } at first
+ * vtc.setActive(["a", "b"]);                                          // tenants with work
+ * vtc.allocate([{ tenant: "a", want: 8 }, { tenant: "b", want: 8 }], 4); // [2, 2] at first
  * vtc.charge("a", 4_064);                                              // admitted: its estimate
  * vtc.correct("a", 4_064, 4_010);                                      // ended: what it used
  * ```
@@ -93,26 +94,24 @@ export class VirtualTokenCounter {
   }
 
   /**
-   * Hands out `credits` among the claims, one at a time to the tenant whose counter, with the
+   * Hands out `credits` among the claims (the credits of each, in the order of the claims), one at a time to the tenant whose counter, with the
    * tokens its outstanding and newly given credits are expected to bring, is lowest (ties: the
-   * order of the claims), never more than a tenant wants. Every claim counts as a tenant with
-   * work: one that had none at the last allocation is first raised to the lowest counter of those
-   * that had.
+   * order of the claims), never more than a tenant wants. Say first which tenants have work
+   * ({@link setActive}).
    */
-  allocate(claims: readonly CreditClaim[], credits: number): Map<string, number> {
-    this.lift(claims);
-    const given = new Map<string, number>();
-    const heap = new MinHeap<{ tenant: string; projected: number; cost: number; room: number; order: number }>((a, b) =>
+  allocate(claims: readonly CreditClaim[], credits: number): number[] {
+    const given = claims.map(() => 0);
+    const heap = new MinHeap<{ projected: number; cost: number; room: number; order: number }>((a, b) =>
       a.projected !== b.projected ? a.projected < b.projected : a.order < b.order,
     );
     claims.forEach((c, order) => {
       const cost = this.expectedCost(c.tenant);
       const room = Math.max(0, Math.floor(c.want));
-      if (room > 0) heap.push({ tenant: c.tenant, projected: this.counter(c.tenant) + Math.max(0, c.outstanding ?? 0) * cost, cost, room, order });
+      if (room > 0) heap.push({ projected: this.counter(c.tenant) + Math.max(0, c.outstanding ?? 0) * cost, cost, room, order });
     });
     for (let left = Math.floor(credits); left > 0 && heap.size > 0; left--) {
       const top = heap.pop()!;
-      given.set(top.tenant, (given.get(top.tenant) ?? 0) + 1);
+      given[top.order]!++;
       top.room--;
       top.projected += top.cost;
       if (top.room > 0) heap.push(top);
@@ -120,9 +119,13 @@ export class VirtualTokenCounter {
     return given;
   }
 
-  /** Tenants that come back to work start at the lowest counter of those that kept working. */
-  private lift(claims: readonly CreditClaim[]): void {
-    const now = new Set(claims.map((c) => c.tenant));
+  /**
+   * The tenants with work now. One that had none at the last call is raised to the lowest
+   * counter of those that kept working (or, when none did, of those coming back): it does not
+   * come back with a share saved up while it was idle.
+   */
+  setActive(tenants: Iterable<string>): void {
+    const now = new Set(tenants);
     let floor = Number.POSITIVE_INFINITY;
     for (const t of now) if (this.active.has(t)) floor = Math.min(floor, this.counter(t));
     if (floor === Number.POSITIVE_INFINITY) {

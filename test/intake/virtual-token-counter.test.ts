@@ -7,11 +7,14 @@ function serve(vtc: VirtualTokenCounter, costs: Record<string, number>, rounds: 
   const out: Record<string, { requests: number; tokens: number }> = {};
   for (const t of Object.keys(costs)) out[t] = { requests: 0, tokens: 0 };
   for (let r = 0; r < rounds; r++) {
+    vtc.setActive(Object.keys(costs));
+    const tenants = Object.keys(costs);
     const given = vtc.allocate(
-      Object.keys(costs).map((tenant) => ({ tenant, want: credits })),
+      tenants.map((tenant) => ({ tenant, want: credits })),
       credits,
     );
-    for (const [t, n] of given) {
+    for (const [i, n] of given.entries()) {
+      const t = tenants[i]!;
       for (let i = 0; i < n; i++) vtc.charge(t, costs[t]!);
       out[t]!.requests += n;
       out[t]!.tokens += n * costs[t]!;
@@ -40,23 +43,21 @@ describe("VirtualTokenCounter", () => {
     const vtc = new VirtualTokenCounter({ defaultRequestTokens: 10 });
     vtc.charge("a", 100);
     vtc.charge("b", 10);
-    vtc.allocate([{ tenant: "a", want: 5 }, { tenant: "b", want: 5 }], 0); // both active now
+    vtc.setActive(["a", "b"]);
     const given = vtc.allocate([{ tenant: "a", want: 5 }, { tenant: "b", want: 2 }], 6);
     // b (10, costing 10) takes 2 and is full; the rest go to a.
-    expect(given.get("b")).to.equal(2);
-    expect(given.get("a")).to.equal(4);
-    expect(vtc.allocate([{ tenant: "a", want: 0 }], 5).size).to.equal(0);
+    expect(given).to.deep.equal([4, 2]);
+    expect(vtc.allocate([{ tenant: "a", want: 0 }], 5)).to.deep.equal([0]);
   });
 
   it("counts outstanding credits at the tenant's expected cost", () => {
     const vtc = new VirtualTokenCounter();
     vtc.charge("a", 10);
     vtc.charge("b", 10);
-    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    vtc.setActive(["a", "b"]);
     // a holds 3 credits not yet delivered (3 x 10 expected): b gets the next three.
     const given = vtc.allocate([{ tenant: "a", want: 10, outstanding: 3 }, { tenant: "b", want: 10 }], 3);
-    expect(given.get("b")).to.equal(3);
-    expect(given.get("a")).to.equal(undefined);
+    expect(given).to.deep.equal([0, 3]);
   });
 
   it("corrects an estimate by the tokens used, and refunds a request that did not run", () => {
@@ -75,28 +76,29 @@ describe("VirtualTokenCounter", () => {
     const vtc = new VirtualTokenCounter();
     serve(vtc, { busy: 100 }, 10, 10); // busy alone: 10,000 tokens
     expect(vtc.counter("busy")).to.equal(10_000);
+    vtc.setActive(["busy", "back"]);
     const given = vtc.allocate([{ tenant: "busy", want: 10 }, { tenant: "back", want: 10 }], 10);
     expect(vtc.counter("back")).to.equal(10_000);
     // Level: they share, instead of the newcomer taking all ten.
-    expect(given.get("back")).to.be.within(4, 6);
-    expect(given.get("busy")).to.be.within(4, 6);
+    expect(given[1]).to.be.within(4, 6);
+    expect(given[0]).to.be.within(4, 6);
   });
 
   it("lets a tenant that stays busy keep its lead over one that went idle and came back below it", () => {
     const vtc = new VirtualTokenCounter();
     vtc.charge("a", 50);
-    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    vtc.setActive(["a", "b"]);
     vtc.charge("b", 500);
     // b goes idle, a keeps working, b comes back: b keeps its higher counter (never lowered).
-    vtc.allocate([{ tenant: "a", want: 1 }], 0);
-    vtc.allocate([{ tenant: "a", want: 1 }, { tenant: "b", want: 1 }], 0);
+    vtc.setActive(["a"]);
+    vtc.setActive(["a", "b"]);
     expect(vtc.counter("b")).to.equal(500);
   });
 
   it("forgets idle tenants beyond its bound, lowest counters first", () => {
     const vtc = new VirtualTokenCounter({ maxIdleTenants: 2 });
     for (const [t, n] of [["x", 1], ["y", 2], ["z", 3]] as const) vtc.charge(t, n);
-    vtc.allocate([{ tenant: "w", want: 1 }], 0);
+    vtc.setActive(["w"]);
     expect(vtc.counter("x")).to.equal(0);
     expect(vtc.counter("y")).to.equal(2);
     expect(vtc.counter("z")).to.equal(3);

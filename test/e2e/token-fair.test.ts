@@ -1,0 +1,108 @@
+/**
+ * Token-weighted fair share under a backlog: two tenants, one with prompts ten times longer,
+ * both backlogged before the pipeline starts. While both have work, the device's tokens are
+ * shared about evenly (by requests, the long-prompt tenant would take ten times the tokens).
+ */
+import { expect } from "chai";
+import { jetstreamManager } from "@nats-io/jetstream";
+import { InferenceClient } from "../../pipeline/client.js";
+import { ensureStreams } from "../../pipeline/jetstream.js";
+import type { PipelineService } from "../../pipeline/service.js";
+import type { InferResult } from "../../operators/types.js";
+import { useNats, waitFor } from "../support/nats.js";
+import { startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
+
+/** Requests the pipeline holds at once: the granularity of its share. */
+const MAX_IN_FLIGHT = 32;
+const LONG_WORDS = 400;
+const SHORT_WORDS = 40;
+/** The long-prompt tenant has more tokens in all, so the short one finishes first and closes the window. */
+const LONG_REQUESTS = 900;
+const SHORT_REQUESTS = 3_000;
+
+interface Served {
+  tenant: string;
+  tokens: number;
+}
+
+/** Backlogs both tenants, starts the pipeline, and returns the results in the order they came. */
+async function serveBacklog(nats: ReturnType<typeof useNats>, fairShare: "tokens" | "requests"): Promise<Served[]> {
+  let worker: TestWorker | undefined;
+  let pipeline: PipelineService | undefined;
+  const clients = { long: new InferenceClient(nats.nc, "long"), short: new InferenceClient(nats.nc, "short") };
+  const served: Served[] = [];
+  const sub = nats.nc.subscribe("infer.res.*.>", {
+    callback: (_e, m) => {
+      const r = m.json<InferResult>();
+      served.push({ tenant: m.subject.split(".")[2]!, tokens: (r.usage?.prompt_tokens ?? 0) + (r.usage?.completion_tokens ?? 0) });
+    },
+  });
+  try {
+    worker = await startWorker({ base_ms: 4, per_item_ms: 0.1 });
+    const config = testConfig(nats.url, {
+      models: { echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 16, max_delay_ms: 2 } } },
+      workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint, capacity: 16 }],
+      pipeline: { maxInFlight: MAX_IN_FLIGHT, tenantLanes: true, fairShare },
+    });
+    await ensureStreams(await jetstreamManager(nats.nc), config.streams);
+    const words = (n: number): string => Array.from({ length: n }, (_, i) => `w${i % 10}x`).join(" ");
+    // Interleaved, so neither tenant's backlog stands in front of the other's in the stream.
+    const sends: Array<Promise<unknown>> = [];
+    for (let i = 0, j = 0; i < SHORT_REQUESTS; i++) {
+      sends.push(clients.short.publish("echo", { prompt: words(SHORT_WORDS) }, { id: `short-${fairShare}-${i}` }));
+      if (j < LONG_REQUESTS && j * SHORT_REQUESTS <= i * LONG_REQUESTS)
+        sends.push(clients.long.publish("echo", { prompt: words(LONG_WORDS) }, { id: `long-${fairShare}-${j++}` }));
+    }
+    await Promise.all(sends);
+    pipeline = await startPipeline(config);
+    await waitFor("every request answered", () => served.length >= LONG_REQUESTS + SHORT_REQUESTS, 120_000);
+    return served;
+  } finally {
+    sub.unsubscribe();
+    await pipeline?.stop();
+    await worker?.stop();
+    await clients.long.close();
+    await clients.short.close();
+  }
+}
+
+/** Tokens per tenant over the results up to the last one of the tenant that finished first (both had work until then). */
+function whileBothBacklogged(served: readonly Served[]): { long: number; short: number; window: number } {
+  const lastOf = (t: string): number => served.map((s) => s.tenant).lastIndexOf(t);
+  const end = Math.min(lastOf("long"), lastOf("short"));
+  const sum = { long: 0, short: 0, window: end + 1 };
+  for (const s of served.slice(0, end + 1)) sum[s.tenant as "long" | "short"] += s.tokens;
+  return sum;
+}
+
+describe("token-weighted fair share under a backlog", function () {
+  this.timeout(180_000);
+
+  describe("fairShare: tokens", () => {
+    const nats = useNats();
+    it("splits the device's tokens about evenly between a tenant with 10x longer prompts and one with short ones", async () => {
+      const served = await serveBacklog(nats, "tokens");
+      expect(served).to.have.length(LONG_REQUESTS + SHORT_REQUESTS);
+      const w = whileBothBacklogged(served);
+      const ratio = w.long / w.short;
+      // Tokens admitted and tokens served differ by what the pipeline holds at once: at most
+      // MAX_IN_FLIGHT of the costliest requests on either side (plus the first allocation, made
+      // before either tenant's cost was known), against the short tenant's tokens in the window.
+      const longCost = served.find((s) => s.tenant === "long")!.tokens;
+      const margin = (2 * MAX_IN_FLIGHT * longCost) / w.short;
+      console.log(`      tokens while both backlogged (${w.window} results): long ${w.long}, short ${w.short}, ratio ${ratio.toFixed(3)}, margin ${margin.toFixed(3)}`);
+      expect(ratio).to.be.within(1 - margin, 1 + margin);
+    });
+  });
+
+  describe("fairShare: requests (the comparison: the same backlog shared by request count)", () => {
+    const nats = useNats();
+    it("gives the long-prompt tenant many times the short one's tokens", async () => {
+      const served = await serveBacklog(nats, "requests");
+      const w = whileBothBacklogged(served);
+      const ratio = w.long / w.short;
+      console.log(`      tokens while both backlogged (${w.window} results): long ${w.long}, short ${w.short}, ratio ${ratio.toFixed(3)}`);
+      expect(ratio).to.be.greaterThan(3);
+    });
+  });
+});
