@@ -37,6 +37,12 @@ export interface VirtualTokenCounterOptions {
   meanWeight?: number;
   /** Counters kept for tenants without work, at most; the lowest are dropped first. */
   maxIdleTenants?: number;
+  /**
+   * Credits a tenant whose requests have not been seen yet gets at once: its first requests
+   * tell what they cost before it is given more (a tenant with huge prompts cannot take a large
+   * share on its first allocation).
+   */
+  firstCredits?: number;
 }
 
 /** See {@link VirtualTokenCounterOptions.defaultRequestTokens}. */
@@ -45,6 +51,8 @@ export const DEFAULT_REQUEST_TOKENS = 256;
 export const DEFAULT_MEAN_WEIGHT = 0.2;
 /** See {@link VirtualTokenCounterOptions.maxIdleTenants}. */
 export const DEFAULT_MAX_IDLE_TENANTS = 10_000;
+/** See {@link VirtualTokenCounterOptions.firstCredits}. */
+export const DEFAULT_FIRST_CREDITS = 2;
 
 interface TenantCount {
   /** Tokens given (estimates, corrected as requests end). */
@@ -60,12 +68,14 @@ export class VirtualTokenCounter {
   private readonly defaultTokens: number;
   private readonly meanWeight: number;
   private readonly maxIdle: number;
+  private readonly firstCredits: number;
 
   constructor(opts: VirtualTokenCounterOptions = {}) {
     this.defaultTokens = positive(opts.defaultRequestTokens ?? DEFAULT_REQUEST_TOKENS, "defaultRequestTokens");
     this.meanWeight = opts.meanWeight ?? DEFAULT_MEAN_WEIGHT;
     if (!(this.meanWeight > 0 && this.meanWeight <= 1)) throw new RangeError(`meanWeight must be in (0, 1], got ${this.meanWeight}`);
     this.maxIdle = opts.maxIdleTenants ?? DEFAULT_MAX_IDLE_TENANTS;
+    this.firstCredits = Math.max(1, Math.floor(opts.firstCredits ?? DEFAULT_FIRST_CREDITS));
   }
 
   /** Tokens given to a tenant so far (0 for one never seen). */
@@ -96,8 +106,9 @@ export class VirtualTokenCounter {
   /**
    * Hands out `credits` among the claims (the credits of each, in the order of the claims), one at a time to the tenant whose counter, with the
    * tokens its outstanding and newly given credits are expected to bring, is lowest (ties: the
-   * order of the claims), never more than a tenant wants. Say first which tenants have work
-   * ({@link setActive}).
+   * order of the claims), never more than a tenant wants, and no more than `firstCredits`
+   * (outstanding ones included) to a tenant whose cost is not known yet. Say first which tenants
+   * have work ({@link setActive}).
    */
   allocate(claims: readonly CreditClaim[], credits: number): number[] {
     const given = claims.map(() => 0);
@@ -106,8 +117,10 @@ export class VirtualTokenCounter {
     );
     claims.forEach((c, order) => {
       const cost = this.expectedCost(c.tenant);
-      const room = Math.max(0, Math.floor(c.want));
-      if (room > 0) heap.push({ projected: this.counter(c.tenant) + Math.max(0, c.outstanding ?? 0) * cost, cost, room, order });
+      const outstanding = Math.max(0, c.outstanding ?? 0);
+      const known = this.counts.get(c.tenant)?.mean !== undefined;
+      const room = Math.max(0, Math.min(Math.floor(c.want), known ? Number.POSITIVE_INFINITY : this.firstCredits - outstanding));
+      if (room > 0) heap.push({ projected: this.counter(c.tenant) + outstanding * cost, cost, room, order });
     });
     for (let left = Math.floor(credits); left > 0 && heap.size > 0; left--) {
       const top = heap.pop()!;

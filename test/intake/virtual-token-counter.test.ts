@@ -27,8 +27,9 @@ describe("VirtualTokenCounter", () => {
   it("splits credits evenly between tenants whose requests cost the same", () => {
     const vtc = new VirtualTokenCounter();
     const s = serve(vtc, { a: 100, b: 100 }, 50, 8);
-    expect(s["a"]!.requests).to.equal(200);
-    expect(s["b"]!.requests).to.equal(200);
+    // The first round gives each its first credits only (costs not known yet); then 4 each a round.
+    expect(s["a"]!.requests).to.equal(2 + 49 * 4);
+    expect(s["b"]!.requests).to.equal(2 + 49 * 4);
   });
 
   it("gives a tenant with 10x longer requests a tenth of the requests and the same tokens, within one request", () => {
@@ -74,11 +75,12 @@ describe("VirtualTokenCounter", () => {
 
   it("raises a tenant that comes back after idling to the lowest counter of the busy ones (no saved-up share)", () => {
     const vtc = new VirtualTokenCounter();
-    serve(vtc, { busy: 100 }, 10, 10); // busy alone: 10,000 tokens
-    expect(vtc.counter("busy")).to.equal(10_000);
+    serve(vtc, { busy: 100 }, 10, 10); // busy alone: 2 + 9 x 10 requests of 100 tokens
+    expect(vtc.counter("busy")).to.equal(9_200);
+    vtc.charge("back", 100); // its cost is known (it worked long ago)
     vtc.setActive(["busy", "back"]);
     const given = vtc.allocate([{ tenant: "busy", want: 10 }, { tenant: "back", want: 10 }], 10);
-    expect(vtc.counter("back")).to.equal(10_000);
+    expect(vtc.counter("back")).to.equal(9_200);
     // Level: they share, instead of the newcomer taking all ten.
     expect(given[1]).to.be.within(4, 6);
     expect(given[0]).to.be.within(4, 6);
@@ -93,6 +95,17 @@ describe("VirtualTokenCounter", () => {
     vtc.setActive(["a"]);
     vtc.setActive(["a", "b"]);
     expect(vtc.counter("b")).to.equal(500);
+  });
+
+  it("gives a tenant whose cost is not known yet only its first credits, outstanding ones included", () => {
+    const vtc = new VirtualTokenCounter({ firstCredits: 3 });
+    vtc.charge("known", 10);
+    vtc.setActive(["known", "new"]);
+    expect(vtc.allocate([{ tenant: "new", want: 50 }, { tenant: "known", want: 50 }], 20)).to.deep.equal([3, 17]);
+    expect(vtc.allocate([{ tenant: "new", want: 50, outstanding: 2 }], 20)).to.deep.equal([1]);
+    expect(vtc.allocate([{ tenant: "new", want: 50, outstanding: 3 }], 20)).to.deep.equal([0]);
+    vtc.charge("new", 10);
+    expect(vtc.allocate([{ tenant: "new", want: 50, outstanding: 3 }], 20)).to.deep.equal([20]);
   });
 
   it("forgets idle tenants beyond its bound, lowest counters first", () => {
