@@ -37,6 +37,7 @@ import type { ConsumerSettings } from "./config.js";
 import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
 import { TOKEN_RE } from "./subjects.js";
 import type { TokenFairShare } from "./intake/token-fair-share.js";
+import type { CreditClaim } from "./intake/virtual-token-counter.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;
@@ -187,6 +188,13 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       subscriber.complete();
     };
     const wants = (l: Lane, now: number): boolean => l.blockedUntil <= now && (l.hint > 0 || (l.naked > 0 && l.nextProbeAt <= now));
+    /** A lane's claim on credits for the token fair share (one pull at a time: a lane pulling takes none now). */
+    const fairClaim = (l: Lane): CreditClaim => ({
+      tenant: l.tenant,
+      want: l.requested > 0 ? 0 : l.hint > 0 ? l.hint : 1,
+      outstanding: l.requested,
+      blocked: l.requested > 0 && l.hint > l.requested,
+    });
 
     // Pulls are opened at the end of the turn, once for all the settlements and discoveries of
     // that turn: the requests just delivered reach their worker first, and the lanes are walked
@@ -222,10 +230,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         let budget = Math.max(1, Math.floor((max * (o.weights[p] ?? 1)) / totalW) - heldByP);
         if (fair) {
           // By tokens: the lowest counters first, one pull at a time per lane.
-          const given = fair.allocate(
-            ls.map((l) => ({ tenant: l.tenant, want: l.requested > 0 ? 0 : l.hint > 0 ? l.hint : 1, outstanding: l.requested })),
-            Math.min(free, budget),
-          );
+          const given = fair.allocate(ls.map(fairClaim), Math.min(free, budget));
           for (const [i, l] of ls.entries()) {
             const take = given[i] ?? 0;
             if (take <= 0) continue;
@@ -257,13 +262,12 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       if (free > 0 && free < max) {
         const more = [...lanes.values()].filter((l) => l.requested === 0 && l.hint > 0 && l.blockedUntil <= now);
         if (fair) {
-          const given = fair.allocate(
-            more.map((l) => ({ tenant: l.tenant, want: l.hint })),
-            free,
-          );
-          for (const [i, l] of more.entries()) {
+          // Every lane with work takes part, so one waiting for its pull keeps its turn.
+          const all = [...lanes.values()].filter((l) => wants(l, now));
+          const given = fair.allocate(all.map(fairClaim), free);
+          for (const [i, l] of all.entries()) {
             const take = Math.min(given[i] ?? 0, free);
-            if (take <= 0) continue;
+            if (take <= 0 || l.requested > 0) continue;
             free -= take;
             void pullLane(l, take);
           }
@@ -287,6 +291,8 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
       for (const l of lanes.values()) {
         if (allowed <= 0) return;
         if (l.requested > 0 || l.blockedUntil > now || l.lastWorkAt === 0 || now - l.lastWorkAt > STANDING_PULL_IDLE_MS) continue;
+        // A lane with work waiting gets its credits by its share, not by a standing pull.
+        if (o.fairShare && wants(l, now)) continue;
         const take = Math.min(allowed, STANDING_PULL_SIZE);
         allowed -= take;
         l.standing = true;

@@ -28,6 +28,12 @@ export interface CreditClaim {
   readonly want: number;
   /** Credits it holds that have not brought a request yet (their tokens are projected). */
   readonly outstanding?: number;
+  /**
+   * It has more work than its outstanding credits but cannot take credits now (one pull at a
+   * time): while it is the lowest, nobody else is given credits either (they are not spent
+   * ahead of its turn; it asks again once its pull is done).
+   */
+  readonly blocked?: boolean;
 }
 
 export interface VirtualTokenCounterOptions {
@@ -107,12 +113,14 @@ export class VirtualTokenCounter {
    * Hands out `credits` among the claims (the credits of each, in the order of the claims), one at a time to the tenant whose counter, with the
    * tokens its outstanding and newly given credits are expected to bring, is lowest (ties: the
    * order of the claims), never more than a tenant wants, and no more than `firstCredits`
-   * (outstanding ones included) to a tenant whose cost is not known yet. Say first which tenants
-   * have work ({@link setActive}).
+   * (outstanding ones included) to a tenant whose cost is not known yet. It stops early when the
+   * lowest is a tenant that cannot take credits now (`blocked`, or waiting for its first
+   * requests): credits are not spent ahead of its turn. Say first which tenants have work
+   * ({@link setActive}).
    */
   allocate(claims: readonly CreditClaim[], credits: number): number[] {
     const given = claims.map(() => 0);
-    const heap = new MinHeap<{ projected: number; cost: number; room: number; order: number }>((a, b) =>
+    const heap = new MinHeap<{ projected: number; cost: number; room: number; order: number; barrier: boolean }>((a, b) =>
       a.projected !== b.projected ? a.projected < b.projected : a.order < b.order,
     );
     claims.forEach((c, order) => {
@@ -120,10 +128,13 @@ export class VirtualTokenCounter {
       const outstanding = Math.max(0, c.outstanding ?? 0);
       const known = this.counts.get(c.tenant)?.mean !== undefined;
       const room = Math.max(0, Math.min(Math.floor(c.want), known ? Number.POSITIVE_INFINITY : this.firstCredits - outstanding));
-      if (room > 0) heap.push({ projected: this.counter(c.tenant) + outstanding * cost, cost, room, order });
+      // Waiting for its first requests to tell their cost holds its turn as a blocked one does.
+      const barrier = room === 0 && (c.blocked === true || (!known && c.want > 0));
+      if (room > 0 || barrier) heap.push({ projected: this.counter(c.tenant) + outstanding * cost, cost, room, order, barrier });
     });
     for (let left = Math.floor(credits); left > 0 && heap.size > 0; left--) {
       const top = heap.pop()!;
+      if (top.barrier) break;
       given[top.order]!++;
       top.room--;
       top.projected += top.cost;

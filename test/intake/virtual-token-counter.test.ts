@@ -61,6 +61,21 @@ describe("VirtualTokenCounter", () => {
     expect(given).to.deep.equal([0, 3]);
   });
 
+  it("gives nobody credits ahead of a tenant that is lowest but cannot take them now (blocked)", () => {
+    const vtc = new VirtualTokenCounter();
+    vtc.charge("a", 100);
+    vtc.charge("b", 100);
+    vtc.setActive(["a", "b"]);
+    // a at 100; b at 100 plus one outstanding credit (100) = 200: a takes one (200), wins the
+    // tie by order (300), then b is lowest and pulling: nobody else goes ahead of its turn.
+    expect(vtc.allocate([{ tenant: "a", want: 10 }, { tenant: "b", want: 0, outstanding: 1, blocked: true }], 10)).to.deep.equal([2, 0]);
+    vtc.charge("a", 100);
+    vtc.charge("a", 100); // a at 300: above b's 200, so a gets nothing
+    expect(vtc.allocate([{ tenant: "a", want: 10 }, { tenant: "b", want: 0, outstanding: 1, blocked: true }], 10)).to.deep.equal([0, 0]);
+    // Not blocked (all its work is outstanding): no barrier.
+    expect(vtc.allocate([{ tenant: "a", want: 10 }, { tenant: "b", want: 0, outstanding: 1 }], 10)).to.deep.equal([10, 0]);
+  });
+
   it("corrects an estimate by the tokens used, and refunds a request that did not run", () => {
     const vtc = new VirtualTokenCounter();
     vtc.charge("a", 1_000);
