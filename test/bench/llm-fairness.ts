@@ -192,21 +192,30 @@ function row(scenario: string, system: string, phase: string, requests: readonly
 const enc = new TextEncoder();
 const words = (n: number, salt: string): string => Array.from({ length: n }, (_, i) => (i === 0 ? salt : `w${i % 10}x`)).join(" ");
 
-/** Repeated requests against a model with a result cache: hit rate, and a hit's latency against a miss's. */
+/**
+ * Repeated requests against a model with a result cache: the hit rate, and a hit's latency
+ * against a miss's under the same load. Every tenth request is new (a miss spread over the whole
+ * run, not only at its start); the others come from 50 repeated ones. A warm-up of new requests
+ * goes first, unmeasured (start-up, the tenant's lane, the worker connection).
+ */
 export const cacheScenario: ExtraScenario = {
   name: "cache",
-  description: `GPU-like device, model with a result cache; 200 req/s drawn from 100 distinct requests: hit rate, and hit p50 against miss p50`,
+  description: "GPU-like device, model with a result cache; 200 req/s, every tenth request new, the rest drawn from 50 repeated ones: hit rate, and hit p50 against miss p50",
   async run(o) {
     const rate = 200;
     const seconds = o.quick ? 5 : 10;
-    const distinct = 100;
+    const repeated = 50;
     const count = rate * seconds;
+    const body = (key: string): Uint8Array => enc.encode(JSON.stringify({ prompt: `cache request ${key}: write a haiku about queues`, parameters: { max_tokens: 16 } }));
     return withSluice(`cache-${process.pid}`, { modelExtras: { cache: { ttl_ms: 600_000 } } }, async (nc, answers, rss) => {
+      const warm: Request[] = Array.from({ length: 100 }, (_, n) => ({ id: `cache-warm-${n}`, tenant: "bench", body: body(`warm ${n}`), offeredAt: performance.now() }));
+      await send(nc, warm, false);
+      await awaitAnswers(answers, warm);
       const t0 = performance.now() + 50;
       const requests: Request[] = Array.from({ length: count }, (_, n) => ({
         id: `cache-${n}`,
         tenant: "bench",
-        body: enc.encode(JSON.stringify({ prompt: `cache request ${n % distinct}: write a haiku about queues`, parameters: { max_tokens: 16 } })),
+        body: body(n % 10 === 0 ? `new ${n}` : `repeated ${n % repeated}`),
         offeredAt: t0 + (n * 1_000) / rate,
       }));
       await send(nc, requests, true);
@@ -217,14 +226,16 @@ export const cacheScenario: ExtraScenario = {
       const hitRow = row("cache", "sluice", "hits", hits, answers, rss());
       const missRow = row("cache", "sluice", "misses", misses, answers, rss());
       const hitRate = hits.length / Math.max(1, hits.length + misses.length);
+      const expected = 1 - (count / 10 + repeated) / count;
       const ratio = hitRow.p50_ms !== null && missRow.p50_ms ? hitRow.p50_ms / missRow.p50_ms : null;
       const summary = {
         requests: count,
-        distinct,
         hit_rate: round(hitRate, 3),
-        expected_hit_rate: round(1 - distinct / count, 3),
+        expected_hit_rate: round(expected, 3),
         hit_p50_ms: hitRow.p50_ms,
+        hit_p99_ms: hitRow.p99_ms,
         miss_p50_ms: missRow.p50_ms,
+        miss_p99_ms: missRow.p99_ms,
         hit_over_miss_p50: round(ratio, 3),
         lost: all.lost,
       };
@@ -233,7 +244,7 @@ export const cacheScenario: ExtraScenario = {
         rows: [all, hitRow, missRow],
         summary,
         lines: [
-          `cache (${count} requests at ${rate}/s over ${distinct} distinct ones): hit rate ${(hitRate * 100).toFixed(1)}% (at most ${((1 - distinct / count) * 100).toFixed(1)}%), ` +
+          `cache (${count} requests at ${rate}/s, every tenth new, the rest from ${repeated} repeated ones): hit rate ${(hitRate * 100).toFixed(1)}% (at most ${(expected * 100).toFixed(1)}%), ` +
             `hit p50 ${hitRow.p50_ms} ms / miss p50 ${missRow.p50_ms} ms = ${ratio === null ? "-" : ratio.toFixed(3)}x, lost ${all.lost}`,
         ],
       };
