@@ -3,10 +3,10 @@
  * variables, then command-line flags. Every tunable has a named default here.
  */
 import { readFileSync } from "node:fs";
-import type { Priority } from "../operators/types.js";
+import type { Priority } from "../proto/wire.js";
 import { DEFAULT_CACHE_MAX_AGE_MS, DEFAULT_CACHE_MAX_BYTES } from "./cache/result-cache.js";
-import type { ModelSpec } from "./registry.js";
-import { parseTenantsConfig, type TenantLimits } from "./tenant-limits.js";
+import type { ModelSpec } from "./routing/registry.js";
+import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 

@@ -11,7 +11,7 @@
 import { createHash } from "node:crypto";
 import canonicalize from "canonicalize";
 import type { RoutedJob } from "../../operators/types.js";
-import type { ModelSpec } from "../registry.js";
+import type { ModelSpec } from "../routing/registry.js";
 
 /**
  * True when the same request always gets the same answer, so a stored answer may stand in for

@@ -17,11 +17,12 @@ import { Kvm, type KV } from "@nats-io/kv";
 import type { CachedAnswers } from "../../operators/answer-from-cache.js";
 import type { AnswerStore } from "../../operators/store-in-cache.js";
 import type { InferResult, RoutedJob } from "../../operators/types.js";
-import type { ModelTable } from "../registry.js";
+import { CACHE_BUCKET } from "../../proto/wire.js";
+import type { ModelTable } from "../routing/registry.js";
 import { resultCacheKey } from "./cache-key.js";
 import type { CacheMetrics } from "./cache-metrics.js";
 
-export const CACHE_BUCKET = "infer_cache";
+export { CACHE_BUCKET };
 /** Longest any answer is kept (the bucket's max age), by default. */
 export const DEFAULT_CACHE_MAX_AGE_MS = 60 * 60_000;
 /** Size bound of the bucket, by default; when full, new answers are not stored until old ones expire. */

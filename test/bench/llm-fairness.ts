@@ -9,7 +9,7 @@ import { setTimeout as delay } from "node:timers/promises";
 import { connect, headers as natsHeaders, type NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { defaultConfig } from "../../pipeline/config.js";
-import { ensureStreams } from "../../pipeline/jetstream.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { percentile } from "./load.js";
 import { startNats, startWorkerProcess, stopNats } from "./procs.js";
 import { round, type Row } from "./report.js";

@@ -8,7 +8,7 @@ import { isDeterministic, resultCacheKey } from "../../pipeline/cache/cache-key.
 import { CacheMetrics } from "../../pipeline/cache/cache-metrics.js";
 import { CACHE_BUCKET, ResultCache } from "../../pipeline/cache/result-cache.js";
 import { loadConfig, ConfigError } from "../../pipeline/config.js";
-import { ModelSpecError, ModelTable, parseModelSpec, type ModelSpec } from "../../pipeline/registry.js";
+import { ModelSpecError, ModelTable, parseModelSpec, type ModelSpec } from "../../pipeline/routing/registry.js";
 import type { Delivery, InferResult, RoutedJob } from "../../operators/types.js";
 import { useNats } from "../support/nats.js";
 

@@ -5,7 +5,7 @@
 import { expect } from "chai";
 import { nuid } from "@nats-io/transport-node";
 import { Kvm } from "@nats-io/kv";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { CACHE_BUCKET } from "../../pipeline/cache/result-cache.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats } from "../support/nats.js";

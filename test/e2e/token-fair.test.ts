@@ -5,8 +5,8 @@
  */
 import { expect } from "chai";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
-import { ensureStreams } from "../../pipeline/jetstream.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
