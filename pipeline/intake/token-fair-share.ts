@@ -25,6 +25,16 @@ export class TokenFairShare {
     this.counter = new VirtualTokenCounter(opts);
   }
 
+  /** See {@link VirtualTokenCounter.expectedCost}. */
+  expectedCost(tenant: string): number {
+    return this.counter.expectedCost(tenant);
+  }
+
+  /** See {@link VirtualTokenCounter.expectedCostExcept}. */
+  expectedCostExcept(tenants: ReadonlySet<string>): number {
+    return this.counter.expectedCostExcept(tenants);
+  }
+
   /** See {@link VirtualTokenCounter.setActive}. */
   setActive(tenants: Iterable<string>): void {
     this.counter.setActive(tenants);

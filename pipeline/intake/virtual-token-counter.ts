@@ -94,6 +94,18 @@ export class VirtualTokenCounter {
     return this.counts.get(tenant)?.mean ?? this.meanOfAll() ?? this.defaultTokens;
   }
 
+  /** What a request of a tenant not in `tenants` is expected to cost (the mean over the others). */
+  expectedCostExcept(tenants: ReadonlySet<string>): number {
+    let sum = 0;
+    let n = 0;
+    for (const [t, c] of this.counts) {
+      if (c.mean === undefined || tenants.has(t)) continue;
+      sum += c.mean;
+      n++;
+    }
+    return n > 0 ? sum / n : (this.meanOfAll() ?? this.defaultTokens);
+  }
+
   /** A request of `tenant` was admitted with this many estimated tokens. */
   charge(tenant: string, tokens: number): void {
     const t = Math.max(0, finite(tokens));
