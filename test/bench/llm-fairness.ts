@@ -244,7 +244,7 @@ export const cacheScenario: ExtraScenario = {
         rows: [all, hitRow, missRow],
         summary,
         lines: [
-          `cache (${count} requests at ${rate}/s, every tenth new, the rest from ${repeated} repeated ones): hit rate ${(hitRate * 100).toFixed(1)}% (at most ${(expected * 100).toFixed(1)}%), ` +
+          `cache (${count} requests at ${rate}/s, every tenth new, the rest from ${repeated} repeated ones): hit rate ${(hitRate * 100).toFixed(1)}% (expected ${(expected * 100).toFixed(1)}%), ` +
             `hit p50 ${hitRow.p50_ms} ms / miss p50 ${missRow.p50_ms} ms = ${ratio === null ? "-" : ratio.toFixed(3)}x, lost ${all.lost}`,
         ],
       };
