@@ -63,6 +63,11 @@ export interface InferJob {
    * the client and its delivery is not the request's (settling it does nothing).
    */
   readonly shadow?: boolean;
+  /**
+   * The key its answer is cached under: set when the request was looked up in the result cache
+   * and not found there, so its result is stored under this key once it is ok.
+   */
+  readonly cacheKey?: string;
 }
 
 /** A job whose model version has been chosen. */
@@ -85,6 +90,11 @@ export interface Timing {
   batch_size: number;
   worker_ms: number;
   total_ms: number;
+  /**
+   * For a model with a result cache: `hit` when the answer came from the cache (no worker ran
+   * it; `batch_size` and `worker_ms` are 0), `miss` when it was looked up and run.
+   */
+  cache?: "hit" | "miss";
 }
 
 /** The result payload published on `infer.res.<tenant>.<id>` (PROTOCOL.md, "A result"). */

@@ -29,6 +29,9 @@ import type { WorkerPool, WorkerConnection } from "./workers/pool.js";
 import { consoleLogger, type PipelineLogger } from "./support/logger.js";
 import { Teardowns } from "./support/teardown.js";
 import { connectNats } from "./connection.js";
+import { CacheMetrics } from "./cache/cache-metrics.js";
+import { ResultCache } from "./cache/result-cache.js";
+import { TokenFairShare } from "./intake/token-fair-share.js";
 
 export interface PipelineStartOptions {
   /** Tracing to use instead of starting one from the configuration (not shut down on stop). */
@@ -52,6 +55,7 @@ interface PipelineParts {
   tracing: Tracing;
   metrics: PipelineMetrics;
   tenants: TenantRegistry;
+  cache: ResultCache;
   log: PipelineLogger;
   teardowns: Teardowns;
 }
@@ -87,6 +91,8 @@ export class PipelineService {
   readonly tracing: Tracing;
   readonly metrics: PipelineMetrics;
   readonly tenants: TenantRegistry;
+  /** The result cache (bucket `infer_cache`). */
+  readonly cache: ResultCache;
   private readonly log: PipelineLogger;
   /** Undo what {@link start} started, last first; {@link stop} runs them after draining. */
   private readonly teardowns: Teardowns;
@@ -102,6 +108,7 @@ export class PipelineService {
     this.tracing = parts.tracing;
     this.metrics = parts.metrics;
     this.tenants = parts.tenants;
+    this.cache = parts.cache;
     this.log = parts.log;
     this.teardowns = parts.teardowns;
   }
@@ -165,6 +172,13 @@ export class PipelineService {
         onInvalid: (key, err) => log.warn(`tenant registry: ignoring '${key}': ${err.message}`),
       });
       teardowns.add("tenant registry", () => tenants.stop());
+      const cache = await ResultCache.open(nc, {
+        table: fleet.registry!.table,
+        replicas: config.streams.replicas,
+        maxAgeMs: config.streams.cacheMaxAgeMs,
+        maxBytes: config.streams.cacheMaxBytes,
+        metrics: new CacheMetrics(metrics.registry),
+      });
       const svc = new PipelineService({
         config,
         nc,
@@ -176,6 +190,7 @@ export class PipelineService {
         tracing,
         metrics,
         tenants,
+        cache,
         log,
         teardowns,
       });
@@ -217,6 +232,7 @@ export class PipelineService {
       this.log.warn(`pull (${priority}) failed: ${(err as Error)?.message ?? err}`);
     };
     const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
+    const fairShare = p.tenantLanes && p.fairShare === "tokens" ? new TokenFairShare() : undefined;
     const source$ = p.tenantLanes
       ? laneIntake({
           nc: this.nc,
@@ -232,6 +248,7 @@ export class PipelineService {
           onPullError,
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
+          ...(fairShare ? { fairShare } : {}),
         })
       : creditGate({
           lanes,
@@ -257,6 +274,8 @@ export class PipelineService {
         isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
         tenantLimits: this.tenants.limiter,
         tenantMaxWaitMs: pp.tenantMaxWaitMs,
+        cache: this.cache,
+        ...(fairShare ? { fairShare } : {}),
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,

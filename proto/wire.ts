@@ -138,3 +138,5 @@ export const WORKERS_BUCKET = "infer_workers";
 export const API_KEYS_BUCKET = "infer_api_keys";
 /** Async requests accepted by the HTTP gateway: key `<tenant>.<id>`. */
 export const HTTP_REQUESTS_BUCKET = "infer_http_requests";
+/** Result cache: key `tenant.<tenant>.<model>.<hash>` or `shared.<model>.<hash>`. */
+export const CACHE_BUCKET = "infer_cache";

@@ -24,6 +24,16 @@ export interface ModelSpec {
   timeout_ms?: number;
   /** How the HTTP gateway turns chat `messages` into a prompt; `plain` (a join) by default. */
   chat_template?: ChatTemplateName;
+  /** Answers of deterministic requests are kept in the result cache (bucket `infer_cache`). */
+  cache?: CacheSpec;
+}
+
+/** A model's result cache (registry field `cache`). */
+export interface CacheSpec {
+  /** How long an answer is served from the cache, ms (at most the bucket's max age). */
+  ttl_ms: number;
+  /** One cache for all tenants; by default each tenant has its own. */
+  shared?: boolean;
 }
 
 /** Chat templates the HTTP gateway knows (registry field `chat_template`). */
@@ -49,7 +59,7 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return fail("value must be a JSON object");
   const v = value as Record<string, unknown>;
   for (const k of Object.keys(v))
-    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template"].includes(k)) fail(`unknown field '${k}'`);
+    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template", "cache"].includes(k)) fail(`unknown field '${k}'`);
   const template = v["chat_template"];
   if (template !== undefined && !(CHAT_TEMPLATES as readonly unknown[]).includes(template))
     fail(`'chat_template' must be one of ${CHAT_TEMPLATES.join(", ")}`);
@@ -89,6 +99,22 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
     out.timeout_ms = v["timeout_ms"] as number;
   }
   if (template !== undefined) out.chat_template = template as ChatTemplateName;
+  if (v["cache"] !== undefined) out.cache = parseCacheSpec(v["cache"], fail);
+  return out;
+}
+
+function parseCacheSpec(value: unknown, fail: (msg: string) => never): CacheSpec {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return fail(`'cache' must be an object such as {"ttl_ms": 60000}`);
+  const c = value as Record<string, unknown>;
+  for (const k of Object.keys(c)) if (!["ttl_ms", "shared"].includes(k)) fail(`cache: unknown field '${k}' (known: ttl_ms, shared)`);
+  const ttl = c["ttl_ms"];
+  if (ttl === undefined) fail("cache.ttl_ms is required (how long an answer is served from the cache, ms)");
+  if (typeof ttl !== "number" || !Number.isInteger(ttl) || ttl < 1) fail(`cache.ttl_ms must be an integer number of milliseconds >= 1, got ${JSON.stringify(ttl)}`);
+  const out: CacheSpec = { ttl_ms: ttl };
+  if (c["shared"] !== undefined) {
+    if (typeof c["shared"] !== "boolean") fail("cache.shared must be true or false");
+    out.shared = c["shared"];
+  }
   return out;
 }
 

@@ -30,6 +30,7 @@ import {
   type Scenario,
 } from "./scenarios.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
+import { EXTRA_SCENARIOS } from "./llm-fairness.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
 import { cpuMs, idleCpuPercent, requestConsumers } from "./intake-probe.js";
 
@@ -78,6 +79,7 @@ function usage(): string {
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
     `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
+    ...EXTRA_SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description} (sluice only)`),
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -471,7 +473,7 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
-  const unknown = (values.scenario ?? []).filter((n) => n !== HTTP_SCENARIO.name && !SCENARIOS.some((s) => s.name === n));
+  const unknown = (values.scenario ?? []).filter((n) => n !== HTTP_SCENARIO.name && !EXTRA_SCENARIOS.some((s) => s.name === n) && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
@@ -548,13 +550,30 @@ async function main(): Promise<number> {
       failures.push({ scenario: HTTP_SCENARIO.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
     }
   }
+  // Scenarios that measure sluice against itself (cache, token-fair): when sluice is selected.
+  const extraSummary: Record<string, unknown> = {};
+  const extraLines: string[] = [];
+  if (systems.some((s) => s.name === "sluice")) {
+    for (const scenario of EXTRA_SCENARIOS.filter((s) => !explicit || values.scenario!.includes(s.name))) {
+      log(`${scenario.name} / sluice`);
+      try {
+        const r = await scenario.run({ quick, log });
+        rows.push(...r.rows);
+        extraSummary[scenario.name] = r.summary;
+        extraLines.push(...r.lines);
+      } catch (err) {
+        log(`${scenario.name} failed: ${(err as Error)?.stack ?? String(err)}`);
+        failures.push({ scenario: scenario.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
+      }
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
   console.log(renderTable(rows));
   console.log("");
   const { summary, lines } = summarize(rows);
-  console.log(lines.join("\n"));
+  console.log([...lines, ...extraLines].join("\n"));
   if (http)
     console.log(
       `http: gateway p50 at low load ${http.low_load.http_p50_ms} ms vs NATS client ${http.low_load.nats_p50_ms} ms (+${http.low_load.http_minus_nats_p50_ms} ms); ` +
@@ -582,7 +601,7 @@ async function main(): Promise<number> {
     })),
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
     rows,
-    summary,
+    summary: { ...summary, ...extraSummary },
     ...(http ? { http } : {}),
     skipped,
     failures,
