@@ -157,12 +157,15 @@ async function cmdWorker(args: string[]): Promise<number> {
     "engine-url": { type: "string" },
     "engine-model": { type: "string" },
     "engine-chat": { type: "boolean" },
+    "kv-tokens": { type: "string" },
+    "max-running": { type: "string" },
   });
   if (v.help)
     return usage(
       "sluice worker [--host H] [--port N] [--id NAME]\n" +
-        "              [--engine simulated|vllm|deepspeed-mii] [--engine-url URL] [--engine-model NAME] [--engine-chat]\n" +
+        "              [--engine simulated|llm-sim|vllm|deepspeed-mii] [--engine-url URL] [--engine-model NAME] [--engine-chat]\n" +
         "              [--base-ms N] [--per-item-ms N]   (simulated engine)\n" +
+        "              [--kv-tokens N] [--max-running N]   (llm-sim engine: KV capacity in tokens, sequences at once)\n" +
         "              [--register model@version,... [--advertise host:port] [--capacity N] --server URL]\n" +
         "  --register: write this worker into the registry (bucket infer_workers) and keep it fresh",
     );
@@ -177,6 +180,8 @@ async function cmdWorker(args: string[]): Promise<number> {
     ...(v["engine-chat"] ? { chat: true } : {}),
     ...(baseMs !== undefined ? { base_ms: baseMs } : {}),
     ...(perItemMs !== undefined ? { per_item_ms: perItemMs } : {}),
+    ...(intOpt(v, "kv-tokens") !== undefined ? { kv_tokens: intOpt(v, "kv-tokens")! } : {}),
+    ...(intOpt(v, "max-running") !== undefined ? { max_running: intOpt(v, "max-running")! } : {}),
   });
   const tracing = startTracing({ serviceName: SERVICE_WORKER });
   const server = await WorkerServer.start({

@@ -779,7 +779,7 @@ describe("apportion", () => {
 
 describe("createEngine", () => {
   it("names the engines it makes", () => {
-    expect(ENGINE_NAMES).to.deep.equal(["simulated", "vllm", "deepspeed-mii"]);
+    expect(ENGINE_NAMES).to.deep.equal(["simulated", "llm-sim", "vllm", "deepspeed-mii"]);
   });
 
   it("makes each engine from its options", async () => {
