@@ -50,6 +50,7 @@
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
 import type { ErrorCode } from "../operators/types.js";
+import { vllmLoadFromMetrics } from "./engines/vllm-metrics.js";
 import {
   EngineClosedError,
   EngineError,
@@ -58,6 +59,7 @@ import {
   type EngineGeneration,
   type EngineItemError,
   type EngineItemResult,
+  type EngineLoad,
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
@@ -914,6 +916,21 @@ export class VllmEngine implements Engine {
 
   generate(request: EngineRequest, signal: AbortSignal): VllmGeneration {
     return generationOnce((usage, state) => this.stream(request, signal, usage, state));
+  }
+
+  /**
+   * The server's load from its Prometheus endpoint (`GET /metrics`): requests waiting and
+   * running, KV cache usage. Rejects with an {@link EngineError} (UNAVAILABLE) when the page
+   * cannot be read or lacks those metrics. vLLM's block hashes are its own: no prefix blocks.
+   */
+  async load(_options: { prefixBlocks: boolean }, signal: AbortSignal): Promise<EngineLoad> {
+    const { status, body } = await this.http.get("/metrics", { signal });
+    if (status !== 200) throw new EngineError("UNAVAILABLE", `vLLM GET /metrics answered ${status}`);
+    try {
+      return vllmLoadFromMetrics(body, this.servedModel);
+    } catch (err) {
+      throw new EngineError("UNAVAILABLE", err instanceof Error ? err.message : String(err), { cause: err });
+    }
   }
 
   /** Whether `GET /health` answers 200 (false too when the server cannot be reached). */
