@@ -24,6 +24,8 @@ const NAME_RE = /^[a-z0-9_-]{1,64}$/;
 const ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
 const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
 const DEADLINE_RE = /^[1-9][0-9]*$/;
+/** `Infer-Session`: 1-128 of A-Z a-z 0-9 . _ : @ - (docs/protocol.md). */
+const SESSION_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
 const JSON_CONTENT_TYPE_RE = /^application\/json\s*(?:;\s*charset\s*=\s*(?:utf-8|"utf-8")\s*)?$/i;
 const PROTOBUF_CONTENT_TYPE_RE = /^application\/x-protobuf\s*$/i;
 const BODY_FIELDS: readonly string[] = ["prompt", "inputs", "parameters"];
@@ -133,6 +135,11 @@ function readHeaders(d: Delivery, draft: Draft): void {
       reject(`header Infer-Deadline ${quote(deadline)} is not a positive integer of Unix epoch milliseconds`);
     }
     draft.deadlineMs = ms;
+  }
+  const session = d.header("Infer-Session");
+  if (session !== undefined) {
+    if (!SESSION_RE.test(session)) reject(`header Infer-Session ${quote(session)} does not match ${SESSION_RE.source}`);
+    draft.session = session;
   }
   const stream = d.header("Infer-Stream");
   if (stream !== undefined) {

@@ -965,6 +965,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
   const pool = new WorkerPool({
     batchesPerWorker: config.pipeline.batchesPerWorker,
     timeoutMs: (model) => table.timeoutMs(model),
+    routing: (model) => table.routing(model),
     connect: options.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
     healthIntervalMs: config.pipeline.healthIntervalMs,
     onEvent: (e) => {

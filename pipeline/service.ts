@@ -134,6 +134,7 @@ export class PipelineService {
       const pool = new WorkerPool({
         batchesPerWorker: config.pipeline.batchesPerWorker,
         timeoutMs: (model) => registry.table.timeoutMs(model),
+        routing: (model) => registry.table.routing(model),
         connect: opts.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
         healthIntervalMs: config.pipeline.healthIntervalMs,
         tracing,

@@ -39,6 +39,7 @@ export const H = {
   version: "Infer-Version",
   deadline: "Infer-Deadline",
   stream: "Infer-Stream",
+  session: "Infer-Session",
   status: "Infer-Status",
   errorCode: "Infer-Error-Code",
   errorReason: "Infer-Error-Reason",

@@ -376,7 +376,7 @@ export class WorkerServer {
         kv_usage: load.kvUsage,
         kv_capacity_tokens: load.kvCapacityTokens ?? 0,
         prefix_blocks: [...(load.prefixBlocks ?? [])],
-        block_tokens: load.prefixBlocks && load.prefixBlocks.length > 0 ? (load.blockTokens ?? 0) : 0,
+        block_tokens: load.prefixBlocks !== undefined ? (load.blockTokens ?? 0) : 0,
       };
     } finally {
       call.removeListener("cancelled", onCancelled);
