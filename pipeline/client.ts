@@ -49,6 +49,8 @@ export interface InferOptions {
   timeoutMs?: number;
   traceparent?: string;
   tracestate?: string;
+  /** Requests of one conversation (`Infer-Session`): routed to the worker that served the last one when it can. */
+  session?: string;
   /** Ask for token streaming (`Infer-Stream: 1`). */
   stream?: boolean;
 }
@@ -209,6 +211,7 @@ export class InferenceClient {
     if (opts.version) h.set(H.version, opts.version);
     if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
     if (opts.stream) h.set(H.stream, "1");
+    if (opts.session !== undefined) h.set(H.session, opts.session);
     const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
     const priority = opts.priority ?? "normal";
     const subject = subjects.request(priority, this.tenant, model);

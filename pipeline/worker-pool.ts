@@ -428,6 +428,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
       [...this.workers.values()].map(async (w) => {
         if (!w.conn.load || w.draining || w.loadPending || now < w.noReportUntil) return;
         w.loadPending = true;
+        const askedAtMs = Date.now();
         try {
           const report = await w.conn.load({ prefixBlocks: true });
           if (!report) {
@@ -437,7 +438,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
             return;
           }
           w.report = { load: report, atMs: Date.now() };
-          if (report.blockTokens === BLOCK_TOKENS && !w.draining) this.prefixes.replace(w.endpoint, report.prefixBlocks);
+          if (report.blockTokens === BLOCK_TOKENS && !w.draining) this.prefixes.replace(w.endpoint, report.prefixBlocks, askedAtMs);
         } catch {
           w.report = undefined;
         } finally {

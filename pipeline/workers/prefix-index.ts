@@ -2,6 +2,7 @@
  * The router's own index of which prompt blocks it sent to which worker (docs/protocol.md,
  * "Prefix blocks"), each remembered for a time to live, and of which worker each session last
  * went to. A worker's own report of the blocks it holds replaces what the index guessed for it.
+ * Each block's value is when it was last sent (epoch ms).
  */
 import { TTLCache } from "@isaacs/ttlcache";
 
@@ -19,7 +20,7 @@ export interface PrefixIndexOptions {
 }
 
 export class PrefixIndex {
-  private readonly byWorker = new Map<string, TTLCache<string, true>>();
+  private readonly byWorker = new Map<string, TTLCache<string, number>>();
   private readonly sessions: TTLCache<string, string>;
   private readonly ttlMs: number;
   private readonly blocksPerWorker: number;
@@ -30,7 +31,7 @@ export class PrefixIndex {
     this.sessions = new TTLCache({ ttl: this.ttlMs, max: opts.maxSessions ?? DEFAULT_MAX_SESSIONS, checkAgeOnGet: true });
   }
 
-  private blocksOf(worker: string): TTLCache<string, true> {
+  private blocksOf(worker: string): TTLCache<string, number> {
     let c = this.byWorker.get(worker);
     if (!c) this.byWorker.set(worker, (c = new TTLCache({ ttl: this.ttlMs, max: this.blocksPerWorker, checkAgeOnHas: true })));
     return c;
@@ -39,7 +40,8 @@ export class PrefixIndex {
   /** Notes that the prompt of `hashes` (and `session`, if any) went to `worker`. */
   record(worker: string, hashes: readonly string[], session?: string): void {
     const c = this.blocksOf(worker);
-    for (const h of hashes) c.set(h, true);
+    const now = Date.now();
+    for (const h of hashes) c.set(h, now);
     if (session !== undefined) this.sessions.set(session, worker);
   }
 
@@ -57,11 +59,16 @@ export class PrefixIndex {
     return this.sessions.get(session);
   }
 
-  /** What the worker reports it holds replaces what the index thought. */
-  replace(worker: string, hashes: readonly string[]): void {
+  /**
+   * What the worker reports it holds replaces what the index thought, except blocks sent there
+   * since the report was asked for (`askedAtMs`, epoch ms): the report could not show them yet.
+   */
+  replace(worker: string, hashes: readonly string[], askedAtMs: number): void {
     const c = this.blocksOf(worker);
+    const recent = [...c.entries()].filter(([, at]) => at >= askedAtMs);
     c.clear();
-    for (const h of hashes) c.set(h, true);
+    for (const h of hashes) c.set(h, askedAtMs - 1);
+    for (const [h, at] of recent) c.set(h, at);
   }
 
   /** Forgets a worker (removed from the pool). */
