@@ -30,6 +30,7 @@ import {
 } from "./scenarios.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
+import { CHAT_PREFIX_SCENARIO, CHAT_PREFIX_SYSTEMS, chatPrefixSummary, runChatPrefix, type ChatPrefixRow } from "./chat-prefix.js";
 
 const TENANT = "bench";
 const VERSION = "v1";
@@ -75,6 +76,7 @@ function usage(): string {
     "",
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
+    `  ${CHAT_PREFIX_SCENARIO.padEnd(12)} multi-turn chats sharing system prompts on 4 llm-sim workers: routing prefix vs least-loaded vs round-robin (systems ${CHAT_PREFIX_SYSTEMS.map((s) => s.name).join(", ")})`,
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -420,9 +422,9 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
-  const unknown = (values.scenario ?? []).filter((n) => !SCENARIOS.some((s) => s.name === n));
+  const unknown = (values.scenario ?? []).filter((n) => n !== CHAT_PREFIX_SCENARIO && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
-  const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
+  const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n) && !CHAT_PREFIX_SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
   const maxMinutes = Number(values["max-minutes"] ?? (quick ? QUICK_MAX_MINUTES : DEFAULT_MAX_MINUTES));
   const outDir = values.out ?? join(ROOT, "bench", "results");
@@ -487,6 +489,17 @@ async function main(): Promise<number> {
       }
     }
   }
+  // chat-prefix compares routing policies inside sluice on simulated LLM workers (chat-prefix.ts).
+  let chatRows: ChatPrefixRow[] = [];
+  if (explicit ? values.scenario!.includes(CHAT_PREFIX_SCENARIO) : true) {
+    log(CHAT_PREFIX_SCENARIO);
+    try {
+      chatRows = await runChatPrefix({ quick, ...(values.system ? { systems: values.system } : {}), log });
+    } catch (err) {
+      log(`${CHAT_PREFIX_SCENARIO} failed: ${(err as Error)?.message ?? String(err)}`);
+      failures.push({ scenario: CHAT_PREFIX_SCENARIO, system: "*", error: (err as Error)?.message ?? String(err) });
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
@@ -494,6 +507,8 @@ async function main(): Promise<number> {
   console.log("");
   const { summary, lines } = summarize(rows);
   console.log(lines.join("\n"));
+  const chatLines = chatPrefixSummary(chatRows);
+  if (chatLines.length > 0) console.log(chatLines.join("\n"));
   for (const s of skipped) console.log(`skipped ${s.scenario} / ${s.system}: ${s.reason}`);
   for (const f of failures) console.log(`FAILED ${f.scenario} / ${f.system}: ${f.error.split("\n")[0]}`);
   console.log(
@@ -515,8 +530,8 @@ async function main(): Promise<number> {
       batch: { max_size: s.batch.maxSize, max_delay_ms: s.batch.maxDelayMs },
     })),
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
-    rows,
-    summary,
+    rows: [...rows, ...chatRows],
+    summary: { ...summary, ...(chatLines.length > 0 ? { chat_prefix: chatLines } : {}) },
     skipped,
     failures,
   };
