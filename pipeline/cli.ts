@@ -92,8 +92,10 @@ async function cmdDev(args: string[]): Promise<number> {
     "base-ms": { type: "string" },
     "per-item-ms": { type: "string" },
     "metrics-port": { type: "string" },
+    "llm-sim": { type: "boolean" },
+    "kv-tokens": { type: "string" },
   });
-  if (v.help) return usage("sluice dev [--port N] [--base-ms N] [--per-item-ms N] [--metrics-port N (default 9464; 0 = any free port, -1 = off)]");
+  if (v.help) return usage("sluice dev [--port N] [--base-ms N] [--per-item-ms N] [--metrics-port N (default 9464; 0 = any free port, -1 = off)]\n           [--llm-sim [--kv-tokens N]]   (model llm-sim on the llm-sim engine)");
   const devMetricsPort = portOpt(v, "metrics-port");
   const port = intOpt(v, "port");
   const baseMs = intOpt(v, "base-ms");
@@ -102,6 +104,7 @@ async function cmdDev(args: string[]): Promise<number> {
     ...(port !== undefined ? { port } : {}),
     ...(baseMs !== undefined ? { baseMs } : {}),
     ...(perItemMs !== undefined ? { perItemMs } : {}),
+    ...(v["llm-sim"] ? { llmSim: intOpt(v, "kv-tokens") !== undefined ? { kv_tokens: intOpt(v, "kv-tokens")! } : {} } : {}),
     // Local only: the dev stack's endpoint listens on loopback.
     config: { telemetry: { metricsPort: devMetricsPort ?? 9464, metricsHost: "127.0.0.1" } },
   });

@@ -2,8 +2,11 @@
  * `sluice dev`: the whole thing on one machine, with nothing installed but nats-server. A local
  * nats-server child process (temporary store), a simulated GPU worker and the pipeline, with a
  * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim` (a generative
- * model: served through Generate, tokens streamed with `Infer-Stream: 1`).
+ * model: served through Generate, tokens streamed with `Infer-Stream: 1`). With `llmSim`, `llm-sim`
+ * runs on a worker of its own with the llm-sim engine (KV cache, prefix cache, continuous
+ * batching; worker/engines/llm-sim.ts) instead.
  */
+import { LlmSimEngine, type LlmSimOptions } from "../worker/engines/llm-sim.js";
 import { SimulatedEngine } from "../worker/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "./config.js";
@@ -30,6 +33,8 @@ export interface DevOptions {
   perItemMs?: number;
   logger?: PipelineLogger;
   config?: SluiceConfigInput;
+  /** Serve `llm-sim` with the llm-sim engine, with these options. */
+  llmSim?: LlmSimOptions;
 }
 
 export class DevStack {
@@ -42,6 +47,8 @@ export class DevStack {
     private readonly workerTracing: Tracing,
     private readonly registration: WorkerRegistration,
     private readonly workerNc: NatsConnection,
+    /** The llm-sim worker, when asked for (stopped with the stack). */
+    readonly llmWorker?: { server: WorkerServer; engine: LlmSimEngine; registration: WorkerRegistration },
   ) {}
 
   get url(): string {
@@ -65,9 +72,26 @@ export class DevStack {
         workerId: "dev-worker",
         endpoint: worker.endpoint,
         capacity: engine.capacity,
-        serves: Object.keys(DEV_MODELS).map((model) => ({ model, version: "v1" })),
+        serves: Object.keys(DEV_MODELS)
+          .filter((model) => !(opts.llmSim && model === "llm-sim"))
+          .map((model) => ({ model, version: "v1" })),
       });
       cleanup.unshift(() => registration.stop());
+      let llmWorker: { server: WorkerServer; engine: LlmSimEngine; registration: WorkerRegistration } | undefined;
+      if (opts.llmSim) {
+        const llmEngine = new LlmSimEngine(opts.llmSim);
+        cleanup.unshift(() => llmEngine.close());
+        const server = await WorkerServer.start({ engine: traceEngine(llmEngine, workerTracing, { workerId: "dev-llm-worker" }), workerId: "dev-llm-worker" });
+        cleanup.unshift(() => server.stop());
+        const llmRegistration = await WorkerRegistration.start(workerNc, {
+          workerId: "dev-llm-worker",
+          endpoint: server.endpoint,
+          capacity: llmEngine.capacity,
+          serves: [{ model: "llm-sim", version: "v1" }],
+        });
+        cleanup.unshift(() => llmRegistration.stop());
+        llmWorker = { server, engine: llmEngine, registration: llmRegistration };
+      }
       const config: SluiceConfig = loadConfig({
         env: {},
         overrides: {
@@ -79,7 +103,7 @@ export class DevStack {
       });
       const pipeline = await PipelineService.start(config, opts.logger ? { logger: opts.logger } : {});
       cleanup.unshift(() => pipeline.stop(1_000));
-      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc);
+      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc, llmWorker);
     } catch (err) {
       for (const f of cleanup) await f().catch(() => undefined);
       throw err;
@@ -91,9 +115,12 @@ export class DevStack {
     this.stopped ??= (async () => {
       await this.pipeline.stop(2_000);
       await this.registration.stop();
+      await this.llmWorker?.registration.stop();
       await this.workerNc.close().catch(() => undefined);
       await this.worker.stop();
       await this.engine.close();
+      await this.llmWorker?.server.stop();
+      await this.llmWorker?.engine.close();
       await this.workerTracing.shutdown();
       await this.nats.stop();
     })();

@@ -31,8 +31,8 @@ const SYSTEM_PROMPTS = 8;
 const TURNS = 5;
 const MAX_TOKENS = 24;
 const THINK_MS = 100;
-/** The device: a step of 4 ms (+0.1 ms per sequence), prefill at 40,000 tokens/s. */
-const DEVICE: LlmSimOptions = { kv_tokens: 12_000, max_running: 16, step_ms: 4, step_per_seq_ms: 0.1, prefill_ms_per_token: 0.025 };
+/** The device: a step of 8 ms (+0.2 ms per sequence), prefill at 10,000 tokens/s, KV for 10,000 tokens. */
+const DEVICE: LlmSimOptions = { kv_tokens: 10_000, max_running: 16, step_ms: 8, step_per_seq_ms: 0.2, prefill_ms_per_token: 0.1 };
 
 export const CHAT_PREFIX_SYSTEMS: ReadonlyArray<{ name: string; routing: RoutingPolicyName }> = [
   { name: "sluice", routing: "prefix" },
@@ -50,6 +50,9 @@ export interface ChatPrefixRow {
   ttft_p99_ms: number | null;
   output_tokens_per_s: number;
   prefix_hit_rate: number;
+  /** Time requests waited in the engines for KV room or a running slot, p99. */
+  engine_wait_p99_ms: number | null;
+  requests_per_worker: number[];
   lost: number;
   duplicated: number;
   errors: number;
@@ -156,7 +159,8 @@ async function runOne(system: { name: string; routing: RoutingPolicyName }, load
     const duplicated = [...seen.values()].reduce((a, n) => a + (n - 1), 0);
     const prompt = engines.reduce((a, e) => a + e.counters.promptTokens, 0);
     const cached = engines.reduce((a, e) => a + e.counters.cachedTokens, 0);
-    const xs = Float64Array.from(ttfts);
+    const xs = Float64Array.from(ttfts).sort();
+    const waits = Float64Array.from(engines.flatMap((e) => e.log.map((r) => (r.admittedAtMs ?? r.finishedAtMs) - r.arrivedAtMs))).sort();
     const row: ChatPrefixRow = {
       scenario: CHAT_PREFIX_SCENARIO,
       system: system.name,
@@ -167,11 +171,13 @@ async function runOne(system: { name: string; routing: RoutingPolicyName }, load
       ttft_p99_ms: round(percentile(xs, 99)),
       output_tokens_per_s: round(outputTokens / seconds) ?? 0,
       prefix_hit_rate: round(prompt > 0 ? cached / prompt : 0, 3) ?? 0,
+      engine_wait_p99_ms: round(percentile(waits, 99)),
+      requests_per_worker: engines.map((e) => e.log.length),
       lost,
       duplicated,
       errors,
     };
-    log(`${CHAT_PREFIX_SCENARIO} / ${system.name}: ttft p50 ${row.ttft_p50_ms} ms, p99 ${row.ttft_p99_ms} ms, ${row.output_tokens_per_s} output tokens/s, prefix hits ${row.prefix_hit_rate}`);
+    log(`${CHAT_PREFIX_SCENARIO} / ${system.name}: ttft p50 ${row.ttft_p50_ms} ms, p99 ${row.ttft_p99_ms} ms, ${row.output_tokens_per_s} output tokens/s, prefix hits ${row.prefix_hit_rate}, engine wait p99 ${row.engine_wait_p99_ms} ms, per worker ${row.requests_per_worker.join("/")}`);
     return row;
   } finally {
     await nc?.close().catch(() => undefined);
