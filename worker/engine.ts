@@ -3,7 +3,7 @@
  * DeepSpeed-MII, ...) and the simulated one implement. Plain TypeScript values; the gRPC
  * server converts to and from the wire.
  */
-import type { ErrorCode } from "../operators/types.js";
+import type { ErrorCode } from "../proto/wire.js";
 
 /** One request as the engine sees it. */
 export interface EngineRequest {
@@ -115,7 +115,7 @@ export interface Engine {
   close(): Promise<void>;
 }
 
-/** An engine failure with the error code it maps to (PROTOCOL.md, "Error codes"). */
+/** An engine failure with the error code it maps to (docs/protocol.md, "Error codes"). */
 export class EngineError extends Error {
   override readonly name: string = "EngineError";
   constructor(

@@ -14,10 +14,10 @@
  * half-used.
  */
 import type { Engine } from "./engine.js";
-import { DeepSpeedMiiEngine } from "./deepspeed-mii.js";
+import { DeepSpeedMiiEngine } from "./engines/deepspeed-mii.js";
 import { LlmSimEngine, type LlmSimOptions } from "./engines/llm-sim.js";
-import { SimulatedEngine, type SimulatedEngineOptions } from "./simulated.js";
-import { VllmEngine } from "./vllm.js";
+import { SimulatedEngine, type SimulatedEngineOptions } from "./engines/simulated.js";
+import { VllmEngine } from "./engines/vllm.js";
 
 /** The engines {@link createEngine} makes. */
 export const ENGINE_NAMES = ["simulated", "llm-sim", "vllm", "deepspeed-mii"] as const;

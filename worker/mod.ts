@@ -30,7 +30,7 @@ export {
   type EngineCall,
   type SimulatedEngineCounters,
   type SimulatedEngineOptions,
-} from "./simulated.js";
+} from "./engines/simulated.js";
 export {
   DEFAULT_LLM_KV_TOKENS,
   DEFAULT_LLM_MAX_RUNNING,

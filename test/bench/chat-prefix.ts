@@ -13,9 +13,10 @@
  * (prompt tokens found cached / prompt tokens).
  */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { loadConfig } from "../../pipeline/config.js";
-import { PipelineService, silentLogger } from "../../pipeline/service.js";
+import { PipelineService } from "../../pipeline/service.js";
+import { silentLogger } from "../../pipeline/support/logger.js";
 import type { RoutingPolicyName } from "../../pipeline/workers/routing-policy.js";
 import { CHARS_PER_TOKEN } from "../../proto/prefix-blocks.js";
 import { LlmSimEngine, type LlmSimOptions } from "../../worker/engines/llm-sim.js";

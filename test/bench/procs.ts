@@ -9,7 +9,7 @@ import { mkdtemp, rm } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { NatsServer } from "../../pipeline/nats-server.js";
+import { NatsServer } from "../../pipeline/dev/nats-server.js";
 
 export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /**
@@ -228,7 +228,7 @@ export function peakRssMb(pid: number | undefined): number | undefined {
 /** A simulated gRPC worker in its own process (`sluice worker`); resolves with its endpoint. */
 export async function startWorkerProcess(device: { baseMs: number; perItemMs: number }): Promise<{ proc: BenchChild; endpoint: string }> {
   const proc = spawnNode("worker", [
-    compiled("pipeline/cli.ts"),
+    compiled("pipeline/cli/main.ts"),
     "worker",
     "--host",
     "127.0.0.1",

@@ -5,13 +5,13 @@
  * none; a session follows its worker; a worker without load reports still serves.
  */
 import { expect } from "chai";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { BLOCK_CHARS, BLOCK_TOKENS } from "../../proto/prefix-blocks.js";
 import type { Engine, EngineLoad } from "../../worker/engine.js";
 import { LlmSimEngine } from "../../worker/engines/llm-sim.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { startPipeline, testConfig } from "../support/stack.js";
 

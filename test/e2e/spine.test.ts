@@ -5,8 +5,8 @@
 import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError } from "../../pipeline/client.js";
-import { STREAM_DLQ, STREAM_RESULTS } from "../../pipeline/jetstream.js";
+import { InferenceClient, InferenceError } from "../../pipeline/client/client.js";
+import { STREAM_DLQ, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
@@ -108,7 +108,11 @@ describe("spine: publish → pipeline → worker → result", function () {
   });
 
   it("answers an over-size payload with INVALID_ARGUMENT naming the limit", async () => {
-    const r = await client.request("echo", { prompt: "x".repeat(300 * 1024) });
+    // Any NATS client may send one (the sluice client refuses it before sending).
+    const id = `big-${nuid.next()}`;
+    const waiting = client.result(id, { timeoutMs: 10_000 });
+    await jetstream(nats.nc).publish("infer.req.normal.acme.echo", enc.encode(JSON.stringify({ prompt: "x".repeat(300 * 1024) })), { msgID: id });
+    const r = await waiting;
     expect(r.status).to.equal("error");
     expect(r.error?.code).to.equal("INVALID_ARGUMENT");
     expect(r.error?.message).to.match(/limit/);

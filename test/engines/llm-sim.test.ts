@@ -5,12 +5,12 @@
  */
 import { expect } from "chai";
 import { BLOCK_CHARS, BLOCK_TOKENS, prefixBlockHashes } from "../../proto/prefix-blocks.js";
-import { WorkerClient } from "../../pipeline/worker-client.js";
+import { WorkerClient } from "../../pipeline/workers/client.js";
 import { EngineError, type EngineRequest } from "../../worker/engine.js";
 import { LlmSimEngine, type LlmSimOptions } from "../../worker/engines/llm-sim.js";
 import { createEngine, EngineSpecError } from "../../worker/engines.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { VirtualClock } from "../support/virtual-clock.js";
 
 const COSTS: LlmSimOptions = { step_ms: 2, step_per_seq_ms: 0.5, prefill_ms_per_token: 0.1 };

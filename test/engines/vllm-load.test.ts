@@ -7,11 +7,11 @@ import { readFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
-import { WorkerClient, WorkerCallError } from "../../pipeline/worker-client.js";
+import { WorkerClient, WorkerCallError } from "../../pipeline/workers/client.js";
 import { EngineError } from "../../worker/engine.js";
 import { parsePrometheusText, vllmLoadFromMetrics } from "../../worker/engines/vllm-metrics.js";
 import { WorkerServer } from "../../worker/server.js";
-import { VllmEngine } from "../../worker/vllm.js";
+import { VllmEngine } from "../../worker/engines/vllm.js";
 
 const METRICS = readFileSync(new URL("./fixtures/vllm/metrics.prom", import.meta.url), "utf8");
 const MODEL = "meta-llama/Llama-3.1-8B-Instruct";

@@ -1,7 +1,7 @@
 /**
  * Fuzzing the whole pipeline (real nats-server, real pipeline, simulated gRPC worker): a few
  * hundred hostile requests (random bodies, headers, content types, parameters, models) each get
- * exactly one result, ok or an error code of PROTOCOL.md; requests without a usable id or
+ * exactly one result, ok or an error code of docs/protocol.md; requests without a usable id or
  * tenant land in INFER_DLQ; and afterwards a normal request is still answered. The requests
  * are drawn from fixed seeds, so every run sends the same traffic.
  */
@@ -9,10 +9,10 @@ import { expect } from "chai";
 import fc from "fast-check";
 import { headers as natsHeaders, type MsgHdrs, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
-import { STREAM_DLQ } from "../../pipeline/jetstream.js";
-import { PipelineService, type PipelineLogger } from "../../pipeline/service.js";
-import { ERROR_CODES } from "../../operators/types.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { STREAM_DLQ, ERROR_CODES } from "../../proto/wire.js";
+import { PipelineService } from "../../pipeline/service.js";
+import type { PipelineLogger } from "../../pipeline/support/logger.js";
 import { infer } from "../../proto/gen/inference.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startWorker, testConfig, type TestWorker } from "../support/stack.js";
@@ -364,7 +364,7 @@ describe("fuzz: the whole pipeline under hostile requests", function () {
 
   // Deep nesting within the size limit (see decode.fuzz.test.ts): accepted by decode, refused
   // by the worker client when it builds the batch (proto/json.ts, MAX_JSON_DEPTH), which fails
-  // the whole batch: every request batched with it is answered INVALID_ARGUMENT too (PROTOCOL.md:
+  // the whole batch: every request batched with it is answered INVALID_ARGUMENT too (docs/protocol.md:
   // "one bad item never fails the batch").
   it("a request with deeply nested inputs gets INVALID_ARGUMENT, and the requests batched with it are still served", async () => {
     const depth = 20_000;

@@ -3,7 +3,7 @@
  * prefix index, and the registry's `routing` field.
  */
 import { expect } from "chai";
-import { ModelSpecError, ModelTable, parseModelSpec } from "../../pipeline/registry.js";
+import { ModelSpecError, ModelTable, parseModelSpec } from "../../pipeline/routing/registry.js";
 import { PrefixIndex } from "../../pipeline/workers/prefix-index.js";
 import {
   chooseWorker,
