@@ -803,7 +803,7 @@ describe("createEngine", () => {
   });
 
   const bad: Array<[string, unknown, string, RegExp]> = [
-    ["an unknown engine", { engine: "tgi" }, "UNKNOWN_ENGINE", /unknown engine "tgi": use one of simulated, vllm, deepspeed-mii/],
+    ["an unknown engine", { engine: "tgi" }, "UNKNOWN_ENGINE", /unknown engine "tgi": use one of simulated, llm-sim, vllm, deepspeed-mii/],
     ["vllm without url", { engine: "vllm" }, "MISSING_OPTION", /engine 'vllm' needs 'url'/],
     ["deepspeed-mii without model", { engine: "deepspeed-mii", url: "http://h:1" }, "MISSING_OPTION", /needs 'model': the deployment_name/],
     ["an option of another engine", { engine: "simulated", url: "http://h:1" }, "INVALID_OPTION", /option 'url' does not apply to engine 'simulated'/],
