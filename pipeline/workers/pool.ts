@@ -444,7 +444,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
           w.report = { load: report, atMs: Date.now() };
           if (report.blockTokens === BLOCK_TOKENS && !w.draining) this.prefixes.replace(w.endpoint, report.prefixBlocks, askedAtMs);
         } catch {
-          w.report = undefined;
+          // No answer this time: the last report stands until it is stale.
         } finally {
           w.loadPending = false;
         }

@@ -10,6 +10,8 @@ import { TTLCache } from "@isaacs/ttlcache";
 export const DEFAULT_PREFIX_TTL_MS = 120_000;
 /** Blocks remembered per worker (a bound on memory; the oldest go first). */
 export const DEFAULT_PREFIX_BLOCKS_PER_WORKER = 100_000;
+/** Blocks sent this long before a report was asked for are kept even when it does not show them. */
+export const REPORT_GRACE_MS = 2_000;
 /** Sessions remembered. */
 export const DEFAULT_MAX_SESSIONS = 100_000;
 
@@ -61,13 +63,14 @@ export class PrefixIndex {
 
   /**
    * What the worker reports it holds replaces what the index thought, except blocks sent there
-   * since the report was asked for (`askedAtMs`, epoch ms): the report could not show them yet.
+   * shortly before the report was asked for (`askedAtMs`, epoch ms) or since: the engine may not
+   * have admitted their request yet when it answered.
    */
   replace(worker: string, hashes: readonly string[], askedAtMs: number): void {
     const c = this.blocksOf(worker);
-    const recent = [...c.entries()].filter(([, at]) => at >= askedAtMs);
+    const recent = [...c.entries()].filter(([, at]) => at >= askedAtMs - REPORT_GRACE_MS);
     c.clear();
-    for (const h of hashes) c.set(h, askedAtMs - 1);
+    for (const h of hashes) c.set(h, askedAtMs - REPORT_GRACE_MS - 1);
     for (const [h, at] of recent) c.set(h, at);
   }
 
