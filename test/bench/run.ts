@@ -9,6 +9,7 @@
  * Prints a table and the ratios that matter, and writes `bench/results/latest.json` and
  * `bench/results/latency-vs-load.svg`. See test/bench/README.md.
  */
+import { HTTP_SCENARIO, runHttpScenario, type HttpBenchResult } from "./http.js";
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join } from "node:path";
@@ -78,6 +79,7 @@ function usage(): string {
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
     `  ${CHAT_PREFIX_SCENARIO.padEnd(12)} multi-turn chats sharing system prompts on 4 llm-sim workers: routing prefix vs least-loaded vs round-robin (systems ${CHAT_PREFIX_SYSTEMS.map((s) => s.name).join(", ")})`,
+    `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -471,7 +473,7 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
-  const unknown = (values.scenario ?? []).filter((n) => n !== CHAT_PREFIX_SCENARIO && !SCENARIOS.some((s) => s.name === n));
+  const unknown = (values.scenario ?? []).filter((n) => n !== CHAT_PREFIX_SCENARIO && n !== HTTP_SCENARIO.name && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n) && !CHAT_PREFIX_SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
@@ -549,6 +551,16 @@ async function main(): Promise<number> {
       failures.push({ scenario: CHAT_PREFIX_SCENARIO, system: "*", error: (err as Error)?.message ?? String(err) });
     }
   }
+  let http: HttpBenchResult | undefined;
+  if (!explicit || values.scenario!.includes(HTTP_SCENARIO.name)) {
+    log(`${HTTP_SCENARIO.name} / sluice: gateway against the NATS client`);
+    try {
+      http = await runHttpScenario(quick, log);
+    } catch (err) {
+      log(`${HTTP_SCENARIO.name} failed: ${(err as Error)?.stack ?? String(err)}`);
+      failures.push({ scenario: HTTP_SCENARIO.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
@@ -558,6 +570,11 @@ async function main(): Promise<number> {
   console.log(lines.join("\n"));
   const chatLines = chatPrefixSummary(chatRows);
   if (chatLines.length > 0) console.log(chatLines.join("\n"));
+  if (http)
+    console.log(
+      `http: gateway p50 at low load ${http.low_load.http_p50_ms} ms vs NATS client ${http.low_load.nats_p50_ms} ms (+${http.low_load.http_minus_nats_p50_ms} ms); ` +
+        `throughput gateway/client ${http.throughput.http_over_nats} (${http.throughput.http_rps}/s vs ${http.throughput.nats_rps}/s at ${http.throughput.concurrency} in flight); errors ${http.errors}`,
+    );
   for (const s of skipped) console.log(`skipped ${s.scenario} / ${s.system}: ${s.reason}`);
   for (const f of failures) console.log(`FAILED ${f.scenario} / ${f.system}: ${f.error.split("\n")[0]}`);
   console.log(
@@ -581,6 +598,7 @@ async function main(): Promise<number> {
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
     rows: [...rows, ...chatRows],
     summary: { ...summary, ...(chatLines.length > 0 ? { chat_prefix: chatLines } : {}) },
+    ...(http ? { http } : {}),
     skipped,
     failures,
   };
