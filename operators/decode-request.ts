@@ -1,7 +1,7 @@
 import { map, type OperatorFunction } from "rxjs";
 import { infer, type google } from "../proto/gen/inference.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type Outcome } from "./types.js";
-import { PRIORITIES, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../proto/wire.js";
+import { PRIORITIES, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE, DEFAULT_MAX_PAYLOAD_BYTES, INFER_SESSION_RE as SESSION_RE, H } from "../proto/wire.js";
 
 /** Largest `parameters.max_tokens` accepted by default. */
 export const DEFAULT_MAX_TOKENS_LIMIT = 1_000_000;
@@ -128,6 +128,11 @@ function readHeaders(d: Delivery, draft: Draft): void {
       reject(`header Infer-Deadline ${quote(deadline)} is not a positive integer of Unix epoch milliseconds`);
     }
     draft.deadlineMs = ms;
+  }
+  const session = d.header(H.inferSession);
+  if (session !== undefined) {
+    if (!SESSION_RE.test(session)) reject(`header Infer-Session ${quote(session)} does not match ${SESSION_RE.source}`);
+    draft.session = session;
   }
   const stream = d.header("Infer-Stream");
   if (stream !== undefined) {

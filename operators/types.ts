@@ -47,6 +47,8 @@ export interface InferJob {
   readonly deadlineMs?: number;
   /** `Infer-Stream: 1`. */
   readonly stream: boolean;
+  /** `Infer-Session` header: requests of one conversation, routed to the same worker when it can take them. */
+  readonly session?: string;
   readonly traceparent?: string;
   readonly tracestate?: string;
   readonly delivery: Delivery;

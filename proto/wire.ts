@@ -42,6 +42,8 @@ export const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
 export const WORKER_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 /** A replay session name. */
 export const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
+/** `Infer-Session`: a conversation, kept on one worker while it can take it. */
+export const INFER_SESSION_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
 /** `Infer-Deadline`: epoch milliseconds, digits only. */
 export const DEADLINE_RE = /^[1-9][0-9]*$/;
 
@@ -100,6 +102,8 @@ export const H = {
   version: "Infer-Version",
   deadline: "Infer-Deadline",
   stream: "Infer-Stream",
+  /** A conversation: its requests go to the worker the last one went to, while it can take them. */
+  inferSession: "Infer-Session",
   status: "Infer-Status",
   errorCode: "Infer-Error-Code",
   errorReason: "Infer-Error-Reason",

@@ -52,6 +52,8 @@ export interface InferOptions {
   timeoutMs?: number;
   traceparent?: string;
   tracestate?: string;
+  /** Requests of one conversation (`Infer-Session`): routed to the worker that served the last one when it can. */
+  session?: string;
   /** Ask for token streaming (`Infer-Stream: 1`). */
   stream?: boolean;
   /**
@@ -263,6 +265,7 @@ export class InferenceClient {
     if (opts.version) h.set(H.version, opts.version);
     if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
     if (opts.stream) h.set(H.stream, "1");
+    if (opts.session !== undefined) h.set(H.inferSession, opts.session);
     const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
     this.checkBodySize(data.length);
     const subject = subjects.request(priority, this.tenant, model);

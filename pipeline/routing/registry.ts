@@ -8,6 +8,7 @@ import { Kvm, type KV } from "@nats-io/kv";
 import type { ErrorInfo } from "../../operators/types.js";
 import { watchBucket, type BucketWatch } from "./kv-watch.js";
 import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
+import { ROUTING_POLICIES, type RoutingPolicyName } from "../workers/routing-policy.js";
 
 export const DEFAULT_MAX_BATCH = 32;
 export const DEFAULT_MAX_DELAY_MS = 5;
@@ -22,6 +23,12 @@ export interface ModelSpec {
   generate?: boolean;
   batch?: { max_size?: number; max_delay_ms?: number };
   timeout_ms?: number;
+  /**
+   * How a worker is chosen for each request: `prefix` (by the prompt tokens a worker would have
+   * to prefill and its load; the default for generative models), `least-loaded` (the default
+   * otherwise) or `round-robin`.
+   */
+  routing?: RoutingPolicyName;
   /** How the HTTP gateway turns chat `messages` into a prompt; `plain` (a join) by default. */
   chat_template?: ChatTemplateName;
   /** Answers of deterministic requests are kept in the result cache (bucket `infer_cache`). */
@@ -59,7 +66,7 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return fail("value must be a JSON object");
   const v = value as Record<string, unknown>;
   for (const k of Object.keys(v))
-    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template", "cache"].includes(k)) fail(`unknown field '${k}'`);
+    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template", "cache", "routing"].includes(k)) fail(`unknown field '${k}'`);
   const template = v["chat_template"];
   if (template !== undefined && !(CHAT_TEMPLATES as readonly unknown[]).includes(template))
     fail(`'chat_template' must be one of ${CHAT_TEMPLATES.join(", ")}`);
@@ -93,6 +100,10 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (v["generate"] !== undefined) {
     if (typeof v["generate"] !== "boolean") fail("'generate' must be true or false");
     out.generate = v["generate"] as boolean;
+  }
+  if (v["routing"] !== undefined) {
+    if (!(ROUTING_POLICIES as readonly unknown[]).includes(v["routing"])) fail(`'routing' must be one of ${ROUTING_POLICIES.join(", ")}`);
+    out.routing = v["routing"] as RoutingPolicyName;
   }
   if (v["timeout_ms"] !== undefined) {
     if (typeof v["timeout_ms"] !== "number" || v["timeout_ms"] <= 0) fail("timeout_ms must be a number > 0");
@@ -197,6 +208,12 @@ export class ModelTable {
   batchSettings(model: string): BatchSettings {
     const b = this.models.get(model)?.batch;
     return { maxSize: b?.max_size ?? DEFAULT_MAX_BATCH, maxDelayMs: b?.max_delay_ms ?? DEFAULT_MAX_DELAY_MS };
+  }
+
+  /** The model's routing policy: its own, else `prefix` for generative models, `least-loaded` for others. */
+  routing(model: string): RoutingPolicyName {
+    const spec = this.models.get(model);
+    return spec?.routing ?? (spec?.generate ? "prefix" : "least-loaded");
   }
 
   timeoutMs(model: string): number {

@@ -109,6 +109,19 @@ export interface WorkerChunk {
   final?: WorkerItemResult;
 }
 
+/** A worker's load report (the `WorkerLoad` message). */
+export interface WorkerLoadReport {
+  waiting: number;
+  running: number;
+  /** Share of the KV cache in use, 0 to 1. */
+  kvUsage: number;
+  /** 0 when unknown. */
+  kvCapacityTokens: number;
+  /** Hashes of the prefix blocks held, when asked for and known. */
+  prefixBlocks: string[];
+  blockTokens: number;
+}
+
 /** A serving status of the standard health protocol. */
 export type HealthStatus = "SERVING" | "NOT_SERVING" | "UNKNOWN" | "SERVICE_UNKNOWN";
 
@@ -252,6 +265,34 @@ export class WorkerClient {
       return statusName(r.status);
     } catch (err) {
       if (err instanceof WorkerCallError && err.grpcCode === (grpc.status.NOT_FOUND as number)) return "SERVICE_UNKNOWN";
+      throw err;
+    }
+  }
+
+  /**
+   * Asks the worker for its load. Resolves `undefined` when the worker does not report one (it
+   * answers UNIMPLEMENTED: older workers, engines without load); rejects with a
+   * {@link WorkerCallError} when the worker cannot be reached.
+   */
+  async load(opts: { prefixBlocks?: boolean; signal?: AbortSignal; timeoutMs?: number } = {}): Promise<WorkerLoadReport | undefined> {
+    try {
+      const r = await this.unary(
+        WorkerServiceDefinition.GetLoad,
+        { include_prefix_blocks: opts.prefixBlocks === true },
+        opts.signal ? { signal: opts.signal } : {},
+        Date.now() + (opts.timeoutMs ?? this.healthCheckTimeoutMs),
+      );
+      const kvUsage = Number.isFinite(r.kv_usage) ? Math.min(1, Math.max(0, r.kv_usage)) : 0;
+      return {
+        waiting: r.waiting,
+        running: r.running,
+        kvUsage,
+        kvCapacityTokens: r.kv_capacity_tokens,
+        prefixBlocks: [...r.prefix_blocks],
+        blockTokens: r.block_tokens,
+      };
+    } catch (err) {
+      if (err instanceof WorkerCallError && err.grpcCode === (grpc.status.UNIMPLEMENTED as number)) return undefined;
       throw err;
     }
   }

@@ -76,12 +76,14 @@ describe("sluice CLI: usage mistakes are one line and exit 2", function () {
   it("bad JSON in 'models set', an engine without its URL, a server where nothing listens (named)", async () => {
     const port = await deadPort();
     const url = `nats://127.0.0.1:${port}`;
-    const [json, vllm, publish, models] = await Promise.all([
+    const [json, vllm, publish, models, llmSim] = await Promise.all([
       sluice(["models", "set", "m", "{bad", "--server", url]),
       sluice(["worker", "--engine", "vllm"]),
       sluice(["publish", "--server", url, "--tenant", "t", "--model", "echo", "--prompt", "hi"]),
       sluice(["models", "list"], { NATS_URL: url }),
+      sluice(["worker", "--engine", "llm-sim", "--kv-tokens", "8"]),
     ]);
+    expectOneLine(llmSim, 2, "sluice worker:", "kv_tokens must be an integer >= 16, got 8");
     expectOneLine(json, 2, "sluice models: the value for 'm' is not JSON");
     expectOneLine(vllm, 2, "sluice worker:", "needs 'url'", "--engine-url");
     expectOneLine(publish, 1, `cannot connect to NATS at ${url}`, "--server");
