@@ -1,6 +1,6 @@
 import { map, type OperatorFunction } from "rxjs";
 import { infer, type google } from "../proto/gen/inference.js";
-import { errorResult, PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type Outcome, type Priority } from "./types.js";
+import { errorResult, PRIORITIES, type Delivery, type ErrorCode, type ErrorInfo, type InferJob, type Outcome, type Priority } from "./types.js";
 
 /** Largest request body accepted by default (256 KiB). */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 262_144;
@@ -38,6 +38,12 @@ type Draft = { -readonly [K in keyof InferJob]: InferJob[K] };
 /** A rejected request; thrown only inside this module and always caught. */
 class RequestRejected extends Error {
   override readonly name = "RequestRejected";
+  constructor(
+    message: string,
+    readonly code: ErrorCode = INVALID,
+  ) {
+    super(message);
+  }
 }
 
 /**
@@ -71,7 +77,8 @@ export function decodeDelivery(d: Delivery, opts: DecodeOptions = {}): Decoded {
   } catch (err) {
     if (draft !== undefined) {
       const message = err instanceof RequestRejected ? err.message : `request could not be decoded: ${describe(err)}`;
-      return { ok: false, outcome: { kind: "result", job: draft, result: errorResult(draft, INVALID, message) } };
+      const code = err instanceof RequestRejected ? err.code : INVALID;
+      return { ok: false, outcome: { kind: "result", job: draft, result: errorResult(draft, code, message) } };
     }
     return dead(d, partial, `request could not be decoded: ${describe(err)}`);
   }
@@ -144,8 +151,10 @@ function readHeaders(d: Delivery, draft: Draft): void {
 // ---- body ---------------------------------------------------------------------------------
 
 function readBody(d: Delivery, draft: Draft, opts: DecodeOptions): void {
+  if (d.bodyError !== undefined) throw new RequestRejected(d.bodyError.message, d.bodyError.code);
   const maxBytes = opts.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  if (d.data.byteLength > maxBytes) reject(`body of ${d.data.byteLength} bytes is over the limit of ${maxBytes} bytes`);
+  // A body read from the object store was checked against its own limit there.
+  if (d.wireData === undefined && d.data.byteLength > maxBytes) reject(`body of ${d.data.byteLength} bytes is over the limit of ${maxBytes} bytes`);
 
   const contentType = d.header("Content-Type");
   let body: RequestBody;

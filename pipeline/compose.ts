@@ -53,6 +53,8 @@ export interface PipelineSteps {
   };
   /** Request spans: started after decoding, ended when settled. */
   tracing?: Tracing;
+  /** Runs before decoding: reads bodies held in the object store (claim check); none when omitted. */
+  resolveBodies?: OperatorFunction<Delivery, Delivery>;
   maxPayloadBytes: number;
   maxDeliver: number;
   publishConcurrency: number;
@@ -78,6 +80,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
   return (deliveries) => {
     // (Two pipes: RxJS types at most nine operators in one.)
     const admitted$ = deliveries.pipe(
+      steps.resolveBodies ?? ((x: Observable<Delivery>) => x),
       decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
       tap((d) => {
         const t = steps.tracing;

@@ -6,8 +6,8 @@ import type { InferJob, InferResult } from "../operators/types.js";
 import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
 import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
 import type { Tracing } from "./telemetry.js";
+import { claimResult, type ResultClaimCheck } from "./payloads/results.js";
 
-const encoder = new TextEncoder();
 
 /** Headers of a request that are not copied into its dead letter (the DLQ sets its own). */
 const NOT_COPIED = new Set(["nats-msg-id", "nats-expected-stream", "nats-expected-last-sequence", "nats-expected-last-msg-id"]);
@@ -17,6 +17,8 @@ export class StreamResultSink implements ResultSink {
     private readonly js: JetStreamClient,
     private readonly jsm: JetStreamManager,
     private readonly tracing?: Tracing,
+    /** Results over its threshold go to the object store (claim check); all inline without it. */
+    private readonly claim?: ResultClaimCheck,
   ) {}
 
   /**
@@ -33,9 +35,13 @@ export class StreamResultSink implements ResultSink {
     const span = this.tracing?.requestOf(job.delivery)?.startPublish(subject);
     const traceparent = span?.carrier.traceparent ?? job.traceparent;
     const tracestate = span?.carrier.tracestate ?? job.tracestate;
-    const data = encoder.encode(JSON.stringify(result));
+    // A large result is written to the object store first; failing that, nothing was sent.
+    const msg = await claimResult(this.claim, job.tenant, job.id, result);
+    const data = msg.data;
+    const h = resultHeaders(result, traceparent, tracestate);
+    msg.reference?.(h);
     try {
-      await this.js.publish(subject, data, { msgID: job.id, headers: resultHeaders(result, traceparent, tracestate) });
+      await this.js.publish(subject, data, { msgID: job.id, headers: h });
       span?.end();
     } catch (err) {
       span?.end("PUBLISH_FAILED", err);
@@ -55,7 +61,9 @@ export class StreamResultSink implements ResultSink {
   /** Stores a result the client already has on `infer.kept.<tenant>.<id>`, which no client reads live. */
   async keepResult(job: InferJob, result: InferResult): Promise<void> {
     const h = resultHeaders(result, job.traceparent, job.tracestate);
-    await this.js.publish(subjects.kept(job.tenant, job.id), encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: h });
+    const msg = await claimResult(this.claim, job.tenant, job.id, result);
+    msg.reference?.(h);
+    await this.js.publish(subjects.kept(job.tenant, job.id), msg.data, { msgID: job.id, headers: h });
   }
 
   async hasResult(job: InferJob): Promise<boolean> {
@@ -88,7 +96,8 @@ export class StreamResultSink implements ResultSink {
     const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
     // One dead letter per stored request, however often it is redelivered.
     try {
-      await this.js.publish(subjects.dlq(tenant, model), d.data, { msgID: `dlq-${d.seq}`, headers: h });
+      // A body read from the object store is not copied: the letter keeps the reference.
+      await this.js.publish(subjects.dlq(tenant, model), d.wireData ?? d.data, { msgID: `dlq-${d.seq}`, headers: h });
     } catch (err) {
       if (!tooLarge(err)) throw err;
       // The request with its headers does not fit in a letter: keep the reason and where the

@@ -24,6 +24,7 @@ import { WorkerDirectory } from "./worker-directory.js";
 import { WorkerClient } from "./worker-client.js";
 import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
 import { connectNats } from "./connection.js";
+import { PipelineClaimCheck } from "./payloads/pipeline-claim-check.js";
 
 export interface PipelineLogger {
   info(msg: string): void;
@@ -88,6 +89,9 @@ export class PipelineService {
 
   /** Cancellations heard on `infer.cancel.*.*`. */
   readonly cancels = new CancelRegistry();
+
+  /** Bodies beyond the threshold through the object store (created when the pipeline runs). */
+  payloads: PipelineClaimCheck | undefined;
 
   /** The `/metrics` server, when one runs. */
   metricsServer: MetricsServer | undefined;
@@ -216,12 +220,24 @@ export class PipelineService {
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;
+    const payloads = new PipelineClaimCheck({
+      js: this.js,
+      jsm: this.jsm,
+      settings: this.config.payloads,
+      streams: this.config.streams,
+      maxDeliver: c.maxDeliver,
+      retryDelayMs: (n) => Math.min(pp.retryMaxMs, pp.retryBaseMs * 2 ** Math.max(0, n - 1)),
+      onSweepError: (err) => this.log.warn(`payload sweep failed: ${(err as Error)?.message ?? err}`),
+    });
+    this.payloads = payloads;
+    payloads.start();
     const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
-        sink: new StreamResultSink(this.js, this.jsm, this.tracing),
+        sink: new StreamResultSink(this.js, this.jsm, this.tracing, payloads.results),
         tracing: this.tracing,
+        resolveBodies: payloads.resolveBodies(),
         generator: this.pool,
         publishChunk: (job, c) => {
           this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
@@ -314,6 +330,7 @@ export class PipelineService {
       this.running = false;
       await this.metricsServer?.stop();
       this.cancels.stop();
+      await this.payloads?.stop();
       await this.registry.stop();
       await this.tenants.stop();
       await this.directory.stop();
