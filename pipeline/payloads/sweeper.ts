@@ -12,6 +12,7 @@
  */
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo } from "@nats-io/obj";
+import { PRIORITIES } from "../../operators/types.js";
 import { getStoredResult, STREAM_REQUESTS } from "../jetstream.js";
 import { parsePayloadKey, tenantOfBucket } from "./names.js";
 import type { PayloadStore } from "./store.js";
@@ -96,21 +97,25 @@ export class PayloadSweeper {
 
   /** The INFER_REQ sequence of request `id` of `tenant` stored from shortly before `writtenMs` on. */
   private async findRequest(tenant: string, id: string, writtenMs: number): Promise<number | undefined> {
-    const consumer = await this.opts.js.consumers.get(STREAM_REQUESTS, {
-      filter_subjects: [`infer.req.*.${tenant}.*`],
-      deliver_policy: DeliverPolicy.StartTime,
-      opt_start_time: new Date(writtenMs - SKEW_MS).toISOString(),
-      headers_only: true,
-    });
-    try {
-      for (;;) {
-        const m = await consumer.next({ expires: 1_000 });
-        if (!m) return undefined;
-        if (m.headers?.get("Nats-Msg-Id") === id) return m.seq;
-        if (m.info.pending === 0) return undefined;
+    // One priority at a time: nats-server 2.9 takes a filter only within one of the stream's subjects.
+    for (const p of PRIORITIES) {
+      const consumer = await this.opts.js.consumers.get(STREAM_REQUESTS, {
+        filter_subjects: `infer.req.${p}.${tenant}.*`,
+        deliver_policy: DeliverPolicy.StartTime,
+        opt_start_time: new Date(writtenMs - SKEW_MS).toISOString(),
+        headers_only: true,
+      });
+      try {
+        for (;;) {
+          const m = await consumer.next({ expires: 1_000 });
+          if (!m) break;
+          if (m.headers?.get("Nats-Msg-Id") === id) return m.seq;
+          if (m.info.pending === 0) break;
+        }
+      } finally {
+        await consumer.delete().catch(() => undefined);
       }
-    } finally {
-      await consumer.delete().catch(() => undefined);
     }
+    return undefined;
   }
 }
