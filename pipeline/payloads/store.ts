@@ -110,7 +110,13 @@ export class PayloadStore {
   async remove(jsm: JetStreamManager, tenant: string, key: string): Promise<void> {
     const bucket = payloadBucket(tenant);
     const os = await this.readable(tenant);
-    const info = await os.info(key).catch((err: unknown) => (bucketMissing(err) ? null : Promise.reject(err)));
+    let info;
+    try {
+      info = await os.info(key);
+    } catch (err) {
+      if (!bucketMissing(err)) throw err;
+      return;
+    }
     if (info && !info.deleted) await os.delete(key);
     await jsm.streams.purge(`OBJ_${bucket}`, { filter: `$O.${bucket}.M.${Base64UrlPaddedCodec.encode(key)}` }).catch((err: unknown) => {
       if (!bucketMissing(err)) throw err;
