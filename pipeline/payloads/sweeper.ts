@@ -105,15 +105,13 @@ export class PayloadSweeper {
         opt_start_time: new Date(writtenMs - SKEW_MS).toISOString(),
         headers_only: true,
       });
-      try {
-        for (;;) {
-          const m = await consumer.next({ expires: 1_000 });
-          if (!m) break;
-          if (m.headers?.get("Nats-Msg-Id") === id) return m.seq;
-          if (m.info.pending === 0) break;
-        }
-      } finally {
-        await consumer.delete().catch(() => undefined);
+      // Not deleted after use (the pipeline may not delete consumers on INFER_REQ): an ordered
+      // consumer goes away by itself once idle.
+      for (;;) {
+        const m = await consumer.next({ expires: 1_000 });
+        if (!m) break;
+        if (m.headers?.get("Nats-Msg-Id") === id) return m.seq;
+        if (m.info.pending === 0) break;
       }
     }
     return undefined;

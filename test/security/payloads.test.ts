@@ -96,4 +96,11 @@ describe("security: large bodies in per-tenant object store buckets", function (
       await client.close();
     }
   });
+
+  it("the pipeline user sweeps every tenant's bucket without a permission error, keeping referred objects", async () => {
+    const report = await pipeline.payloads!.sweeper.sweep(Date.now() + 60 * 60_000);
+    expect(report.checked).to.be.at.least(2);
+    expect(report.removed).to.deep.equal([]);
+    expect(pipelineConn.denied.map((e) => e.message)).to.deep.equal([]);
+  });
 });
