@@ -78,10 +78,15 @@ function withBodyError(d: Delivery, bodyError: ErrorInfo): Delivery {
   return new ResolvedDelivery(d, new Uint8Array(0), () => undefined, bodyError);
 }
 
+/** The delivery as it came from the source, under a body read from the object store. */
+export function originalDelivery(d: Delivery): Delivery {
+  return d instanceof ResolvedDelivery ? d.inner : d;
+}
+
 /** A delivery whose body was read from the object store; settling it gives the bytes back. */
 class ResolvedDelivery implements Delivery {
   constructor(
-    private readonly inner: Delivery,
+    readonly inner: Delivery,
     readonly data: Uint8Array,
     private readonly release: () => void,
     readonly bodyError?: ErrorInfo,
