@@ -107,11 +107,14 @@ describe("spine: publish → pipeline → worker → result", function () {
     expect(r.error?.code).to.equal("INVALID_ARGUMENT");
   });
 
-  it("answers an over-size payload with INVALID_ARGUMENT naming the limit", async () => {
-    const r = await client.request("echo", { prompt: "x".repeat(300 * 1024) });
+  it("answers an over-size inline payload with INVALID_ARGUMENT naming the limit (the client sends such a body through the object store)", async () => {
+    const inline = new InferenceClient(nats.nc, "acme", false, undefined, { thresholdBytes: Infinity });
+    const r = await inline.request("echo", { prompt: "x".repeat(300 * 1024) });
     expect(r.status).to.equal("error");
     expect(r.error?.code).to.equal("INVALID_ARGUMENT");
     expect(r.error?.message).to.match(/limit/);
+    const claimed = await client.request("echo", { prompt: "x".repeat(300 * 1024) });
+    expect(claimed.status).to.equal("ok");
   });
 
   it("sends a request without an id to the DLQ with the reason, and keeps serving", async () => {
