@@ -18,7 +18,7 @@ import { connectNats } from "./connection.js";
 import { PayloadError } from "./payloads/errors.js";
 import { DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES, DEFAULT_MAX_OBJECT_BYTES, payloadKey } from "./payloads/names.js";
 import { setReference } from "./payloads/reference.js";
-import { resolveResult } from "./payloads/results.js";
+import { HEADER_HEADROOM_BYTES, resolveResult } from "./payloads/results.js";
 import { PayloadStore } from "./payloads/store.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
@@ -239,7 +239,10 @@ export class InferenceClient {
     let data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
     const bodyBytes = data.length;
     let claimed = false;
-    if (data.length > this.thresholdBytes) {
+    // Over the threshold, or over what the server takes in one message: through the object store.
+    const maxPayload = this.nc.info?.max_payload;
+    const limit = Number.isFinite(this.thresholdBytes) && maxPayload !== undefined ? Math.min(this.thresholdBytes, maxPayload - HEADER_HEADROOM_BYTES) : this.thresholdBytes;
+    if (data.length > limit) {
       // Claim check: the body goes to the object store, the request carries its reference.
       try {
         setReference(h, await this.payloadStore.put(this.tenant, payloadKey("req", id), data));

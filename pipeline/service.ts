@@ -223,6 +223,7 @@ export class PipelineService {
     const payloads = new PipelineClaimCheck({
       js: this.js,
       jsm: this.jsm,
+      maxPayload: () => this.nc.info?.max_payload,
       settings: this.config.payloads,
       streams: this.config.streams,
       maxDeliver: c.maxDeliver,

@@ -15,6 +15,8 @@ import { PayloadSweeper } from "./sweeper.js";
 export interface PipelineClaimCheckOptions {
   js: JetStreamClient;
   jsm: JetStreamManager;
+  /** The server's max_payload (the connection's INFO), for results that would not fit. */
+  maxPayload?: () => number | undefined;
   settings: PayloadSettings;
   streams: StreamsConfig;
   maxDeliver: number;
@@ -36,7 +38,7 @@ export class PipelineClaimCheck {
     this.store = new PayloadStore(opts.js, { ttlMs: Math.max(s.requestsMaxAgeMs, s.resultsMaxAgeMs), replicas: s.replicas });
     this.gate = new ByteGate(opts.settings.memoryBytes);
     this.sweeper = new PayloadSweeper({ js: opts.js, jsm: opts.jsm, store: this.store, graceMs: opts.settings.orphanGraceMs, ...(opts.onSweepError ? { onError: opts.onSweepError } : {}) });
-    this.results = { store: this.store, thresholdBytes: opts.settings.thresholdBytes };
+    this.results = { store: this.store, thresholdBytes: opts.settings.thresholdBytes, ...(opts.maxPayload ? { maxPayload: opts.maxPayload } : {}) };
   }
 
   /** The step before decoding that reads request bodies from the object store. */

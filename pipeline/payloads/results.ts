@@ -24,12 +24,19 @@ export interface ResultMessage {
 export interface ResultClaimCheck {
   readonly store: PayloadStore;
   readonly thresholdBytes: number;
+  /** The server's max_payload, when known: a result that would not fit goes to the store whatever the threshold. */
+  readonly maxPayload?: () => number | undefined;
 }
+
+/** Room kept under max_payload for a result's headers. */
+export const HEADER_HEADROOM_BYTES = 16 * 1024;
 
 /** Encodes a result, writing it to the object store first when it is over the threshold. */
 export async function claimResult(cc: ResultClaimCheck | undefined, tenant: string, id: string, result: InferResult): Promise<ResultMessage> {
   const data = encoder.encode(JSON.stringify(result));
-  if (!cc || data.length <= cc.thresholdBytes) return { data };
+  const maxPayload = cc?.maxPayload?.();
+  const threshold = maxPayload !== undefined ? Math.min(cc!.thresholdBytes, maxPayload - HEADER_HEADROOM_BYTES) : (cc?.thresholdBytes ?? Infinity);
+  if (!cc || data.length <= threshold) return { data };
   const written = await cc.store.put(tenant, payloadKey("res", id), data, { request: id });
   const { output: _output, ...rest } = result;
   return { data: encoder.encode(JSON.stringify(rest)), reference: (h) => setReference(h, written) };
