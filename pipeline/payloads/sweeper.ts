@@ -66,7 +66,9 @@ export class PayloadSweeper {
     for await (const stream of this.opts.jsm.streams.names()) {
       const tenant = stream.startsWith("OBJ_") ? tenantOfBucket(stream.slice(4)) : undefined;
       if (tenant === undefined) continue;
-      for (const obj of await this.opts.store.list(tenant)) {
+      const objects = await this.opts.store.list(tenant);
+      report.removed.push(...(await this.sweepChunks(tenant, stream, new Set(objects.map((o) => o.nuid)), now)));
+      for (const obj of objects) {
         if (now - Date.parse(obj.mtime) < this.opts.graceMs) continue;
         const key = parsePayloadKey(obj.name);
         report.checked++;
@@ -77,6 +79,26 @@ export class PayloadSweeper {
       }
     }
     return report;
+  }
+
+  /**
+   * Chunks no description refers to: an object whose writer died before it wrote the
+   * description (chunks first, description last). Purged once the last of them is past the grace.
+   */
+  private async sweepChunks(tenant: string, stream: string, live: Set<string>, now: number): Promise<string[]> {
+    const bucket = stream.slice(4);
+    const prefix = `$O.${bucket}.C.`;
+    const si = await this.opts.jsm.streams.info(stream, { subjects_filter: `${prefix}>` });
+    const removed: string[] = [];
+    for (const subject of Object.keys(si.state.subjects ?? {})) {
+      const nuid = subject.slice(prefix.length);
+      if (live.has(nuid)) continue;
+      const last = await this.opts.jsm.streams.getMessage(stream, { last_by_subj: subject }).catch(() => null);
+      if (last && now - last.time.getTime() < this.opts.graceMs) continue;
+      await this.opts.jsm.streams.purge(stream, { filter: subject });
+      removed.push(`${tenant}/chunks/${nuid}`);
+    }
+    return removed;
   }
 
   private async resultExists(tenant: string, id: string): Promise<boolean> {
