@@ -28,6 +28,7 @@ import {
   type Plan,
   type Scenario,
 } from "./scenarios.js";
+import { runPayloadsBench } from "./payloads.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
 
@@ -75,6 +76,7 @@ function usage(): string {
     "",
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
+    `  ${"payloads".padEnd(12)} 1, 4 and 16 MB bodies through the object store vs the store's own put/get; pipeline peak RSS (only alone)`,
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -420,6 +422,10 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
+  // Scenario `payloads` (large bodies through the object store) runs on its own: test/bench/payloads.ts.
+  if (values.scenario?.length === 1 && values.scenario[0] === "payloads") {
+    return runPayloadsBench({ quick, outDir: values.out ?? join(ROOT, "bench", "results"), log });
+  }
   const unknown = (values.scenario ?? []).filter((n) => !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
