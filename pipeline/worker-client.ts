@@ -216,7 +216,7 @@ export class WorkerClient {
    */
   async infer(batch: WorkerBatch, opts: WorkerCallOptions = {}): Promise<WorkerBatchResult> {
     const parts = splitByBytes(batch.requests, WORKER_CLIENT_MAX_BATCH_BYTES);
-    if (parts.length === 1) return this.inferPart(batch, opts);
+    if (parts.length <= 1) return this.inferPart(batch, opts);
     // One part after the other: the worker runs one batch per slot, as the pool counts it.
     const out: WorkerBatchResult = { results: [], engine_ms: 0 };
     for (const requests of parts) {
