@@ -14,6 +14,7 @@ import type { InferResult } from "../../operators/types.js";
 import { STREAM_REQUESTS, STREAM_RESULTS } from "../../pipeline/jetstream.js";
 import { BODY_REF_HEADER, BODY_SIZE_HEADER, payloadKey } from "../../pipeline/payloads/names.js";
 import { PayloadStore } from "../../pipeline/payloads/store.js";
+import { Objm } from "@nats-io/obj";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 
@@ -45,9 +46,12 @@ describe("large bodies through the object store", function () {
     worker = await startWorker({ token_interval_ms: 0, ttft_ms: 0 });
     pipeline = await startPipeline(
       testConfig(nats.url, {
-        models: models(["echo"]),
+        // A long model timeout: this one process runs client, pipeline and worker under heavy load,
+        // and a health check that misses its deadline must not fail the requests.
+        models: models(["echo"], { timeout_ms: 240_000 }),
         workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint, capacity: 8 }],
-        payloads: { memoryBytes: 24 * MB, sweepIntervalMs: 0 },
+        // Results over 128 KiB go to the store (requests from the client over its own 256 KiB).
+        payloads: { memoryBytes: 24 * MB, sweepIntervalMs: 0, thresholdBytes: 128 * 1024 },
       }),
     );
     client = new InferenceClient(nats.nc, "big");
@@ -152,6 +156,36 @@ describe("large bodies through the object store", function () {
     expect(gate.peakBytes).to.be.greaterThan(4 * MB);
     expect(sawWaiting, "requests waited for room").to.be.greaterThan(0);
     expect(gate.heldBytes).to.equal(0);
+  });
+
+  it("an object store that refuses writes: the client's large request fails UNAVAILABLE; the pipeline retries a large result until it is stored", async () => {
+    const jsm = await jetstreamManager(nats.nc);
+    // The tenant's bucket exists but takes nothing: every write is refused.
+    await new Objm(jetstream(nats.nc)).create("infer_payloads_full", { max_bytes: 1024 });
+    const full = new InferenceClient(nats.nc, "full");
+    try {
+      const err = await full.infer("echo", { prompt: "y".repeat(300 * 1024) }, { timeoutMs: 30_000 }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect((err as InferenceError).code).to.equal("UNAVAILABLE");
+      expect((err as InferenceError).message).to.match(/could not be written to the object store/);
+
+      // Inline request (under the client's threshold), result over the pipeline's: held while refused.
+      const prompt = "z".repeat(200 * 1024);
+      let answered = false;
+      const got = full.infer("echo", { prompt }, { id: "full-1", timeoutMs: 60_000 }).finally(() => (answered = true));
+      await waitFor("the request taken by the pipeline", async () => (await jsm.consumers.info("INFER_REQ", "sluice-normal-t-full").catch(() => null))?.num_ack_pending === 1, 20_000);
+      await new Promise((r) => setTimeout(r, 1_000));
+      expect(answered, "not answered while the store refuses the result").to.equal(false);
+      const si = await jsm.streams.info("OBJ_infer_payloads_full");
+      await jsm.streams.update("OBJ_infer_payloads_full", { ...si.config, max_bytes: -1 });
+      const r = await got;
+      expect(r.output?.text === prompt, "the whole result once the store takes it").to.equal(true);
+      expect(worker.engine.calls.filter((c) => c.ids.includes("full-1"))).to.have.length(1);
+    } finally {
+      await full.close();
+    }
   });
 
   it("the sweeper removes objects whose message is gone (or never came) and keeps the referred ones", async () => {
