@@ -1,6 +1,7 @@
 import { map, type OperatorFunction } from "rxjs";
 import { infer, type google } from "../proto/gen/inference.js";
-import { errorResult, PRIORITIES, type Delivery, type ErrorCode, type ErrorInfo, type InferJob, type Outcome, type Priority } from "./types.js";
+import { errorResult, type Delivery, type ErrorInfo, type InferJob, type Outcome } from "./types.js";
+import { PRIORITIES, type ErrorCode, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE } from "../proto/wire.js";
 
 /** Largest request body accepted by default (256 KiB). */
 export const DEFAULT_MAX_PAYLOAD_BYTES = 262_144;
@@ -20,10 +21,6 @@ export interface DecodeOptions {
 /** A valid job, or what to do instead with a delivery that is not one. */
 export type Decoded = { readonly ok: true; readonly job: InferJob } | { readonly ok: false; readonly outcome: Outcome };
 
-const NAME_RE = /^[a-z0-9_-]{1,64}$/;
-const ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
-const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const DEADLINE_RE = /^[1-9][0-9]*$/;
 const JSON_CONTENT_TYPE_RE = /^application\/json\s*(?:;\s*charset\s*=\s*(?:utf-8|"utf-8")\s*)?$/i;
 const PROTOBUF_CONTENT_TYPE_RE = /^application\/x-protobuf\s*$/i;
 const BODY_FIELDS: readonly string[] = ["prompt", "inputs", "parameters"];
@@ -117,13 +114,13 @@ function parseSubject(subject: string, partial: { tenant?: string; model?: strin
     return `subject ${quote(subject)} is not infer.req.<priority>.<tenant>.<model>`;
   }
   const [, , priority = "", tenant = "", model = ""] = tokens;
-  if (NAME_RE.test(tenant)) partial.tenant = tenant;
-  if (NAME_RE.test(model)) partial.model = model;
+  if (TOKEN_RE.test(tenant)) partial.tenant = tenant;
+  if (TOKEN_RE.test(model)) partial.model = model;
   if (!(PRIORITIES as readonly string[]).includes(priority)) {
     return `priority ${quote(priority)} in subject is not one of ${PRIORITIES.join(", ")}`;
   }
-  if (partial.tenant === undefined) return `tenant ${quote(tenant)} in subject does not match ${NAME_RE.source}`;
-  if (partial.model === undefined) return `model ${quote(model)} in subject does not match ${NAME_RE.source}`;
+  if (partial.tenant === undefined) return `tenant ${quote(tenant)} in subject does not match ${TOKEN_RE.source}`;
+  if (partial.model === undefined) return `model ${quote(model)} in subject does not match ${TOKEN_RE.source}`;
   return { priority: priority as Priority, tenant, model };
 }
 

@@ -1,6 +1,7 @@
 import { from, map, mergeMap, of, type OperatorFunction } from "rxjs";
 import { retryDelayMs } from "./outcome.js";
-import { errorResult, ERROR_CODES, type Batch, type ErrorCode, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
+import { errorResult, type Batch, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
+import { ERROR_CODES, type ErrorCode } from "../proto/wire.js";
 
 /** One item of a worker's reply, in the order of the batch. */
 export interface ItemReply {

@@ -1,7 +1,8 @@
 import { from, mergeMap, type OperatorFunction } from "rxjs";
 import { retryDelayMs } from "./outcome.js";
 import { DispatchError } from "./dispatch-batch.js";
-import { ERROR_CODES, errorResult, type ErrorCode, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
+import { errorResult, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
+import { ERROR_CODES, type ErrorCode } from "../proto/wire.js";
 
 /** One streamed piece of a generation. */
 export interface Chunk {

@@ -1,6 +1,7 @@
 import { Observable } from "rxjs";
 import { CreditedDelivery, DEFAULT_PULL_EXPIRES_MS, type PullBatch, type PullSource } from "./pull-with-credits.js";
 import type { Delivery } from "./types.js";
+import { backoffMs, type Backoff } from "./support/backoff.js";
 
 /** One priority class: its queue and its weight. */
 export interface PriorityClass {
@@ -24,8 +25,7 @@ export interface PullByPriorityOptions {
   onUnsettledChange?: (cls: string, unsettled: number) => void;
 }
 
-const PULL_RETRY_MIN_MS = 100;
-const PULL_RETRY_MAX_MS = 5_000;
+const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 // nats.js refuses pulls that expire in under a second.
 const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
 
@@ -175,7 +175,7 @@ export function pullByPriority(classes: readonly PriorityClass[], opts: PullByPr
           } catch {
             // ignore
           }
-          const wait = Math.min(PULL_RETRY_MAX_MS, PULL_RETRY_MIN_MS * 2 ** Math.min(s.failures - 1, 10));
+          const wait = backoffMs(s.failures - 1, PULL_RETRY);
           if (s.retryTimer === undefined) {
             s.retryTimer = setTimeout(() => {
               s.retryTimer = undefined;

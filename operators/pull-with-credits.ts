@@ -1,5 +1,6 @@
 import { Observable } from "rxjs";
 import type { Delivery } from "./types.js";
+import { backoffMs, type Backoff } from "./support/backoff.js";
 
 /** One pull request to the queue: yields up to the requested number of messages, then ends. */
 export interface PullBatch<M> extends AsyncIterable<M> {
@@ -40,8 +41,7 @@ export interface PullWithCreditsOptions {
 }
 
 export const DEFAULT_PULL_EXPIRES_MS = 5_000;
-const PULL_RETRY_MIN_MS = 100;
-const PULL_RETRY_MAX_MS = 5_000;
+const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 
 /**
  * A source with bounded demand: it pulls from the queue only while fewer than
@@ -148,7 +148,7 @@ export function pullWithCredits(source: PullSource, opts: PullWithCreditsOptions
           } catch {
             // ignore
           }
-          const wait = Math.min(PULL_RETRY_MAX_MS, PULL_RETRY_MIN_MS * 2 ** Math.min(failures - 1, 10));
+          const wait = backoffMs(failures - 1, PULL_RETRY);
           if (retryTimer === undefined) {
             retryTimer = setTimeout(() => {
               retryTimer = undefined;

@@ -1,6 +1,7 @@
 import { mergeMap, Observable, type OperatorFunction } from "rxjs";
 import { retryDelayMs } from "./outcome.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Outcome } from "./types.js";
+import { sleep } from "./support/sleep.js";
 
 /** A dead letter: the request as it came, and why it could not be served. */
 export interface DeadLetter {
@@ -266,17 +267,3 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
 /** What the service's results store is called in reasons (the operator knows no streams). */
 const STORE_NAME = "the results store";
 
-/** Resolves after `ms`, or at once when `stop` aborts. */
-function sleep(ms: number, stop: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (stop.aborted) return resolve();
-    const t = setTimeout(done, ms);
-    t.unref?.();
-    function done(): void {
-      clearTimeout(t);
-      stop.removeEventListener("abort", done);
-      resolve();
-    }
-    stop.addEventListener("abort", done, { once: true });
-  });
-}

@@ -2,29 +2,7 @@
  * The values that flow between sluice's operators. Nothing here knows of NATS, gRPC or the
  * process around it: a {@link Delivery} is any message that can be settled once.
  */
-
-/** Error codes, named as gRPC's (PROTOCOL.md, "Error codes"). */
-export type ErrorCode =
-  | "INVALID_ARGUMENT"
-  | "NOT_FOUND"
-  | "RESOURCE_EXHAUSTED"
-  | "DEADLINE_EXCEEDED"
-  | "CANCELLED"
-  | "UNAVAILABLE"
-  | "INTERNAL";
-
-export const ERROR_CODES: readonly ErrorCode[] = [
-  "INVALID_ARGUMENT",
-  "NOT_FOUND",
-  "RESOURCE_EXHAUSTED",
-  "DEADLINE_EXCEEDED",
-  "CANCELLED",
-  "UNAVAILABLE",
-  "INTERNAL",
-];
-
-export type Priority = "high" | "normal" | "low";
-export const PRIORITIES: readonly Priority[] = ["high", "normal", "low"];
+import type { ErrorCode, Priority } from "../proto/wire.js";
 
 /**
  * A message taken from the queue that must be settled exactly once: acked when its result is

@@ -15,16 +15,16 @@ import { parseArgs, type ParseArgsConfig } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { createEngine, type EngineName } from "../worker/engines.js";
 import { WorkerServer } from "../worker/server.js";
-import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client.js";
+import { InferenceClient, InferenceError, type InferBody, type InferOptions } from "./client/client.js";
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
-import { DevStack } from "./dev.js";
+import { DevStack } from "./dev/dev.js";
 import { cmdDlq } from "./dlq-cli.js";
 import { cmdReplay } from "./replay-cli.js";
-import { ModelRegistry, parseModelSpec } from "./registry.js";
+import { ModelRegistry, parseModelSpec } from "./routing/registry.js";
 import { PipelineService } from "./service.js";
-import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry.js";
-import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./worker-directory.js";
-import type { Priority } from "../operators/types.js";
+import { SERVICE_CLIENT, SERVICE_WORKER, startTracing, traceEngine } from "./telemetry/telemetry.js";
+import { openWorkersBucket, parseWorkerKey, WorkerRegistration } from "./workers/directory.js";
+import type { Priority } from "../proto/wire.js";
 import { connectNats } from "./connection.js";
 
 const USAGE = `usage: sluice <command> [options]

@@ -3,9 +3,9 @@
  * variables, then command-line flags. Every tunable has a named default here.
  */
 import { readFileSync } from "node:fs";
-import type { Priority } from "../operators/types.js";
-import type { ModelSpec } from "./registry.js";
-import { parseTenantsConfig, type TenantLimits } from "./tenant-limits.js";
+import type { Priority } from "../proto/wire.js";
+import type { ModelSpec } from "./routing/registry.js";
+import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 

@@ -5,7 +5,7 @@
 import { parseArgs } from "node:util";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { DEFAULT_NATS_URL } from "./config.js";
-import { DlqError, listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry, type RequeueItem, type RequeueSelector } from "./dlq.js";
+import { DlqError, listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry, type RequeueItem, type RequeueSelector } from "./tools/dlq.js";
 import { connectNats } from "./connection.js";
 
 const DEFAULT_LIST_LIMIT = 100;

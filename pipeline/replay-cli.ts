@@ -4,22 +4,10 @@
  * `--json`); progress goes to stderr, as a bar on a terminal, otherwise as periodic lines.
  */
 import { parseArgs } from "node:util";
-import type { Priority } from "../operators/types.js";
+import type { Priority } from "../proto/wire.js";
+import { SESSION_RE } from "../proto/wire.js";
 import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
-import {
-  DEFAULT_MAX_RERUNS,
-  formatPace,
-  parsePace,
-  parseTimeSpec,
-  replay,
-  ReplayError,
-  SESSION_RE,
-  type ReplayItem,
-  type ReplayProgress,
-  type ReplayReport,
-  type ReplaySelection,
-  type SelectedRequest,
-} from "./replay.js";
+import { DEFAULT_MAX_RERUNS, formatPace, parsePace, parseTimeSpec, replay, ReplayError, type ReplayItem, type ReplayProgress, type ReplayReport, type ReplaySelection, type SelectedRequest } from "./tools/replay.js";
 import { connectNats } from "./connection.js";
 
 export const REPLAY_USAGE = `usage: sluice replay [selection] [options]

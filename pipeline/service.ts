@@ -8,37 +8,26 @@ import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManage
 import { Subject, tap, type Observable, type Subscription } from "rxjs";
 import { pullByPriority, type PriorityClass } from "../operators/pull-by-priority.js";
 import type { Settled } from "../operators/settle-outcome.js";
-import type { InferResult, Outcome, Priority } from "../operators/types.js";
-import { inferencePipeline } from "./compose.js";
-import { MetricsServer, PipelineMetrics } from "./metrics.js";
-import { SERVICE_PIPELINE, startTracing, type Tracing } from "./telemetry.js";
+import type { InferResult, Outcome } from "../operators/types.js";
+import type { Priority } from "../proto/wire.js";
+import { STREAM_REQUESTS, subjects } from "../proto/wire.js";
+import { inferencePipeline } from "./request-path.js";
+import { MetricsServer, PipelineMetrics } from "./telemetry/metrics.js";
+import { SERVICE_PIPELINE, startTracing, type Tracing } from "./telemetry/telemetry.js";
 import type { SluiceConfig } from "./config.js";
-import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honoursTermReason, STREAM_REQUESTS } from "./jetstream.js";
-import { ModelRegistry } from "./registry.js";
-import { StreamResultSink } from "./result-sink.js";
-import { CancelRegistry } from "./cancel.js";
-import { ensureDiscoveryConsumers, tenantLaneSource } from "./tenant-lanes.js";
-import { TenantRegistry } from "./tenant-limits.js";
-import { subjects } from "./subjects.js";
-import { WorkerDirectory } from "./worker-directory.js";
-import { WorkerClient } from "./worker-client.js";
-import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
+import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honoursTermReason } from "./intake/jetstream.js";
+import type { ModelRegistry } from "./routing/registry.js";
+import { StreamResultSink } from "./settle/result-sink.js";
+import { CancelRegistry } from "./routing/cancel.js";
+import { ensureDiscoveryConsumers, tenantLaneSource } from "./intake/tenant-lanes.js";
+import { TenantRegistry } from "./routing/tenant-limits.js";
+import type { WorkerDirectory } from "./workers/directory.js";
+import { openFleet } from "./workers/fleet.js";
+import type { WorkerPool, WorkerConnection } from "./workers/pool.js";
+import { consoleLogger, type PipelineLogger } from "./support/logger.js";
+import { Teardowns } from "./support/teardown.js";
 import { connectNats } from "./connection.js";
 import { PipelineClaimCheck } from "./payloads/pipeline-claim-check.js";
-
-export interface PipelineLogger {
-  info(msg: string): void;
-  warn(msg: string): void;
-  error(msg: string): void;
-}
-
-export const consoleLogger: PipelineLogger = {
-  info: (m) => console.log(`[sluice] ${m}`),
-  warn: (m) => console.warn(`[sluice] ${m}`),
-  error: (m) => console.error(`[sluice] ${m}`),
-};
-
-export const silentLogger: PipelineLogger = { info: () => undefined, warn: () => undefined, error: () => undefined };
 
 export interface PipelineStartOptions {
   /** Tracing to use instead of starting one from the configuration (not shut down on stop). */
@@ -48,6 +37,22 @@ export interface PipelineStartOptions {
   logger?: PipelineLogger;
   /** Opens worker connections; the gRPC client by default. */
   connectWorker?: (endpoint: string) => WorkerConnection;
+}
+
+/** What the service is made of, built by {@link PipelineService.start}. */
+interface PipelineParts {
+  config: SluiceConfig;
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  registry: ModelRegistry;
+  pool: WorkerPool;
+  directory: WorkerDirectory;
+  tracing: Tracing;
+  metrics: PipelineMetrics;
+  tenants: TenantRegistry;
+  log: PipelineLogger;
+  teardowns: Teardowns;
 }
 
 export interface PipelineStats {
@@ -71,21 +76,34 @@ export class PipelineService {
   private subscription: Subscription | undefined;
   private stopping: Promise<void> | undefined;
 
-  private constructor(
-    readonly config: SluiceConfig,
-    readonly nc: NatsConnection,
-    private readonly ownsConnection: boolean,
-    readonly js: JetStreamClient,
-    readonly jsm: JetStreamManager,
-    readonly registry: ModelRegistry,
-    readonly pool: WorkerPool,
-    readonly directory: WorkerDirectory,
-    private readonly log: PipelineLogger,
-    readonly tracing: Tracing,
-    private readonly ownsTracing: boolean,
-    readonly metrics: PipelineMetrics,
-    readonly tenants: TenantRegistry,
-  ) {}
+  readonly config: SluiceConfig;
+  readonly nc: NatsConnection;
+  readonly js: JetStreamClient;
+  readonly jsm: JetStreamManager;
+  readonly registry: ModelRegistry;
+  readonly pool: WorkerPool;
+  readonly directory: WorkerDirectory;
+  readonly tracing: Tracing;
+  readonly metrics: PipelineMetrics;
+  readonly tenants: TenantRegistry;
+  private readonly log: PipelineLogger;
+  /** Undo what {@link start} started, last first; {@link stop} runs them after draining. */
+  private readonly teardowns: Teardowns;
+
+  private constructor(parts: PipelineParts) {
+    this.config = parts.config;
+    this.nc = parts.nc;
+    this.js = parts.js;
+    this.jsm = parts.jsm;
+    this.registry = parts.registry;
+    this.pool = parts.pool;
+    this.directory = parts.directory;
+    this.tracing = parts.tracing;
+    this.metrics = parts.metrics;
+    this.tenants = parts.tenants;
+    this.log = parts.log;
+    this.teardowns = parts.teardowns;
+  }
 
   /** Cancellations heard on `infer.cancel.*.*`. */
   readonly cancels = new CancelRegistry();
@@ -107,63 +125,71 @@ export class PipelineService {
     return this.settledSubject.asObservable();
   }
 
+  /**
+   * Connects (unless given a connection), creates the streams and consumers, opens the
+   * registries and the worker pool, and starts pulling. When a step fails, everything the earlier
+   * steps started is stopped again before the error is thrown.
+   */
   static async start(config: SluiceConfig, opts: PipelineStartOptions = {}): Promise<PipelineService> {
     const log = opts.logger ?? consoleLogger;
     const t = config.telemetry;
-    const tracing =
-      opts.tracing ??
-      startTracing({
-        serviceName: t.serviceName || SERVICE_PIPELINE,
-        ...(t.tracesEndpoint ? { tracesEndpoint: t.tracesEndpoint } : {}),
-        onWarning: (m) => log.warn(`tracing: ${m}`),
-      });
-    const metrics = new PipelineMetrics({ priorities: config.pipeline.priorities });
-    metrics.trackTracing(() => tracing.stats());
-    const nc =
-      opts.nc ??
-      (await connectNats(config.servers, "sluice-pipeline"));
+    const teardowns = new Teardowns();
     try {
+      const tracing =
+        opts.tracing ??
+        startTracing({
+          serviceName: t.serviceName || SERVICE_PIPELINE,
+          ...(t.tracesEndpoint ? { tracesEndpoint: t.tracesEndpoint } : {}),
+          onWarning: (m) => log.warn(`tracing: ${m}`),
+        });
+      if (!opts.tracing) teardowns.add("tracing", () => tracing.shutdown());
+      const metrics = new PipelineMetrics({ priorities: config.pipeline.priorities });
+      metrics.trackTracing(() => tracing.stats());
+      const nc = opts.nc ?? (await connectNats(config.servers, "sluice-pipeline"));
+      if (!opts.nc) teardowns.add("connection", () => nc.drain().catch(() => nc.close()));
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);
       // One durable consumer per priority: the discovery consumers of the tenant lanes, or the
       // work consumers themselves when lanes are off.
       if (config.pipeline.tenantLanes) await ensureDiscoveryConsumers(jsm, config.consumer, config.pipeline.priorities);
       else await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
-      const registry = await ModelRegistry.open(nc, {
-        replicas: config.streams.replicas,
-        seed: config.models,
-        timeoutMs: config.pipeline.defaultTimeoutMs,
-        onInvalid: (key, err) => log.warn(`registry: ignoring invalid value of '${key}': ${err.message}`),
-      });
-      const pool = new WorkerPool({
-        batchesPerWorker: config.pipeline.batchesPerWorker,
-        timeoutMs: (model) => registry.table.timeoutMs(model),
-        connect: opts.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
-        healthIntervalMs: config.pipeline.healthIntervalMs,
+      const fleet = await openFleet(nc, {
+        config,
+        log,
+        seedModels: true,
+        logPoolInfo: true,
         tracing,
         onBatch: (b) => metrics.batchDispatched(b),
-        onEvent: (e) => {
-          if (e.type === "unhealthy" || e.type === "ejected" || e.type === "retry-budget-exhausted") log.warn(`worker pool: ${JSON.stringify(e)}`);
-          else if (e.type !== "retry") log.info(`worker pool: ${JSON.stringify(e)}`);
-        },
+        ...(opts.connectWorker ? { connectWorker: opts.connectWorker } : {}),
       });
-      for (const w of config.workers) pool.add(w.model, w.version, w.endpoint, w.capacity);
-      const directory = await WorkerDirectory.start(nc, pool, {
-        ttlMs: config.pipeline.workerTtlMs,
-        replicas: config.streams.replicas,
-        onInvalid: (key, why) => log.warn(`worker registry: ignoring '${key}': ${why}`),
-      });
+      teardowns.add("workers", () => fleet.stop());
       const tenants = await TenantRegistry.open(nc, {
         replicas: config.streams.replicas,
         seed: config.tenants,
         onInvalid: (key, err) => log.warn(`tenant registry: ignoring '${key}': ${err.message}`),
       });
-      const svc = new PipelineService(config, nc, opts.nc === undefined, jetstream(nc), jsm, registry, pool, directory, log, tracing, opts.tracing === undefined, metrics, tenants);
+      teardowns.add("tenant registry", () => tenants.stop());
+      const svc = new PipelineService({
+        config,
+        nc,
+        js: jetstream(nc),
+        jsm,
+        registry: fleet.registry!,
+        pool: fleet.pool,
+        directory: fleet.directory,
+        tracing,
+        metrics,
+        tenants,
+        log,
+        teardowns,
+      });
       await svc.run();
       if (t.metricsPort >= 0) {
         try {
-          svc.metricsServer = await MetricsServer.start({ port: t.metricsPort, host: t.metricsHost, metrics, ready: () => svc.ready });
-          log.info(`metrics on http://${t.metricsHost}:${svc.metricsServer.port}/metrics`);
+          const server = await MetricsServer.start({ port: t.metricsPort, host: t.metricsHost, metrics, ready: () => svc.ready });
+          svc.metricsServer = server;
+          teardowns.add("metrics server", () => server.stop());
+          log.info(`metrics on http://${t.metricsHost}:${server.port}/metrics`);
         } catch (err) {
           // Telemetry never stops the pipeline: serve without the endpoint and say so.
           log.warn(`metrics endpoint not started: ${(err as Error).message}`);
@@ -171,8 +197,7 @@ export class PipelineService {
       }
       return svc;
     } catch (err) {
-      if (!opts.nc) await nc.close().catch(() => undefined);
-      if (!opts.tracing) await tracing.shutdown();
+      await teardowns.run().catch((e: unknown) => log.warn(`cleaning up a failed start: ${(e as Error)?.message ?? e}`));
       throw err;
     }
   }
@@ -180,6 +205,7 @@ export class PipelineService {
   private async run(): Promise<void> {
     const { pipeline: p, consumer: c } = this.config;
     this.cancels.listen(this.nc);
+    this.teardowns.add("cancel listener", () => this.cancels.stop());
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
     const classes: PriorityClass[] = [];
     const termReason = honoursTermReason(this.nc.info?.version);
@@ -232,6 +258,7 @@ export class PipelineService {
     });
     this.payloads = payloads;
     payloads.start();
+    this.teardowns.add("payload sweeper", () => payloads.stop());
     const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
@@ -256,6 +283,7 @@ export class PipelineService {
       }),
       tap((s) => this.noteSettled(s)),
     );
+    this.teardowns.add("request path", () => this.subscription?.unsubscribe());
     this.subscription = settled$.subscribe({
       error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
       complete: () => this.drained.next(),
@@ -326,18 +354,10 @@ export class PipelineService {
       });
       this.drainSignal.next();
       await done;
-      this.subscription?.unsubscribe();
       this.settledSubject.complete();
       this.running = false;
-      await this.metricsServer?.stop();
-      this.cancels.stop();
-      await this.payloads?.stop();
-      await this.registry.stop();
-      await this.tenants.stop();
-      await this.directory.stop();
-      await this.pool.stop();
-      if (this.ownsTracing) await this.tracing.shutdown();
-      if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
+      // Every teardown runs, even when one fails (the first failure is thrown after all ran).
+      await this.teardowns.run();
     })();
     return this.stopping;
   }

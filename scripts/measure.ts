@@ -6,12 +6,13 @@
  *   node --import tsx scripts/measure.ts [registry] [ttft] [tracing]
  *   (SLUICE_LANES=0 measures with tenant lanes off)
  */
-import { InferenceClient } from "../pipeline/client.js";
+import { InferenceClient } from "../pipeline/client/client.js";
 import { loadConfig } from "../pipeline/config.js";
-import { NatsServer } from "../pipeline/nats-server.js";
-import { PipelineService, silentLogger } from "../pipeline/service.js";
-import { SERVICE_PIPELINE, startTracing } from "../pipeline/telemetry.js";
-import { SimulatedEngine } from "../worker/simulated.js";
+import { NatsServer } from "../pipeline/dev/nats-server.js";
+import { PipelineService } from "../pipeline/service.js";
+import { silentLogger } from "../pipeline/support/logger.js";
+import { SERVICE_PIPELINE, startTracing } from "../pipeline/telemetry/telemetry.js";
+import { SimulatedEngine } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 import { OtlpReceiver } from "../test/support/otlp-receiver.js";
 import { connect } from "@nats-io/transport-node";

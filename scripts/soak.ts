@@ -15,12 +15,13 @@ import { setFlagsFromString } from "node:v8";
 import { runInNewContext } from "node:vm";
 import { parseArgs } from "node:util";
 import { setTimeout as delay } from "node:timers/promises";
-import { InferenceClient } from "../pipeline/client.js";
+import { InferenceClient } from "../pipeline/client/client.js";
 import { loadConfig } from "../pipeline/config.js";
-import { DEV_MODELS } from "../pipeline/dev.js";
-import { NatsServer } from "../pipeline/nats-server.js";
-import { PipelineService, silentLogger } from "../pipeline/service.js";
-import { SimulatedEngine } from "../worker/simulated.js";
+import { DEV_MODELS } from "../pipeline/dev/dev.js";
+import { NatsServer } from "../pipeline/dev/nats-server.js";
+import { PipelineService } from "../pipeline/service.js";
+import { silentLogger } from "../pipeline/support/logger.js";
+import { SimulatedEngine } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 
 /** Longest soak allowed (a guard against a typo running for days). */

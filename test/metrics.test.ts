@@ -3,7 +3,7 @@ import type { AddressInfo } from "node:net";
 import { expect } from "chai";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { Delivery, InferJob } from "../operators/types.js";
-import { DEFAULT_METRICS_PORT, MetricsServer, MetricsServerError, OTHER_LABEL_VALUE, PipelineMetrics } from "../pipeline/metrics.js";
+import { DEFAULT_METRICS_PORT, MetricsServer, MetricsServerError, OTHER_LABEL_VALUE, PipelineMetrics } from "../pipeline/telemetry/metrics.js";
 
 // A small parser of the Prometheus text exposition format (0.0.4), strict enough to fail on
 // malformed output: HELP and TYPE lines, samples with escaped label values.

@@ -11,7 +11,7 @@ import {
   traceEngine,
   type Env,
   type Tracing,
-} from "../pipeline/telemetry.js";
+} from "../pipeline/telemetry/telemetry.js";
 import type { Engine, EngineBatch, EngineGeneration, EngineItemResult } from "../worker/engine.js";
 import { OtlpReceiver, type ReceivedSpan } from "./support/otlp-receiver.js";
 

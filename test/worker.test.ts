@@ -7,8 +7,8 @@ import { expect } from "chai";
 import { google } from "../proto/gen/inference.js";
 import { fromStruct, fromValue, JsonValueError, toStruct, toValue } from "../proto/json.js";
 import { HealthGrpcClient, WORKER_SERVICE_NAME } from "../proto/service.js";
-import { WorkerCallError, WorkerClient, type WorkerChunk, type WorkerRequest } from "../pipeline/worker-client.js";
-import { SimulatedEngine, type SimulatedEngineOptions } from "../worker/simulated.js";
+import { WorkerCallError, WorkerClient, type WorkerChunk, type WorkerRequest } from "../pipeline/workers/client.js";
+import { SimulatedEngine, type SimulatedEngineOptions } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 
 interface Harness {

@@ -3,7 +3,7 @@
  * DeepSpeed-MII, ...) and the simulated one implement. Plain TypeScript values; the gRPC
  * server converts to and from the wire.
  */
-import type { ErrorCode } from "../operators/types.js";
+import type { ErrorCode } from "../proto/wire.js";
 
 /** One request as the engine sees it. */
 export interface EngineRequest {

@@ -13,9 +13,9 @@
  * half-used.
  */
 import type { Engine } from "./engine.js";
-import { DeepSpeedMiiEngine } from "./deepspeed-mii.js";
-import { SimulatedEngine, type SimulatedEngineOptions } from "./simulated.js";
-import { VllmEngine } from "./vllm.js";
+import { DeepSpeedMiiEngine } from "./engines/deepspeed-mii.js";
+import { SimulatedEngine, type SimulatedEngineOptions } from "./engines/simulated.js";
+import { VllmEngine } from "./engines/vllm.js";
 
 /** The engines {@link createEngine} makes. */
 export const ENGINE_NAMES = ["simulated", "vllm", "deepspeed-mii"] as const;

@@ -29,7 +29,7 @@ export {
   type EngineCall,
   type SimulatedEngineCounters,
   type SimulatedEngineOptions,
-} from "./simulated.js";
+} from "./engines/simulated.js";
 export {
   DEFAULT_STOP_GRACE_MS,
   DEFAULT_WORKER_HOST,

@@ -9,7 +9,7 @@
 #       -e NATS_URL=nats://nats-1:4222 -e SLUICE_ADVERTISE=worker-mii:50051 \
 #       -v hf-cache:/root/.cache/huggingface sluice-worker-mii:local
 #
-# deepspeed-mii-launcher.py documents every variable. The MII adapter (worker/deepspeed-mii.ts)
+# deepspeed-mii-launcher.py documents every variable. The MII adapter (worker/engines/deepspeed-mii.ts)
 # is written against DeepSpeed-MII 0.3.x (the RESTful gateway's POST /mii/<deployment> and GET
 # /healthz); its FastGen kernels need an NVIDIA GPU of compute capability 8.0 or newer.
 

@@ -14,7 +14,7 @@
 # containers in one pod (the stock vLLM image and the sluice image; see
 # infra/k8s/gpu/worker-vllm.yaml) so that each is probed, limited and restarted on its own.
 #
-# The vLLM adapter (worker/vllm.ts) is written against vLLM 0.10.1 and later; a newer image is
+# The vLLM adapter (worker/engines/vllm.ts) is written against vLLM 0.10.1 and later; a newer image is
 # fine as long as its OpenAI server keeps /v1/completions and /health.
 
 ARG VLLM_IMAGE=vllm/vllm-openai:v0.11.0

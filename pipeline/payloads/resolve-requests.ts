@@ -15,6 +15,7 @@
  */
 import { defer, EMPTY, mergeMap, of, type Observable, type OperatorFunction } from "rxjs";
 import type { Delivery, ErrorInfo } from "../../operators/types.js";
+import { H, ID_RE, TOKEN_RE as TENANT_RE } from "../../proto/wire.js";
 import type { ByteGate } from "./byte-gate.js";
 import { PayloadError } from "./errors.js";
 import { readReference } from "./reference.js";
@@ -33,12 +34,10 @@ export interface ResolveRequestOptions {
   onResolved?: (tenant: string, key: string, d: Delivery) => void;
 }
 
-const ID_RE = /^[A-Za-z0-9_-]{1,128}$/;
-const TENANT_RE = /^[a-z0-9_-]{1,64}$/;
 
 export function resolveRequestBodies(opts: ResolveRequestOptions): OperatorFunction<Delivery, Delivery> {
   return mergeMap((d: Delivery): Observable<Delivery> => {
-    const id = d.header("Nats-Msg-Id");
+    const id = d.header(H.msgId);
     const tenant = d.subject.split(".")[3];
     // Without a usable id or tenant the decoder dead-letters it, reference or not.
     if (id === undefined || !ID_RE.test(id) || tenant === undefined || !TENANT_RE.test(tenant)) return of(d);

@@ -12,8 +12,8 @@
  */
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo } from "@nats-io/obj";
-import { PRIORITIES } from "../../operators/types.js";
-import { getStoredResult, STREAM_REQUESTS } from "../jetstream.js";
+import { PRIORITIES, STREAM_REQUESTS } from "../../proto/wire.js";
+import { getStoredResult } from "../intake/jetstream.js";
 import { parsePayloadKey, tenantOfBucket } from "./names.js";
 import type { PayloadStore } from "./store.js";
 

@@ -14,7 +14,7 @@ import { join } from "node:path";
 import { connect } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
 import { Objm, StorageType } from "@nats-io/obj";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { buildForBench, compiled, makeTempDir, peakRssMb, spawnNode, startNats, startWorkerProcess, stopAll } from "./procs.js";
 
 const MB = 1024 * 1024;

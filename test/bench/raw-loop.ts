@@ -19,8 +19,9 @@ import { connect, headers as natsHeaders } from "@nats-io/transport-node";
 import { AckPolicy, DeliverPolicy, jetstream, jetstreamManager, type JsMsg } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import { defaultConfig } from "../../pipeline/config.js";
-import { ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
-import { WorkerClient } from "../../pipeline/worker-client.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
+import { WorkerClient } from "../../pipeline/workers/client.js";
 import { inferOne } from "./worker-call.js";
 
 const RAW_DURABLE = "raw-loop";

@@ -13,7 +13,7 @@ import { mkdir, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { NatsServerMissingError, natsServerVersion } from "../../pipeline/nats-server.js";
+import { NatsServerMissingError, natsServerVersion } from "../../pipeline/dev/nats-server.js";
 import { NatsLoadTarget, percentile, runLoad, type LoadResult, type LoadTarget, type Priority, type Route } from "./load.js";
 import { BUILD, buildForBench, killAllNow, peakRssMb, ROOT, startNats, startWorkerProcess, stopAll, stopNats } from "./procs.js";
 import { renderLatencySvg, renderTable, round, type Row, type SweepSeries } from "./report.js";

@@ -3,7 +3,7 @@
  * one and shape the result as PROTOCOL.md has it (`timing.batch_size` 1). Shared by the
  * JetStream, RabbitMQ and BullMQ loops so they differ only in the broker.
  */
-import type { WorkerClient } from "../../pipeline/worker-client.js";
+import type { WorkerClient } from "../../pipeline/workers/client.js";
 
 /** Deadline of one worker call. */
 export const CALL_TIMEOUT_MS = 30_000;

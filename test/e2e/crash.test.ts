@@ -3,7 +3,7 @@ import { expect } from "chai";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { runCli, type CliProcess } from "../support/process.js";
 import { models, startWorker, type TestWorker } from "../support/stack.js";

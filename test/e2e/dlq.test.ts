@@ -7,14 +7,14 @@
 import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { cmdDlq } from "../../pipeline/dlq-cli.js";
-import { listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry } from "../../pipeline/dlq.js";
-import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../pipeline/jetstream.js";
+import { listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry } from "../../pipeline/tools/dlq.js";
+import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { EngineError, type Engine, type EngineBatch, type EngineGeneration, type EngineItemResult, type EngineRequest } from "../../worker/engine.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startPipeline, testConfig } from "../support/stack.js";
 

@@ -9,9 +9,10 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError } from "../../pipeline/client.js";
+import { InferenceClient, InferenceError } from "../../pipeline/client/client.js";
 import type { PipelineService } from "../../pipeline/service.js";
-import type { InferResult, Priority } from "../../operators/types.js";
+import type { InferResult } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
 import { useNats, waitFor, type NatsFixture } from "../support/nats.js";
 import { startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 

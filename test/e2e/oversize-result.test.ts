@@ -5,8 +5,8 @@
  */
 import { expect } from "chai";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { InferenceClient } from "../../pipeline/client.js";
-import { NatsServer } from "../../pipeline/nats-server.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { NatsServer } from "../../pipeline/dev/nats-server.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 

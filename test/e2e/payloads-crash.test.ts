@@ -9,7 +9,7 @@ import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { PayloadStore } from "../../pipeline/payloads/store.js";
 import { PayloadSweeper } from "../../pipeline/payloads/sweeper.js";
 import { useNats, waitFor } from "../support/nats.js";

@@ -6,16 +6,16 @@
 import { expect } from "chai";
 import { nuid } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
-import { listDeadLetters, requeueDeadLetters } from "../../pipeline/dlq.js";
-import { STREAM_DLQ } from "../../pipeline/jetstream.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { listDeadLetters, requeueDeadLetters } from "../../pipeline/tools/dlq.js";
+import { STREAM_DLQ } from "../../proto/wire.js";
 import { BODY_REF_HEADER } from "../../pipeline/payloads/names.js";
-import { replay } from "../../pipeline/replay.js";
+import { replay } from "../../pipeline/tools/replay.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { EngineError, type Engine, type EngineBatch, type EngineGeneration, type EngineItemResult, type EngineRequest } from "../../worker/engine.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startPipeline, testConfig } from "../support/stack.js";
 

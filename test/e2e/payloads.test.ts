@@ -8,10 +8,10 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError, type StreamEvent } from "../../pipeline/client.js";
+import { InferenceClient, InferenceError, type StreamEvent } from "../../pipeline/client/client.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
-import { STREAM_REQUESTS, STREAM_RESULTS } from "../../pipeline/jetstream.js";
+import { STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";
 import { BODY_REF_HEADER, BODY_SIZE_HEADER, payloadKey } from "../../pipeline/payloads/names.js";
 import { PayloadStore } from "../../pipeline/payloads/store.js";
 import { Objm } from "@nats-io/obj";

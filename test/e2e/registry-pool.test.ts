@@ -5,10 +5,11 @@
 import { expect } from "chai";
 import { nuid } from "@nats-io/transport-node";
 import { Kvm } from "@nats-io/kv";
-import { InferenceClient } from "../../pipeline/client.js";
-import type { ModelSpec } from "../../pipeline/registry.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import type { ModelSpec } from "../../pipeline/routing/registry.js";
 import type { PipelineService } from "../../pipeline/service.js";
-import { WORKERS_BUCKET, WorkerRegistration } from "../../pipeline/worker-directory.js";
+import { WorkerRegistration } from "../../pipeline/workers/directory.js";
+import { WORKERS_BUCKET } from "../../proto/wire.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";

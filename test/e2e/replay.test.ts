@@ -10,30 +10,16 @@ import { pathToFileURL } from "node:url";
 import { expect } from "chai";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { headers as natsHeaders } from "@nats-io/transport-node";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
-import { STREAM_REQUESTS } from "../../pipeline/jetstream.js";
-import {
-  compareResults,
-  countSelection,
-  filterSubjectOf,
-  lineDiff,
-  parsePace,
-  parseTimeSpec,
-  replay,
-  REPLAY_HEADERS,
-  replaySubjects,
-  textSimilarity,
-  type ReplayItem,
-  type ReplayProgress,
-  type ReplaySelection,
-} from "../../pipeline/replay.js";
+import { STREAM_REQUESTS, REPLAY_HEADERS, replaySubjects } from "../../proto/wire.js";
+import { compareResults, countSelection, filterSubjectOf, lineDiff, parsePace, parseTimeSpec, replay, textSimilarity, type ReplayItem, type ReplayProgress, type ReplaySelection } from "../../pipeline/tools/replay.js";
 import type { PipelineService } from "../../pipeline/service.js";
-import { WorkerRegistration } from "../../pipeline/worker-directory.js";
+import { WorkerRegistration } from "../../pipeline/workers/directory.js";
 import type { InferResult } from "../../operators/types.js";
 import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest } from "../../worker/engine.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { ROOT } from "../support/process.js";
 import { startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";

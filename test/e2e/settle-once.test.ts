@@ -6,8 +6,9 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
-import { honoursTermReason, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { honoursTermReason } from "../../pipeline/intake/jetstream.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor, type NatsFixture } from "../support/nats.js";

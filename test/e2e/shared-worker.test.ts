@@ -7,7 +7,7 @@ import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { defaultConfig } from "../../pipeline/config.js";
-import { ensureStreams } from "../../pipeline/jetstream.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";

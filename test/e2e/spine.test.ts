@@ -5,8 +5,8 @@
 import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError } from "../../pipeline/client.js";
-import { STREAM_DLQ, STREAM_RESULTS } from "../../pipeline/jetstream.js";
+import { InferenceClient, InferenceError } from "../../pipeline/client/client.js";
+import { STREAM_DLQ, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";

@@ -9,8 +9,9 @@ import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import type { Subscription } from "rxjs";
 import { defaultConfig } from "../../pipeline/config.js";
-import { ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
-import { discoveryName, ensureDiscoveryConsumers, laneName, tenantLaneSource } from "../../pipeline/tenant-lanes.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
+import { discoveryName, ensureDiscoveryConsumers, laneName, tenantLaneSource } from "../../pipeline/intake/tenant-lanes.js";
 import type { Delivery } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
 

@@ -9,7 +9,7 @@ import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Serv
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
 import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
-import { DEFAULT_MII_CAPACITY, DeepSpeedMiiEngine, type DeepSpeedMiiEngineOptions } from "../../worker/deepspeed-mii.js";
+import { DEFAULT_MII_CAPACITY, DeepSpeedMiiEngine, type DeepSpeedMiiEngineOptions } from "../../worker/engines/deepspeed-mii.js";
 
 // ---------------------------------------------------------------------------------------------
 // A fake HTTP server: records every request, answers with the test's handler.

@@ -8,13 +8,13 @@ import { readFileSync } from "node:fs";
 import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
-import { WorkerClient, type WorkerChunk } from "../../pipeline/worker-client.js";
+import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/client.js";
 import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
 import { createEngine, ENGINE_NAMES, EngineSpecError } from "../../worker/engines.js";
-import { DeepSpeedMiiEngine } from "../../worker/deepspeed-mii.js";
+import { DeepSpeedMiiEngine } from "../../worker/engines/deepspeed-mii.js";
 import { WorkerServer } from "../../worker/server.js";
-import { SimulatedEngine } from "../../worker/simulated.js";
-import { apportion, SseDecoder, VllmEngine, type VllmEngineOptions } from "../../worker/vllm.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
+import { apportion, SseDecoder, VllmEngine, type VllmEngineOptions } from "../../worker/engines/vllm.js";
 
 // ---------------------------------------------------------------------------------------------
 // A fake HTTP server: records every request, answers with the test's handler.

@@ -7,8 +7,10 @@
 import { expect } from "chai";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { ensureStreams, STREAM_REQUESTS } from "../../pipeline/jetstream.js";
-import { PipelineService, silentLogger } from "../../pipeline/service.js";
+import { ensureStreams } from "../../pipeline/intake/jetstream.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
+import { PipelineService } from "../../pipeline/service.js";
+import { silentLogger } from "../../pipeline/support/logger.js";
 import { models, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 import { reportLine, SteadyLoad, TestCluster, until } from "./harness.js";
 

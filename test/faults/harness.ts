@@ -14,8 +14,8 @@ import { createServer } from "node:net";
 import { setTimeout as delay } from "node:timers/promises";
 import { connect, headers as natsHeaders, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { getStoredResult } from "../../pipeline/jetstream.js";
-import { NatsServer } from "../../pipeline/nats-server.js";
+import { getStoredResult } from "../../pipeline/intake/jetstream.js";
+import { NatsServer } from "../../pipeline/dev/nats-server.js";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();

@@ -10,7 +10,7 @@ import { MsgHdrsImpl } from "@nats-io/transport-node";
 import type { JsMsg } from "@nats-io/jetstream";
 import { decodeDelivery, type Decoded, type DecodeOptions } from "../../operators/decode-request.js";
 import type { Delivery } from "../../operators/types.js";
-import { JsDelivery } from "../../pipeline/jetstream.js";
+import { JsDelivery } from "../../pipeline/intake/jetstream.js";
 import { infer } from "../../proto/gen/inference.js";
 import { MAX_JSON_DEPTH } from "../../proto/json.js";
 import { checkProperty } from "./property.js";

@@ -3,7 +3,7 @@ import { filter, map, type Observable } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { admitByTenantLimits, type AdmitByTenantLimitsOptions } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
-import { parseTenantLimits, TenantLimiter, TenantLimitsError, TenantRegistry, type TenantLimiterOptions } from "../../pipeline/tenant-limits.js";
+import { parseTenantLimits, TenantLimiter, TenantLimitsError, TenantRegistry, type TenantLimiterOptions } from "../../pipeline/routing/tenant-limits.js";
 import { useNats, waitFor } from "../support/nats.js";
 
 // ---- doubles ----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import { join } from "node:path";
 import { connect, PermissionViolationError, type NatsConnection } from "@nats-io/transport-node";
-import { NatsServer } from "../../pipeline/nats-server.js";
+import { NatsServer } from "../../pipeline/dev/nats-server.js";
 import { ROOT } from "../support/process.js";
 
 export const ACCOUNTS_CONF = join(ROOT, "infra", "nats", "accounts.conf");

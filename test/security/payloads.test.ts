@@ -6,10 +6,11 @@
 import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream } from "@nats-io/jetstream";
-import { InferenceClient } from "../../pipeline/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
 import { PayloadStore } from "../../pipeline/payloads/store.js";
 import { BODY_REF_HEADER, BODY_SIZE_HEADER } from "../../pipeline/payloads/names.js";
-import { PipelineService, silentLogger } from "../../pipeline/service.js";
+import { PipelineService } from "../../pipeline/service.js";
+import { silentLogger } from "../../pipeline/support/logger.js";
 import { models, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 import { startSecuredServer, UserConnection, type SecuredServer } from "./accounts.js";
 

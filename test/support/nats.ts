@@ -1,6 +1,6 @@
 /** Test harness: a real nats-server per suite, on a free port, with its own JetStream store. */
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { NatsServer, NatsServerMissingError } from "../../pipeline/nats-server.js";
+import { NatsServer, NatsServerMissingError } from "../../pipeline/dev/nats-server.js";
 
 export interface NatsFixture {
   readonly server: NatsServer;

@@ -1,8 +1,9 @@
 /** Starts a simulated worker and a pipeline in this process, against a test nats-server. */
 import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "../../pipeline/config.js";
-import type { ModelSpec } from "../../pipeline/registry.js";
-import { PipelineService, silentLogger } from "../../pipeline/service.js";
-import { SimulatedEngine, type SimulatedEngineOptions } from "../../worker/simulated.js";
+import type { ModelSpec } from "../../pipeline/routing/registry.js";
+import { PipelineService } from "../../pipeline/service.js";
+import { silentLogger } from "../../pipeline/support/logger.js";
+import { SimulatedEngine, type SimulatedEngineOptions } from "../../worker/engines/simulated.js";
 import { WorkerServer } from "../../worker/server.js";
 
 export interface TestWorker {

@@ -44,7 +44,7 @@ import {
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
-} from "./engine.js";
+} from "../engine.js";
 import {
   abortReason,
   booleanParameter,

@@ -15,11 +15,14 @@
  *   connection closes.
  */
 import { Subject, type Observable } from "rxjs";
-import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../operators/dispatch-batch.js";
-import type { Batch, ErrorCode, Priority, RoutedJob } from "../operators/types.js";
-import type { BatchTrace, Tracing } from "./telemetry.js";
-import type { Chunk, GenerationReply, Generator } from "../operators/generate-each.js";
-import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./worker-client.js";
+import { DispatchError, type BatchDispatcher, type BatchReply, type ItemReply } from "../../operators/dispatch-batch.js";
+import type { Batch, RoutedJob } from "../../operators/types.js";
+import type { ErrorCode, Priority } from "../../proto/wire.js";
+import type { BatchTrace, Tracing } from "../telemetry/telemetry.js";
+import type { Chunk, GenerationReply, Generator } from "../../operators/generate-each.js";
+import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./client.js";
+import { backoffMs } from "../../operators/support/backoff.js";
+import { sleep } from "../../operators/support/sleep.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {
@@ -78,6 +81,8 @@ export const DEFAULT_HEALTH_INTERVAL_MS = 1_000;
 export const DEFAULT_RETRY_BUDGET_RATIO = 0.2;
 export const DEFAULT_MIN_RETRIES_PER_SECOND = 10;
 export const DEFAULT_RETRY_BACKOFF_MS = 25;
+/** Cap of the backoff between attempts of one batch. */
+const MAX_RETRY_BACKOFF_MS = 1_000;
 /** Capacity assumed for a worker that does not advertise one. */
 export const DEFAULT_WORKER_CAPACITY = 64;
 
@@ -114,7 +119,6 @@ export interface WorkerSnapshot {
 
 const keyOf = (model: string, version: string): string => `${model}@${version}`;
 const PRIORITY_RANK: Record<Priority, number> = { high: 0, normal: 1, low: 2 };
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms).unref());
 
 export class WorkerPool implements BatchDispatcher, Generator {
   private readonly workers = new Map<string, Worker>();
@@ -415,7 +419,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         if (w.draining && w.batches === 0) this.close(w);
         if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
       }
-      await sleep(Math.min((this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS) * 2 ** attempt, 1_000));
+      await sleep(backoffMs(attempt, { baseMs: this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS, maxMs: MAX_RETRY_BACKOFF_MS }));
     }
   }
 
@@ -487,7 +491,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         } finally {
           this.releaseSlot(w);
         }
-        await sleep(Math.min((this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS) * 2 ** attempt, 1_000));
+        await sleep(backoffMs(attempt, { baseMs: this.opts.retryBackoffMs ?? DEFAULT_RETRY_BACKOFF_MS, maxMs: MAX_RETRY_BACKOFF_MS }));
       }
     } finally {
       cancel.done();
@@ -542,7 +546,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
     const threshold = this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES;
     if (w.breaker === "half-open" || w.failures >= threshold) {
       const base = this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS;
-      const forMs = Math.min(base * 2 ** w.ejections, this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS);
+      const forMs = backoffMs(w.ejections, { baseMs: base, maxMs: this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS });
       w.ejections++;
       w.breaker = "open";
       w.openUntil = Date.now() + forMs;

@@ -11,12 +11,9 @@
  */
 import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
-import { TOKEN_RE } from "./subjects.js";
+import { TOKEN_RE, WORKERS_BUCKET, VERSION_RE, WORKER_ID_RE } from "../../proto/wire.js";
 
-export const WORKERS_BUCKET = "infer_workers";
 export const DEFAULT_WORKER_TTL_MS = 15_000;
-const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const WORKER_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 
 export interface WorkerEntry {
   model: string;

@@ -5,8 +5,9 @@
  * as a {@link WorkerCallError} that says whether another try (on another worker) makes sense.
  */
 import * as grpc from "@grpc/grpc-js";
-import { ERROR_CODES, type ErrorCode, type ErrorInfo, type Usage } from "../operators/types.js";
-import { fromValue, JsonValueError, toStruct, toValue } from "../proto/json.js";
+import type { ErrorInfo, Usage } from "../../operators/types.js";
+import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
+import { fromValue, JsonValueError, toStruct, toValue } from "../../proto/json.js";
 import {
   HealthServiceDefinition,
   ServingStatus,
@@ -18,7 +19,7 @@ import {
   type IGenerateRequest,
   type IInferBatch,
   type WireMethodDefinition,
-} from "../proto/service.js";
+} from "../../proto/service.js";
 
 /** What a client needs of a method definition. */
 type ClientMethod<Req, Res> = Pick<WireMethodDefinition<Req, unknown, unknown, Res>, "path" | "requestSerialize" | "responseDeserialize">;

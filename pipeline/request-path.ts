@@ -20,9 +20,9 @@ import { settleOutcomes, type ResultSink, type Settled } from "../operators/sett
 import { skipAnswered } from "../operators/skip-answered.js";
 import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
-import type { ModelTable } from "./registry.js";
-import type { Tracing } from "./telemetry.js";
-import type { TenantLimiter } from "./tenant-limits.js";
+import type { ModelTable } from "./routing/registry.js";
+import type { Tracing } from "./telemetry/telemetry.js";
+import type { TenantLimiter } from "./routing/tenant-limits.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;

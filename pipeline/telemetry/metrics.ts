@@ -18,8 +18,8 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
-import type { Settled } from "../operators/settle-outcome.js";
-import { UNKNOWN_TOKEN } from "./subjects.js";
+import type { Settled } from "../../operators/settle-outcome.js";
+import { UNKNOWN_TOKEN } from "../../proto/wire.js";
 
 export const DEFAULT_METRICS_PORT = 9464;
 /** Scraped from other hosts, so every interface by default. */

@@ -4,15 +4,16 @@
  * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim` (a generative
  * model: served through Generate, tokens streamed with `Infer-Stream: 1`).
  */
-import { SimulatedEngine } from "../worker/simulated.js";
-import { WorkerServer } from "../worker/server.js";
-import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "./config.js";
+import { SimulatedEngine } from "../../worker/engines/simulated.js";
+import { WorkerServer } from "../../worker/server.js";
+import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "../config.js";
 import { NatsServer } from "./nats-server.js";
-import type { ModelSpec } from "./registry.js";
-import { PipelineService, type PipelineLogger } from "./service.js";
-import { SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "./telemetry.js";
-import { connectNats } from "./connection.js";
-import { WorkerRegistration } from "./worker-directory.js";
+import type { ModelSpec } from "../routing/registry.js";
+import { PipelineService } from "../service.js";
+import type { PipelineLogger } from "../support/logger.js";
+import { SERVICE_WORKER, startTracing, traceEngine, type Tracing } from "../telemetry/telemetry.js";
+import { connectNats } from "../connection.js";
+import { WorkerRegistration } from "../workers/directory.js";
 import type { NatsConnection } from "@nats-io/transport-node";
 
 export const DEV_MODELS: Record<string, ModelSpec> = {

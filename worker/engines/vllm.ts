@@ -49,7 +49,7 @@
  *   chunks, not the whole generation, which may rightly take long.
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
-import type { ErrorCode } from "../operators/types.js";
+import type { ErrorCode } from "../../proto/wire.js";
 import {
   EngineClosedError,
   EngineError,
@@ -61,7 +61,7 @@ import {
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
-} from "./engine.js";
+} from "../engine.js";
 
 /** Items in flight to the server at once, by default. */
 export const DEFAULT_VLLM_CAPACITY = 64;

@@ -10,16 +10,16 @@
  */
 import { headers as natsHeaders, InvalidArgumentError, nuid, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { ERROR_CODES, type ErrorCode, type InferResult, type Priority } from "../operators/types.js";
-import { getStoredResultDirect } from "./jetstream.js";
-import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
-import { fromCarrier, type TraceCarrier, type Tracing } from "./telemetry.js";
-import { connectNats } from "./connection.js";
-import { PayloadError } from "./payloads/errors.js";
-import { DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES, DEFAULT_MAX_OBJECT_BYTES, payloadKey } from "./payloads/names.js";
-import { setReference } from "./payloads/reference.js";
-import { HEADER_HEADROOM_BYTES, resolveResult } from "./payloads/results.js";
-import { PayloadStore } from "./payloads/store.js";
+import type { InferResult } from "../../operators/types.js";
+import { ERROR_CODES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
+import { getStoredResultDirect } from "../intake/jetstream.js";
+import type { TraceCarrier, Tracing } from "../telemetry/telemetry.js";
+import { connectNats } from "../connection.js";
+import { PayloadError } from "../payloads/errors.js";
+import { DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES, DEFAULT_MAX_OBJECT_BYTES, payloadKey } from "../payloads/names.js";
+import { setReference } from "../payloads/reference.js";
+import { HEADER_HEADROOM_BYTES, resolveResult } from "../payloads/results.js";
+import { PayloadStore } from "../payloads/store.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
@@ -257,7 +257,7 @@ export class InferenceClient {
     const parent: TraceCarrier = {};
     if (opts.traceparent) parent.traceparent = opts.traceparent;
     if (opts.tracestate) parent.tracestate = opts.tracestate;
-    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes }, fromCarrier(parent));
+    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes }, parent);
     const carrier = span?.carrier ?? parent;
     if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
     if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);

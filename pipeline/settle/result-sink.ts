@@ -1,16 +1,14 @@
 /** The results and dead-letter streams as the operators' {@link ResultSink}. */
 import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders, InvalidArgumentError } from "@nats-io/transport-node";
-import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../operators/settle-outcome.js";
-import type { InferJob, InferResult } from "../operators/types.js";
-import { getStoredResult, STREAM_RESULTS } from "./jetstream.js";
-import { H, subjects, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
-import type { Tracing } from "./telemetry.js";
-import { claimResult, type ResultClaimCheck } from "./payloads/results.js";
+import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../../operators/settle-outcome.js";
+import type { InferJob, InferResult } from "../../operators/types.js";
+import { getStoredResult } from "../intake/jetstream.js";
+import { STREAM_RESULTS, H, subjects } from "../../proto/wire.js";
+import type { Tracing } from "../telemetry/telemetry.js";
+import { deadLetterHeaders, deadLetterTokens } from "./dead-letter.js";
+import { claimResult, type ResultClaimCheck } from "../payloads/results.js";
 
-
-/** Headers of a request that are not copied into its dead letter (the DLQ sets its own). */
-const NOT_COPIED = new Set(["nats-msg-id", "nats-expected-stream", "nats-expected-last-sequence", "nats-expected-last-msg-id"]);
 
 export class StreamResultSink implements ResultSink {
   constructor(
@@ -83,34 +81,16 @@ export class StreamResultSink implements ResultSink {
 
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
     const d = letter.delivery;
-    const h = natsHeaders();
-    for (const [k, v] of d.headerEntries()) if (!NOT_COPIED.has(k.toLowerCase())) h.append(k, v);
-    const originalId = d.header(H.msgId);
-    if (originalId !== undefined) h.set("Infer-Request-Id", sanitizeHeader(originalId));
-    h.set(H.originalSubject, d.subject);
-    h.set(H.errorCode, letter.error.code);
-    h.set(H.errorReason, sanitizeHeader(letter.error.message));
-    h.set(H.deliveries, String(d.deliveryCount));
-    h.set("Infer-Original-Seq", String(d.seq));
-    const tenant = letter.tenant !== undefined && TOKEN_RE.test(letter.tenant) ? letter.tenant : UNKNOWN_TOKEN;
-    const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
+    const { tenant, model } = deadLetterTokens(letter);
     // One dead letter per stored request, however often it is redelivered.
     try {
       // A body read from the object store is not copied: the letter keeps the reference.
-      await this.js.publish(subjects.dlq(tenant, model), d.wireData ?? d.data, { msgID: `dlq-${d.seq}`, headers: h });
+      await this.js.publish(subjects.dlq(tenant, model), d.wireData ?? d.data, { msgID: `dlq-${d.seq}`, headers: deadLetterHeaders(letter) });
     } catch (err) {
       if (!tooLarge(err)) throw err;
       // The request with its headers does not fit in a letter: keep the reason and where the
       // whole request is (INFER_REQ sequence), without the original body and headers.
-      const small = natsHeaders();
-      if (originalId !== undefined) small.set("Infer-Request-Id", sanitizeHeader(originalId).slice(0, 128));
-      small.set(H.originalSubject, d.subject.slice(0, 1024));
-      small.set(H.errorCode, letter.error.code);
-      small.set(H.errorReason, sanitizeHeader(letter.error.message));
-      small.set(H.deliveries, String(d.deliveryCount));
-      small.set("Infer-Original-Seq", String(d.seq));
-      small.set("Infer-Body-Omitted", `request of ${d.data.length} bytes with its headers is over the message size limit; read it from INFER_REQ sequence ${d.seq}`);
-      await this.js.publish(subjects.dlq(tenant, model), new Uint8Array(0), { msgID: `dlq-${d.seq}`, headers: small });
+      await this.js.publish(subjects.dlq(tenant, model), new Uint8Array(0), { msgID: `dlq-${d.seq}`, headers: deadLetterHeaders(letter, { brief: true }) });
     }
   }
 }
@@ -132,12 +112,6 @@ function resultHeaders(result: InferResult, traceparent: string | undefined, tra
   if (tracestate) h.set(H.tracestate, tracestate);
   h.set(H.contentType, "application/json");
   return h;
-}
-
-/** Header values are one line of printable text. */
-function sanitizeHeader(s: string): string {
-  // eslint-disable-next-line no-control-regex
-  return s.replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
 }
 
 function tooLarge(err: unknown): boolean {

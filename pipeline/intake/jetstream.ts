@@ -6,7 +6,6 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
-  JetStreamApiError,
   RetentionPolicy,
   StorageType,
   type Consumer,
@@ -17,14 +16,12 @@ import {
   type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
-import type { PullBatch, PullSource } from "../operators/pull-with-credits.js";
-import { PRIORITIES, type Delivery, type Priority } from "../operators/types.js";
-import type { ConsumerSettings, StreamsConfig } from "./config.js";
-import { subjects } from "./subjects.js";
-
-export const STREAM_REQUESTS = "INFER_REQ";
-export const STREAM_RESULTS = "INFER_RES";
-export const STREAM_DLQ = "INFER_DLQ";
+import type { PullBatch, PullSource } from "../../operators/pull-with-credits.js";
+import type { Delivery } from "../../operators/types.js";
+import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
+import type { ConsumerSettings, StreamsConfig } from "../config.js";
+import { headerValue } from "../support/headers.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 export function streamConfigs(s: StreamsConfig): StreamConfig[] {
   const common = {
@@ -92,7 +89,7 @@ export function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig
 }
 
 function isNotFound(err: unknown): boolean {
-  return err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10014);
+  return isJsApiError(err, JsApiCode.StreamNotFound, JsApiCode.ConsumerNotFound);
 }
 
 /**
@@ -135,7 +132,7 @@ export async function ensureStreams(jsm: JetStreamManager, s: StreamsConfig): Pr
         await jsm.streams.add(cfg);
       } catch (addErr) {
         // Another process created it in between: update to our configuration.
-        if (addErr instanceof JetStreamApiError && addErr.code === 10058) await jsm.streams.update(cfg.name, cfg);
+        if (isJsApiError(addErr, JsApiCode.StreamNameInUse)) await jsm.streams.update(cfg.name, cfg);
         else throw addErr;
       }
     }
@@ -222,13 +219,11 @@ export class JsDelivery implements Delivery {
   header(name: string): string | undefined {
     const h = this.headersSafe;
     if (!h) return undefined;
-    const want = name.toLowerCase();
     try {
-      for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
+      return headerValue(h, name);
     } catch {
       return undefined;
     }
-    return undefined;
   }
   headerEntries(): Array<[string, string]> {
     const out: Array<[string, string]> = [];

@@ -5,14 +5,12 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Kvm, type KV } from "@nats-io/kv";
-import type { ErrorInfo } from "../operators/types.js";
+import type { ErrorInfo } from "../../operators/types.js";
 import { watchBucket, type BucketWatch } from "./kv-watch.js";
-import { TOKEN_RE } from "./subjects.js";
+import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
 
-export const MODELS_BUCKET = "infer_models";
 export const DEFAULT_MAX_BATCH = 32;
 export const DEFAULT_MAX_DELAY_MS = 5;
-const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
 
 export interface ModelSpec {
   versions: Record<string, { weight: number }>;

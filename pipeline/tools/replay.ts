@@ -43,52 +43,30 @@ import {
 } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { Subject } from "rxjs";
-import type { RouteDecision } from "../operators/route-to-version.js";
-import type { DeadLetter, ResultSink, Settled } from "../operators/settle-outcome.js";
-import { PRIORITIES, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Priority } from "../operators/types.js";
-import { inferencePipeline } from "./compose.js";
-import { ByteGate } from "./payloads/byte-gate.js";
-import { DEFAULT_MAX_OBJECT_BYTES } from "./payloads/names.js";
-import { originalDelivery, resolveRequestBodies } from "./payloads/resolve-requests.js";
-import { resolveResult } from "./payloads/results.js";
-import { PayloadStore } from "./payloads/store.js";
-import { defaultConfig, type SluiceConfig } from "./config.js";
-import { getStoredResult, STREAM_REQUESTS } from "./jetstream.js";
-import { ModelRegistry, type ModelTable } from "./registry.js";
-import { silentLogger, type PipelineLogger } from "./service.js";
-import { H, ID_RE, TOKEN_RE, UNKNOWN_TOKEN } from "./subjects.js";
-import { WorkerClient } from "./worker-client.js";
-import { WORKERS_BUCKET, WorkerDirectory } from "./worker-directory.js";
-import { WorkerPool, type WorkerConnection } from "./worker-pool.js";
+import type { RouteDecision } from "../../operators/route-to-version.js";
+import type { DeadLetter, ResultSink, Settled } from "../../operators/settle-outcome.js";
+import type { Delivery, ErrorInfo, InferJob, InferResult } from "../../operators/types.js";
+import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, WORKERS_BUCKET, VERSION_RE, DEADLINE_RE, replaySubjects, REPLAY_HEADERS, SESSION_RE } from "../../proto/wire.js";
+import { inferencePipeline } from "../request-path.js";
+import { defaultConfig, type SluiceConfig } from "../config.js";
+import { getStoredResult } from "../intake/jetstream.js";
+import type { ModelTable } from "../routing/registry.js";
+import { silentLogger, type PipelineLogger } from "../support/logger.js";
+import type { WorkerDirectory } from "../workers/directory.js";
+import { openFleet } from "../workers/fleet.js";
+import type { WorkerConnection } from "../workers/pool.js";
+import { headerValue, sanitizeHeader } from "../support/headers.js";
+import { deadLetterHeaders, deadLetterTokens } from "../settle/dead-letter.js";
+import { ByteGate } from "../payloads/byte-gate.js";
+import { DEFAULT_MAX_OBJECT_BYTES } from "../payloads/names.js";
+import { originalDelivery, resolveRequestBodies } from "../payloads/resolve-requests.js";
+import { resolveResult } from "../payloads/results.js";
+import { PayloadStore } from "../payloads/store.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
-/** Subjects of a replay session (PROTOCOL.md: `infer.replay.<session>.>`). */
-export const replaySubjects = {
-  all: (session: string): string => `infer.replay.${session}.>`,
-  result: (session: string, tenant: string, id: string): string => `infer.replay.${session}.res.${tenant}.${id}`,
-  results: (session: string): string => `infer.replay.${session}.res.>`,
-  /** Chunks of a replayed streamed request (live: `infer.tok.<tenant>.<id>`). */
-  tokens: (session: string, tenant: string, id: string): string => `infer.replay.${session}.tok.${tenant}.${id}`,
-  dlq: (session: string, tenant: string, model: string): string => `infer.replay.${session}.dlq.${tenant}.${model}`,
-};
-
-/** Headers a replay adds to its results and dead letters. */
-export const REPLAY_HEADERS = {
-  /** The original request's `traceparent`: the link from the replayed trace to the original. */
-  ofTraceparent: "Infer-Replay-Of-Traceparent",
-  session: "Infer-Replay-Session",
-  /** Stream sequence of the original request in `INFER_REQ`. */
-  ofSeq: "Infer-Replay-Of-Seq",
-  /** A result too large for one message went without its output (the report compares it whole). */
-  outputOmitted: "Infer-Replay-Output-Omitted",
-} as const;
-
-export const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const TRACE_ID_RE = /^[0-9a-f]{32}$/;
 const TRACEPARENT_RE = /^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})/;
-const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
-const DEADLINE_RE = /^[1-9][0-9]*$/;
 
 /** Re-runs of one request after naks, by default. */
 export const DEFAULT_MAX_RERUNS = 10;
@@ -213,25 +191,17 @@ export function newTraceparent(like?: string): string {
   return `00-${randomBytes(16).toString("hex")}-${randomBytes(8).toString("hex")}-${flags}`;
 }
 
-function headerOf(m: JsMsg, name: string): string | undefined {
-  const h = m.headers;
-  if (!h) return undefined;
-  const want = name.toLowerCase();
-  for (const [k, v] of h) if (k.toLowerCase() === want) return v[0];
-  return undefined;
-}
-
 function selectedOf(m: JsMsg): SelectedRequest {
   const parts = subjectParts(m.subject);
   return {
     seq: m.seq,
-    id: headerOf(m, H.msgId),
+    id: headerValue(m.headers, H.msgId),
     time: new Date(m.info.timestampNanos / 1e6),
     subject: m.subject,
     tenant: parts.tenant,
     model: parts.model,
     priority: parts.priority,
-    traceparent: headerOf(m, H.traceparent),
+    traceparent: headerValue(m.headers, H.traceparent),
   };
 }
 
@@ -258,10 +228,10 @@ function matcher(s: ReplaySelection): (m: JsMsg) => boolean {
       if (priorities && (p.priority === undefined || !priorities.has(p.priority))) return false;
     }
     if (ids) {
-      const id = headerOf(m, H.msgId);
+      const id = headerValue(m.headers, H.msgId);
       if (id === undefined || !ids.has(id)) return false;
     }
-    if (traceId !== undefined && traceIdOf(headerOf(m, H.traceparent)) !== traceId) return false;
+    if (traceId !== undefined && traceIdOf(headerValue(m.headers, H.traceparent)) !== traceId) return false;
     return true;
   };
 }
@@ -638,9 +608,7 @@ export class ReplayDelivery implements Delivery {
     return this.how;
   }
   header(name: string): string | undefined {
-    const want = name.toLowerCase();
-    for (const [k, v] of this.record.headers) if (k.toLowerCase() === want) return v;
-    return undefined;
+    return headerValue(this.record.headers, name);
   }
   headerEntries(): Array<[string, string]> {
     return this.record.headers.map(([k, v]): [string, string] => [k, v]);
@@ -667,14 +635,6 @@ function recordOf(d: Delivery): ReplayRecord | undefined {
 const encoder = new TextEncoder();
 /** Room left for headers when a replay result is checked against max_payload. */
 const REPLAY_HEADROOM_BYTES = 16 * 1024;
-
-/** Headers of a request that are not copied into a replay dead letter. */
-const NOT_COPIED = new Set(["nats-msg-id", "nats-expected-stream", "nats-expected-last-sequence", "nats-expected-last-msg-id"]);
-
-function sanitizeHeader(s: string): string {
-  // eslint-disable-next-line no-control-regex
-  return s.replace(/[\u0000-\u001f\u007f]+/g, " ").slice(0, 1024);
-}
 
 /**
  * The replay's {@link ResultSink}: results on `infer.replay.<session>.res.<tenant>.<id>`, dead
@@ -722,20 +682,12 @@ export class ReplayResultSink implements ResultSink {
   }
 
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
+    const { tenant, model } = deadLetterTokens(letter);
+    // A body read from the object store is not copied: the letter keeps the reference.
     const d = letter.delivery;
-    const h = natsHeaders();
-    for (const [k, v] of d.headerEntries()) if (!NOT_COPIED.has(k.toLowerCase())) h.append(k, v);
-    const originalId = d.header(H.msgId);
-    if (originalId !== undefined) h.set("Infer-Request-Id", sanitizeHeader(originalId));
-    h.set(H.originalSubject, d.subject);
-    h.set(H.errorCode, letter.error.code);
-    h.set(H.errorReason, sanitizeHeader(letter.error.message));
-    h.set(H.deliveries, String(d.deliveryCount));
-    h.set("Infer-Original-Seq", String(d.seq));
-    const tenant = letter.tenant !== undefined && TOKEN_RE.test(letter.tenant) ? letter.tenant : UNKNOWN_TOKEN;
-    const model = letter.model !== undefined && TOKEN_RE.test(letter.model) ? letter.model : UNKNOWN_TOKEN;
-    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), d.wireData ?? d.data, { headers: h });
+    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), d.wireData ?? d.data, { headers: deadLetterHeaders(letter) });
   }
+
 }
 
 // ---- the replay ---------------------------------------------------------------------------
@@ -873,7 +825,7 @@ function replayHeaders(m: JsMsg, session: string, traceparent: string, nowMs: nu
   out.push([H.traceparent, traceparent]);
   out.push([REPLAY_HEADERS.session, session]);
   out.push([REPLAY_HEADERS.ofSeq, String(m.seq)]);
-  const original = headerOf(m, H.traceparent);
+  const original = headerValue(m.headers, H.traceparent);
   if (original !== undefined) out.push([REPLAY_HEADERS.ofTraceparent, sanitizeHeader(original)]);
   return out;
 }
@@ -972,38 +924,19 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
   const payloadStore = new PayloadStore(js);
   // The same registry and worker directory as live, with a pool of its own: the replay reaches
   // the same workers, but its batches and breakers do not mix with live traffic.
-  let registry: ModelRegistry | undefined;
-  let table: ModelTable;
-  if (options.table) table = options.table;
-  else {
-    registry = await ModelRegistry.open(nc, {
-      replicas: config.streams.replicas,
-      timeoutMs: config.pipeline.defaultTimeoutMs,
-      onInvalid: (key, err) => log.warn(`replay registry: ignoring invalid value of '${key}': ${err.message}`),
-    });
-    table = registry.table;
-  }
-  const pool = new WorkerPool({
-    batchesPerWorker: config.pipeline.batchesPerWorker,
-    timeoutMs: (model) => table.timeoutMs(model),
-    connect: options.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
-    healthIntervalMs: config.pipeline.healthIntervalMs,
-    onEvent: (e) => {
-      if (e.type === "unhealthy" || e.type === "ejected" || e.type === "retry-budget-exhausted") log.warn(`replay worker pool: ${JSON.stringify(e)}`);
-    },
+  const fleet = await openFleet(nc, {
+    config,
+    log,
+    logPrefix: "replay ",
+    ...(options.table ? { table: options.table } : {}),
+    ...(options.connectWorker ? { connectWorker: options.connectWorker } : {}),
   });
-  for (const w of config.workers) pool.add(w.model, w.version, w.endpoint, w.capacity);
-  let directory: WorkerDirectory | undefined;
+  const { table, pool, directory } = fleet;
   let progressTimer: NodeJS.Timeout | undefined;
   /** Requests waiting out a nak's delay before their re-run. */
   const reruns = new Map<NodeJS.Timeout, ReplayRecord>();
   let onAbort: (() => void) | undefined;
   try {
-    directory = await WorkerDirectory.start(nc, pool, {
-      ttlMs: config.pipeline.workerTtlMs,
-      replicas: config.streams.replicas,
-      onInvalid: (key, why) => log.warn(`replay worker registry: ignoring '${key}': ${why}`),
-    });
     await warmUp(nc, directory, config.pipeline.workerTtlMs);
 
     // Credits: a request holds one from its injection to its verdict, re-runs included.
@@ -1210,7 +1143,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
         msg,
         tenant: parts.tenant,
         model: parts.model,
-        id: headerOf(msg, H.msgId),
+        id: headerValue(msg.headers, H.msgId),
         recorded: undefined,
         ready: Promise.resolve(),
       };
@@ -1227,7 +1160,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
       await until(() => inFlight < maxInFlight || stopped());
       if (stopped()) return;
       const now = Date.now();
-      const originalTraceparent = headerOf(p.msg, H.traceparent);
+      const originalTraceparent = headerValue(p.msg.headers, H.traceparent);
       const traceparent = newTraceparent(originalTraceparent);
       const rec: ReplayRecord = {
         seq: p.msg.seq,
@@ -1277,8 +1210,6 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
     if (onAbort) signal?.removeEventListener("abort", onAbort);
     if (progressTimer) clearInterval(progressTimer);
     for (const t of reruns.keys()) clearTimeout(t);
-    await directory?.stop();
-    await registry?.stop();
-    await pool.stop();
+    await fleet.stop();
   }
 }

@@ -31,11 +31,14 @@ import {
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
-import { CreditedDelivery, type PullBatch } from "../operators/pull-with-credits.js";
-import type { Delivery, Priority } from "../operators/types.js";
-import type { ConsumerSettings } from "./config.js";
-import { ConsumerPullSource, STREAM_REQUESTS } from "./jetstream.js";
-import { TOKEN_RE } from "./subjects.js";
+import { CreditedDelivery, type PullBatch } from "../../operators/pull-with-credits.js";
+import type { Delivery } from "../../operators/types.js";
+import type { Priority } from "../../proto/wire.js";
+import { STREAM_REQUESTS, TOKEN_RE } from "../../proto/wire.js";
+import type { ConsumerSettings } from "../config.js";
+import { ConsumerPullSource } from "./jetstream.js";
+import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 export interface TenantLanesOptions {
   js: JetStreamClient;
@@ -56,6 +59,8 @@ export interface TenantLanesOptions {
 }
 
 export const DEFAULT_LANE_SWEEP_MS = 5_000;
+/** Backoff of a lane or discovery pull that failed. */
+const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 const PROBE_EVERY_MS = 1_000;
 const DISCOVERY_BATCH = 512;
 /**
@@ -111,7 +116,7 @@ export async function ensureDiscoveryConsumers(jsm: JetStreamManager, c: Consume
     } catch (err) {
       if (!(err instanceof JetStreamApiError)) throw err;
       await jsm.consumers.add(STREAM_REQUESTS, cfg).catch((e: unknown) => {
-        if (!(e instanceof JetStreamApiError && e.code === 10148)) throw e;
+        if (!isJsApiError(e, JsApiCode.ConsumerAlreadyExists)) throw e;
       });
     }
   }
@@ -307,7 +312,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         if (got < n) l.hint = 0;
       } catch (err) {
         l.failures++;
-        l.blockedUntil = Date.now() + Math.min(5_000, 100 * 2 ** Math.min(l.failures - 1, 6));
+        l.blockedUntil = Date.now() + backoffMs(l.failures - 1, PULL_RETRY);
         later(l.blockedUntil - Date.now(), pump);
         try {
           o.onPullError?.(l.p, err);
@@ -423,7 +428,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
           } catch {
             // ignore
           }
-          await new Promise((r) => later(Math.min(5_000, 100 * 2 ** Math.min(failures - 1, 6)), () => r(undefined)));
+          await new Promise((r) => later(backoffMs(failures - 1, PULL_RETRY), () => r(undefined)));
         }
       }
     };
@@ -489,7 +494,7 @@ export function tenantLaneSource(o: TenantLanesOptions): Observable<Delivery> {
         } catch {
           // ignore
         }
-        later(Math.min(5_000, 100 * 2 ** Math.min(failures, 6)), () => start(failures + 1));
+        later(backoffMs(failures, PULL_RETRY), () => start(failures + 1));
       });
     };
     start(0);

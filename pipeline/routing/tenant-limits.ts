@@ -25,11 +25,10 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Kvm, type KV } from "@nats-io/kv";
 import { watchBucket, type BucketWatch } from "./kv-watch.js";
-import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../operators/admit-by-tenant-limits.js";
-import type { Delivery, InferJob, Outcome } from "../operators/types.js";
-import { TOKEN_RE } from "./subjects.js";
+import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../../operators/admit-by-tenant-limits.js";
+import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
+import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
 
-export const TENANTS_BUCKET = "infer_tenants";
 /** The tenant name that stands for every tenant without limits of its own (configuration). */
 export const ANY_TENANT = "*";
 /** Key of the default limits in bucket `infer_tenants` (a KV key cannot be `*`). */

@@ -30,10 +30,11 @@
  * ```
  */
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
-import { DeliverPolicy, JetStreamApiError, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
-import { ERROR_CODES } from "../operators/types.js";
-import { findStoredResult, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "./jetstream.js";
-import { H, ID_RE, subjects, TOKEN_RE } from "./subjects.js";
+import { DeliverPolicy, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
+import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, subjects, TOKEN_RE, REQUEST_SUBJECT_RE } from "../../proto/wire.js";
+import { findStoredResult } from "../intake/jetstream.js";
+import { headerValue } from "../support/headers.js";
+import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
@@ -41,8 +42,8 @@ export const DLQ_HEADERS = {
   errorReason: H.errorReason,
   originalSubject: H.originalSubject,
   deliveries: H.deliveries,
-  requestId: "Infer-Request-Id",
-  originalSeq: "Infer-Original-Seq",
+  requestId: H.requestId,
+  originalSeq: H.originalSeq,
 } as const;
 
 const DLQ_HEADER_SET = new Set(Object.values(DLQ_HEADERS).map((h) => h.toLowerCase()));
@@ -52,7 +53,6 @@ const FETCH_BATCH = 256;
 const FETCH_EXPIRES_MS = 1_000;
 /** The server drops a listing's consumer idle this long (one the process abandoned). */
 const CONSUMER_INACTIVE_MS = 60_000;
-const REQUEST_SUBJECT_RE = /^infer\.req\.(high|normal|low)\.([a-z0-9_-]{1,64})\.([a-z0-9_-]{1,64})$/;
 
 /** A DLQ operation that cannot run: `code` is PROTOCOL.md's. */
 export class DlqError extends Error {
@@ -170,13 +170,6 @@ async function handlesOf(t: DlqTarget): Promise<{ js: JetStreamClient; jsm: JetS
   return { js: jetstream(t), jsm: await jetstreamManager(t) };
 }
 
-function headerOf(h: MsgHdrs | undefined, name: string): string | undefined {
-  if (!h) return undefined;
-  const want = name.toLowerCase();
-  for (const [k, vs] of h) if (k.toLowerCase() === want) return vs[0];
-  return undefined;
-}
-
 function headerEntries(h: MsgHdrs | undefined): Array<[string, string]> {
   const out: Array<[string, string]> = [];
   if (h) for (const [k, vs] of h) for (const v of vs) out.push([k, v]);
@@ -191,7 +184,7 @@ function intOf(s: string | undefined): number | undefined {
 
 function entryOf(seq: number, subject: string, time: Date, h: MsgHdrs | undefined, size: number): DeadLetterEntry {
   const [, , tenant = "", model = ""] = subject.split(".");
-  const id = headerOf(h, DLQ_HEADERS.requestId);
+  const id = headerValue(h, DLQ_HEADERS.requestId);
   return {
     seq,
     time,
@@ -199,11 +192,11 @@ function entryOf(seq: number, subject: string, time: Date, h: MsgHdrs | undefine
     tenant,
     model,
     requestId: id !== undefined && ID_RE.test(id) ? id : undefined,
-    code: headerOf(h, DLQ_HEADERS.errorCode),
-    reason: headerOf(h, DLQ_HEADERS.errorReason),
-    deliveries: intOf(headerOf(h, DLQ_HEADERS.deliveries)),
-    originalSubject: headerOf(h, DLQ_HEADERS.originalSubject),
-    originalSeq: intOf(headerOf(h, DLQ_HEADERS.originalSeq)),
+    code: headerValue(h, DLQ_HEADERS.errorCode),
+    reason: headerValue(h, DLQ_HEADERS.errorReason),
+    deliveries: intOf(headerValue(h, DLQ_HEADERS.deliveries)),
+    originalSubject: headerValue(h, DLQ_HEADERS.originalSubject),
+    originalSeq: intOf(headerValue(h, DLQ_HEADERS.originalSeq)),
     size,
   };
 }
@@ -252,7 +245,7 @@ async function* readEntries(h: { js: JetStreamClient; jsm: JetStreamManager }, s
       for await (const m of batch) {
         n++;
         if (m.seq > toSeq) return;
-        const size = intOf(headerOf(m.headers, "Nats-Msg-Size")) ?? m.data.byteLength;
+        const size = intOf(headerValue(m.headers, "Nats-Msg-Size")) ?? m.data.byteLength;
         yield entryOf(m.seq, m.subject, new Date(m.info.timestampNanos / 1e6), m.headers, size);
         if (m.seq >= toSeq || m.info.pending === 0) return;
       }
@@ -282,7 +275,7 @@ async function getStored(jsm: JetStreamManager, stream: string, query: { seq: nu
     return await jsm.streams.getMessage(stream, query);
   } catch (err) {
     // The stream itself is missing: nothing is stored there.
-    if (err instanceof JetStreamApiError && (err.code === 10059 || err.code === 10037)) return null;
+    if (isJsApiError(err, JsApiCode.StreamNotFound, JsApiCode.NoMessageFound)) return null;
     throw err;
   }
 }
@@ -324,7 +317,7 @@ async function duplicateWindowMs(jsm: JetStreamManager, stream: string): Promise
   try {
     return ((await jsm.streams.info(stream)).config.duplicate_window ?? 0) / 1e6;
   } catch (err) {
-    if (err instanceof JetStreamApiError && err.code === 10059) return 0;
+    if (isJsApiError(err, JsApiCode.StreamNotFound)) return 0;
     throw err;
   }
 }
@@ -377,7 +370,7 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
 
     const res = await findStoredResult((q) => getStored(jsm, STREAM_RESULTS, q), tenant, id);
     if (res) {
-      if (headerOf(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
+      if (headerValue(res.header, H.status) === "ok") return skip(`request ${id} was answered ok at ${res.time.toISOString()}: nothing to requeue`);
       const until = res.time.getTime() + resultWindowMs;
       if (now() < until) {
         return notYet(
@@ -388,7 +381,7 @@ export async function requeueDeadLetters(target: DlqTarget, selector: RequeueSel
       }
     }
     const original = e.originalSeq !== undefined ? await getStored(jsm, STREAM_REQUESTS, { seq: e.originalSeq }) : null;
-    const firstPublish = original && headerOf(original.header, H.msgId) === id ? original.time.getTime() : undefined;
+    const firstPublish = original && headerValue(original.header, H.msgId) === id ? original.time.getTime() : undefined;
     /** `first`: when the id was first published, when known (else the window is counted from now). */
     const requestNotYet = (first: number | undefined): RequeueItem => {
       const at = (first ?? now()) + requestWindowMs;

@@ -9,7 +9,7 @@
  * after a cancel was sent does not know of it.
  */
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
-import { ID_RE, subjects, TOKEN_RE } from "./subjects.js";
+import { ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
 
 export const DEFAULT_CANCEL_MEMORY = 100_000;
 export const DEFAULT_CANCEL_TTL_MS = 10 * 60_000;

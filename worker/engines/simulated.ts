@@ -17,7 +17,7 @@
  */
 import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
-import { ERROR_CODES, type ErrorCode } from "../operators/types.js";
+import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import {
   EngineClosedError,
   EngineError,
@@ -29,7 +29,8 @@ import {
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
-} from "./engine.js";
+} from "../engine.js";
+import { sleep } from "../../operators/support/sleep.js";
 
 export const DEFAULT_BASE_MS = 8;
 export const DEFAULT_PER_ITEM_MS = 0.5;
@@ -324,6 +325,7 @@ export class SimulatedEngine implements Engine {
       for (let i = 0; i < tokens.length; i++) {
         if (i === this.stallAfterTokens) await untilAborted(stop.signal);
         await sleep(i === 0 ? this.ttftMs : this.tokenIntervalMs, stop.signal);
+        if (stop.signal.aborted) throw abortReason(stop.signal);
         usage.completion_tokens++;
         yield { text: tokens[i] ?? "" };
       }
@@ -409,24 +411,6 @@ function simulatedError(request: EngineRequest): EngineItemError | undefined {
 function abortReason(signal: AbortSignal): Error {
   const reason: unknown = signal.reason;
   return reason instanceof Error ? reason : new EngineError("CANCELLED", `aborted: ${String(reason)}`, { cause: reason });
-}
-
-/** Waits `ms` (the next macrotask for 0), or rejects with the signal's reason when it aborts. */
-function sleep(ms: number, signal: AbortSignal): Promise<void> {
-  if (signal.aborted) return Promise.reject(abortReason(signal));
-  return new Promise<void>((resolve, reject) => {
-    const done = (): void => {
-      signal.removeEventListener("abort", onAbort);
-      resolve();
-    };
-    const handle = ms > 0 ? setTimeout(done, ms) : setImmediate(done);
-    const onAbort = (): void => {
-      if (ms > 0) clearTimeout(handle as NodeJS.Timeout);
-      else clearImmediate(handle as NodeJS.Immediate);
-      reject(abortReason(signal));
-    };
-    signal.addEventListener("abort", onAbort, { once: true });
-  });
 }
 
 /** Never resolves; rejects with the signal's reason when it aborts. */

@@ -79,8 +79,8 @@ import {
   type SpanProcessor,
 } from "@opentelemetry/sdk-trace-node";
 import { ATTR_ERROR_TYPE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT, ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
-import type { Settled } from "../operators/settle-outcome.js";
-import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../worker/engine.js";
+import type { Settled } from "../../operators/settle-outcome.js";
+import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../../worker/engine.js";
 
 export const SERVICE_PIPELINE = "sluice-pipeline";
 export const SERVICE_WORKER = "sluice-worker";
@@ -341,8 +341,11 @@ export interface Tracing {
   readonly enabled: boolean;
   readonly serviceName: string;
   readonly config: ResolvedTracingConfig;
-  /** Client: a PRODUCER span for publishing a request; put its `carrier` in the headers. */
-  startPublish(info: PublishInfo, parent?: Context): SpanHandle;
+  /**
+   * Client: a PRODUCER span for publishing a request; put its `carrier` in the headers. `parent`
+   * is a context, or the W3C carrier of one (the caller's `traceparent`).
+   */
+  startPublish(info: PublishInfo, parent?: Context | TraceCarrier): SpanHandle;
   /**
    * Pipeline: the CONSUMER span of a delivered request, child of the context in its headers (a
    * new trace when there is none), starting when JetStream stored it, with a `queue wait`
@@ -886,7 +889,8 @@ class TracingImpl implements Tracing {
     return this.open(`${WORKER_RPC_SERVICE}/${method}`, SpanKind.CLIENT, parent, attributes);
   }
 
-  startPublish(info: PublishInfo, parent: Context = ROOT_CONTEXT): SpanHandle {
+  startPublish(info: PublishInfo, parentOrCarrier: Context | TraceCarrier = ROOT_CONTEXT): SpanHandle {
+    const parent = isContext(parentOrCarrier) ? parentOrCarrier : fromCarrier(parentOrCarrier);
     return this.attempt<SpanHandle>(() => {
       const attributes: Attributes = { [ATTR.messageId]: info.id };
       if (info.tenant !== undefined) attributes[ATTR.tenant] = info.tenant;
@@ -1054,6 +1058,10 @@ class TracingImpl implements Tracing {
 }
 
 /** A span that is the parent's own context: records nothing, passes the context on. */
+function isContext(x: Context | TraceCarrier): x is Context {
+  return typeof (x as Partial<Context>).getValue === "function";
+}
+
 function nonRecording(parent: Context): Span {
   return trace.wrapSpanContext(trace.getSpanContext(parent) ?? INVALID_SPAN_CONTEXT);
 }
