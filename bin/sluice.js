@@ -4,12 +4,11 @@
 // only the compiled JavaScript (`npm run build`, as the image does) runs dist/.
 import { existsSync } from "node:fs";
 
-process.env.SLUICE_CLI = "1";
-const sources = new URL("../pipeline/cli.ts", import.meta.url);
+const sources = new URL("../pipeline/cli/main.ts", import.meta.url);
 if (existsSync(sources)) {
   const { register } = await import("tsx/esm/api");
   register();
-  await import("../pipeline/cli.ts");
+  await import("../pipeline/cli/main.ts");
 } else {
-  await import("../dist/pipeline/cli.js");
+  await import("../dist/pipeline/cli/main.js");
 }

@@ -44,7 +44,7 @@ class RequestRejected extends Error {
 }
 
 /**
- * Decodes and validates one delivery (PROTOCOL.md, "A request"). Never throws: a delivery
+ * Decodes and validates one delivery (docs/protocol.md, "A request"). Never throws: a delivery
  * without a usable id or tenant, or on a subject that is not a request subject, becomes a `dead`
  * outcome; any other problem becomes an INVALID_ARGUMENT `result` for the job as far as it could
  * be built.

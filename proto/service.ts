@@ -1,5 +1,5 @@
 /**
- * grpc-js service definitions for the worker contract (PROTOCOL.md, "Workers (gRPC)"): the
+ * grpc-js service definitions for the worker contract (docs/protocol.md, "Workers (gRPC)"): the
  * `infer.v1.Worker` service and the standard `grpc.health.v1.Health` service, serialized with
  * the generated protobufjs code (no proto-loader at run time).
  */

@@ -1,6 +1,6 @@
 /**
  * Compiles sluice to JavaScript in `dist/` (or `--out DIR`), for running without tsx: what the
- * image runs (`node dist/pipeline/cli.js ...`), and what the benchmark measures. The generated
+ * image runs (`node dist/pipeline/cli/main.js ...`), and what the benchmark measures. The generated
  * protobuf code is JavaScript already and is copied as it is.
  *
  *   node scripts/build.mjs [--all] [--out DIR]     --all: tests and benchmark harness too

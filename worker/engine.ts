@@ -93,7 +93,7 @@ export interface Engine {
   close(): Promise<void>;
 }
 
-/** An engine failure with the error code it maps to (PROTOCOL.md, "Error codes"). */
+/** An engine failure with the error code it maps to (docs/protocol.md, "Error codes"). */
 export class EngineError extends Error {
   override readonly name: string = "EngineError";
   constructor(

@@ -1,5 +1,5 @@
 /**
- * The gRPC worker: serves `Worker` (PROTOCOL.md, "Workers (gRPC)") over an
+ * The gRPC worker: serves `Worker` (docs/protocol.md, "Workers (gRPC)") over an
  * {@link Engine}, and the standard `grpc.health.v1.Health` service.
  *
  * - Infer answers one result per request, in order; a request that is malformed or fails on

@@ -11,7 +11,8 @@
 import { headers as natsHeaders, InvalidArgumentError, nuid, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { InferResult } from "../../operators/types.js";
-import { ERROR_CODES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
+import { DEFAULT_MAX_PAYLOAD_BYTES } from "../../operators/decode-request.js";
+import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../intake/jetstream.js";
 import type { TraceCarrier, Tracing } from "../telemetry/telemetry.js";
 import { connectNats } from "../connection.js";
@@ -23,7 +24,7 @@ import { PayloadStore } from "../payloads/store.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
-/** A request that ended in an error result (or could not be sent); `code` is PROTOCOL.md's. */
+/** A request that ended in an error result (or could not be sent); `code` is docs/protocol.md's. */
 export class InferenceError extends Error {
   override readonly name = "InferenceError";
   constructor(
@@ -48,7 +49,10 @@ export interface InferOptions {
   priority?: Priority;
   /** Pin a model version. */
   version?: string;
-  /** Absolute deadline (epoch ms), sent as `Infer-Deadline`. */
+  /**
+   * Absolute deadline, Unix epoch milliseconds (e.g. `Date.now() + 5_000`), sent as
+   * `Infer-Deadline`. (The CLI's `--deadline-ms N` is relative: N ms from now.)
+   */
   deadlineMs?: number;
   /** How long `infer()` waits for the result. */
   timeoutMs?: number;
@@ -56,6 +60,25 @@ export interface InferOptions {
   tracestate?: string;
   /** Ask for token streaming (`Infer-Stream: 1`). */
   stream?: boolean;
+  /**
+   * Called once the request is queued (or found to be a duplicate), before its result arrives:
+   * its id, stream sequence, whether it reused an id, and its trace context.
+   */
+  onPublished?: (receipt: PublishReceipt) => void;
+}
+
+/** What {@link InferenceClient.publish} learns when a request is queued. */
+export interface PublishReceipt {
+  id: string;
+  /** Sequence of the request in INFER_REQ (of the first request, for a duplicate). */
+  seq: number;
+  /**
+   * True when the id was used before within the request stream's duplicate window: nothing new
+   * was queued, and the result is the first request's (stored, or still to come).
+   */
+  duplicate: boolean;
+  /** The request's `traceparent`, when it has one (client tracing on, or given). */
+  traceparent?: string;
 }
 
 export interface ClientOptions {
@@ -64,17 +87,25 @@ export interface ClientOptions {
   name?: string;
   /** Publish spans (PRODUCER) whose context rides in the request headers. */
   tracing?: Tracing;
-  /** Claim check: the client's limits for bodies through the object store. */
+  /**
+   * Largest request body sent, bytes: the pipeline's `pipeline.maxPayloadBytes` (256 KiB by
+   * default). A larger one is refused before it is sent (INVALID_ARGUMENT).
+   */
+  maxPayloadBytes?: number;
+  /** Claim check: bodies through the object store (docs/protocol.md, "Large bodies"). */
   payloads?: ClientPayloadOptions;
 }
 
 export interface ClientPayloadOptions {
   /**
-   * Request bodies larger than this go to the tenant's object store bucket and the request
-   * carries a reference (default 256 KiB). `Infinity`: always inline (then a body over the
-   * server's max_payload is refused with INVALID_ARGUMENT).
+   * Request bodies larger than this (or than the server's max_payload less 16 KiB) go to the
+   * tenant's object store bucket and the request carries a reference (default 256 KiB).
+   * `Infinity`: always inline; then a body over `maxPayloadBytes` or the server's max_payload is
+   * refused with INVALID_ARGUMENT before it is sent.
    */
   thresholdBytes?: number;
+  /** Largest request body sent through the object store (default 64 MiB, the pipeline's `payloads.maxObjectBytes`). */
+  maxBodyBytes?: number;
   /** Largest result read from the object store (default 64 MiB). */
   maxResultBytes?: number;
 }
@@ -88,6 +119,17 @@ interface Waiter {
 }
 
 const encoder = new TextEncoder();
+
+/** Size of a header block on the wire: `NATS/1.0`, a line per value, a blank line. */
+function headerBytes(h: ReturnType<typeof natsHeaders>): number {
+  let n = "NATS/1.0\r\n\r\n".length;
+  for (const [k, vs] of h) for (const v of vs) n += encoder.encode(`${k}: ${v}\r\n`).length;
+  return n;
+}
+
+function kib(bytes: number): string {
+  return bytes % 1024 === 0 ? `${bytes / 1024} KiB` : `${(bytes / 1024).toFixed(1)} KiB`;
+}
 const decoder = new TextDecoder();
 
 export class InferenceClient {
@@ -100,12 +142,14 @@ export class InferenceClient {
   private readonly payloadStore: PayloadStore;
   private readonly thresholdBytes: number;
   private readonly maxResultBytes: number;
+  private readonly maxBodyBytes: number;
 
   constructor(
     readonly nc: NatsConnection,
     readonly tenant: string,
     private readonly ownsConnection = false,
     private readonly tracing?: Tracing,
+    private readonly maxPayloadBytes: number = DEFAULT_MAX_PAYLOAD_BYTES,
     payloads: ClientPayloadOptions = {},
   ) {
     if (!TOKEN_RE.test(tenant)) throw new InferenceError("INVALID_ARGUMENT", `tenant '${tenant}' must be 1-64 of a-z 0-9 _ -`);
@@ -114,11 +158,12 @@ export class InferenceClient {
     this.payloadStore = new PayloadStore(this.js);
     this.thresholdBytes = payloads.thresholdBytes ?? DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES;
     this.maxResultBytes = payloads.maxResultBytes ?? DEFAULT_MAX_OBJECT_BYTES;
+    this.maxBodyBytes = payloads.maxBodyBytes ?? DEFAULT_MAX_OBJECT_BYTES;
   }
 
   static async connect(opts: ClientOptions): Promise<InferenceClient> {
     const nc = await connectNats(opts.servers, opts.name ?? `sluice-client-${opts.tenant}`);
-    return new InferenceClient(nc, opts.tenant, true, opts.tracing, opts.payloads);
+    return new InferenceClient(nc, opts.tenant, true, opts.tracing, opts.maxPayloadBytes, opts.payloads);
   }
 
   /** Publishes a request and resolves with its `ok` result; rejects with an InferenceError. */
@@ -135,7 +180,8 @@ export class InferenceClient {
     const id = opts.id ?? nuid.next();
     const waiting = this.result(id, { timeoutMs: opts.timeoutMs, checkStored: false });
     try {
-      await this.publish(model, body, { ...opts, id });
+      const receipt = await this.publish(model, body, { ...opts, id });
+      if (receipt.duplicate) this.deliverStored(id);
     } catch (err) {
       this.dropWaiters(id, err as Error);
       await waiting.catch(() => undefined);
@@ -182,7 +228,8 @@ export class InferenceClient {
       (err: unknown) => push(err instanceof Error ? err : new Error(String(err))),
     );
     try {
-      await this.publish(model, body, { ...opts, id, stream: true });
+      const receipt = await this.publish(model, body, { ...opts, id, stream: true });
+      if (receipt.duplicate) this.deliverStored(id);
       let next = 0;
       const pending = new Map<number, string>();
       for (;;) {
@@ -225,11 +272,24 @@ export class InferenceClient {
     this.nc.publish(subjects.cancel(this.tenant, id));
   }
 
-  /** Sends a request without waiting for its result; resolves with its id once it is queued. */
-  async publish(model: string, body: InferBody | Uint8Array, opts: InferOptions = {}): Promise<{ id: string; seq: number }> {
+  /**
+   * Sends a request without waiting for its result; resolves once it is queued. A request id
+   * used before (within the duplicate window) queues nothing: the receipt says `duplicate`.
+   */
+  async publish(model: string, body: InferBody | Uint8Array, opts: InferOptions = {}): Promise<PublishReceipt> {
     if (!TOKEN_RE.test(model)) throw new InferenceError("INVALID_ARGUMENT", `model '${model}' must be 1-64 of a-z 0-9 _ -`);
     const id = opts.id ?? nuid.next();
     if (!ID_RE.test(id)) throw new InferenceError("INVALID_ARGUMENT", `request id '${id}' must be 1-128 of A-Z a-z 0-9 _ -`);
+    const priority = opts.priority ?? "normal";
+    if (!PRIORITIES.includes(priority)) {
+      throw new InferenceError("INVALID_ARGUMENT", `priority '${String(priority)}' must be one of ${PRIORITIES.join(", ")}`);
+    }
+    if (opts.version !== undefined && !VERSION_RE.test(opts.version)) {
+      throw new InferenceError("INVALID_ARGUMENT", `version '${opts.version}' must be 1-64 of A-Z a-z 0-9 . _ -`);
+    }
+    if (opts.deadlineMs !== undefined && !(Number.isFinite(opts.deadlineMs) && opts.deadlineMs >= 1)) {
+      throw new InferenceError("INVALID_ARGUMENT", `deadlineMs ${String(opts.deadlineMs)} is not an absolute time in Unix epoch milliseconds`);
+    }
     const h = natsHeaders();
     if (body instanceof Uint8Array) h.set(H.contentType, "application/x-protobuf");
     else h.set(H.contentType, "application/json");
@@ -243,6 +303,9 @@ export class InferenceClient {
     const maxPayload = this.nc.info?.max_payload;
     const limit = Number.isFinite(this.thresholdBytes) && maxPayload !== undefined ? Math.min(this.thresholdBytes, maxPayload - HEADER_HEADROOM_BYTES) : this.thresholdBytes;
     if (data.length > limit) {
+      if (data.length > this.maxBodyBytes) {
+        throw new InferenceError("INVALID_ARGUMENT", `request body of ${data.length} bytes is over the limit of ${this.maxBodyBytes} bytes for bodies through the object store`);
+      }
       // Claim check: the body goes to the object store, the request carries its reference.
       try {
         setReference(h, await this.payloadStore.put(this.tenant, payloadKey("req", id), data));
@@ -251,8 +314,7 @@ export class InferenceClient {
       }
       data = new Uint8Array(0);
       claimed = true;
-    }
-    const priority = opts.priority ?? "normal";
+    } else this.checkBodySize(data.length);
     const subject = subjects.request(priority, this.tenant, model);
     const parent: TraceCarrier = {};
     if (opts.traceparent) parent.traceparent = opts.traceparent;
@@ -261,11 +323,25 @@ export class InferenceClient {
     const carrier = span?.carrier ?? parent;
     if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
     if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);
+    // The message as the server counts it: body and headers, with the Nats-Msg-Id JetStream adds.
+    const overServer = this.overServerMax(data.length, headerBytes(h) + `${H.msgId}: ${id}\r\n`.length);
+    if (overServer) {
+      span?.end(overServer.code, overServer);
+      if (claimed) await this.removeObject(payloadKey("req", id));
+      throw overServer;
+    }
     try {
       const ack = await this.js.publish(subject, data, { msgID: id, headers: h });
-      span?.setAttributes({ "sluice.stream.sequence": ack.seq });
+      span?.setAttributes({ "sluice.stream.sequence": ack.seq, ...(ack.duplicate ? { "sluice.duplicate": true } : {}) });
       span?.end();
-      return { id, seq: ack.seq };
+      const receipt: PublishReceipt = { id, seq: ack.seq, duplicate: ack.duplicate };
+      if (carrier.traceparent) receipt.traceparent = carrier.traceparent;
+      try {
+        opts.onPublished?.(receipt);
+      } catch {
+        // the caller's hook is its own
+      }
+      return receipt;
     } catch (err) {
       const e = publishError(err, { bodyBytes, maxPayload: this.nc.info?.max_payload });
       span?.end(e.code, e);
@@ -326,6 +402,38 @@ export class InferenceClient {
     } finally {
       clearTimeout(timer);
     }
+  }
+
+  /** Refuses a body the pipeline would answer INVALID_ARGUMENT for its size. */
+  private checkBodySize(bytes: number): void {
+    if (bytes > this.maxPayloadBytes) {
+      throw new InferenceError(
+        "INVALID_ARGUMENT",
+        `request body of ${bytes} bytes is over the request size limit of ${this.maxPayloadBytes} bytes (${kib(this.maxPayloadBytes)})`,
+      );
+    }
+  }
+
+  /** The error for a message the NATS server would refuse (over its `max_payload`), if it is one. */
+  private overServerMax(bodyBytes: number, headerBytes: number): InferenceError | undefined {
+    const serverMax = this.nc.info?.max_payload;
+    if (serverMax === undefined || serverMax <= 0 || bodyBytes + headerBytes <= serverMax) return undefined;
+    return new InferenceError(
+      "INVALID_ARGUMENT",
+      `request body of ${bodyBytes} bytes with ${headerBytes} bytes of headers is over the NATS server's max_payload of ${serverMax} bytes (${kib(serverMax)}): ` +
+        `send the body through the object store (the client does so above payloads.thresholdBytes; docs/protocol.md, "Large bodies")`,
+    );
+  }
+
+  /**
+   * A duplicate request id: its result may have been published before this client listened, so
+   * look it up now instead of waiting for the timeout; a result still to come arrives live.
+   */
+  private deliverStored(id: string): void {
+    void this.stored(id).then(
+      (r) => r && this.deliver(id, r),
+      () => undefined,
+    );
   }
 
   /** The stored result of a request, if there is one. */

@@ -1,5 +1,5 @@
 /**
- * Cancellation (PROTOCOL.md: `infer.cancel.<tenant>.<id>`). Every pipeline process subscribes
+ * Cancellation (docs/protocol.md: `infer.cancel.<tenant>.<id>`). Every pipeline process subscribes
  * (not as a queue group: the process that holds the request must hear it) and remembers each
  * cancelled request for a while, so a request cancelled while it still waits in the stream is
  * answered `CANCELLED` when it is pulled, one in a batch window is never sent, and a running

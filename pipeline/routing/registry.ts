@@ -1,5 +1,5 @@
 /**
- * The model registry (PROTOCOL.md, "Registry"): which versions serve a model, with what
+ * The model registry (docs/protocol.md, "Registry"): which versions serve a model, with what
  * weights, batch settings and timeout. Kept in the NATS KV bucket `infer_models` and watched, so
  * a KV write changes routing on every running pipeline without a restart.
  */

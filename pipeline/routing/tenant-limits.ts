@@ -48,7 +48,7 @@ const SWEEP_ABOVE = 1_024;
 /** Slack for floating point refills (1000 × 0.001 is not always 1). */
 const EPSILON = 1e-9;
 
-/** The limits of one tenant (PROTOCOL.md suggestion: bucket `infer_tenants`, key `<tenant>`). */
+/** The limits of one tenant (docs/protocol.md suggestion: bucket `infer_tenants`, key `<tenant>`). */
 export interface TenantLimits {
   /** Requests per second, refilled continuously. */
   rate?: number;

@@ -80,6 +80,7 @@ import {
 } from "@opentelemetry/sdk-trace-node";
 import { ATTR_ERROR_TYPE, ATTR_SERVER_ADDRESS, ATTR_SERVER_PORT, ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
 import type { Settled } from "../../operators/settle-outcome.js";
+import { ConsoleLineExporter } from "./console-exporter.js";
 import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../../worker/engine.js";
 
 export const SERVICE_PIPELINE = "sluice-pipeline";
@@ -142,6 +143,8 @@ export const ATTR = {
 
 export type TracesProtocol = "http/protobuf" | "http/json" | "grpc";
 export const TRACES_PROTOCOLS: readonly TracesProtocol[] = ["http/protobuf", "http/json", "grpc"];
+/** Values of `OTEL_TRACES_EXPORTER` that are supported (besides `none`). */
+export type TracesExporter = "otlp" | "console";
 
 /** The values of `OTEL_TRACES_SAMPLER` that are supported. */
 export type SamplerName =
@@ -175,6 +178,11 @@ export interface TracingOptions {
   endpoint?: string;
   /** Full traces URL, as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as given); wins over `endpoint`. */
   tracesEndpoint?: string;
+  /**
+   * As `OTEL_TRACES_EXPORTER`: `otlp` (default; needs an endpoint) or `console` (one line per
+   * span on stderr, no collector needed).
+   */
+  exporter?: TracesExporter;
   /** As `OTEL_EXPORTER_OTLP_TRACES_PROTOCOL`; `http/protobuf` by default. */
   protocol?: TracesProtocol;
   /** As `OTEL_TRACES_SAMPLER`; `parentbased_always_on` by default. */
@@ -207,6 +215,8 @@ export interface ResolvedTracingConfig {
   readonly serviceName: string;
   /** The traces URL the exporter sends to. */
   readonly url: string | undefined;
+  /** `otlp` to `url`, or `console` (stderr). */
+  readonly exporter: TracesExporter;
   readonly protocol: TracesProtocol;
   readonly sampler: SamplerName;
   readonly samplerRatio: number;
@@ -476,13 +486,20 @@ export function resolveTracingConfig(opts: TracingOptions): ResolvedTracingConfi
     ...parseKeyValueList(read("OTEL_EXPORTER_OTLP_TRACES_HEADERS"), "OTEL_EXPORTER_OTLP_TRACES_HEADERS", warnings),
   };
 
-  const disabled = read("OTEL_SDK_DISABLED")?.toLowerCase() === "true" || read("OTEL_TRACES_EXPORTER")?.toLowerCase() === "none";
+  const rawExporter = (opts.exporter ?? read("OTEL_TRACES_EXPORTER"))?.trim().toLowerCase();
+  let exporter: TracesExporter = "otlp";
+  if (rawExporter === "console") exporter = "console";
+  else if (rawExporter !== undefined && rawExporter !== "" && rawExporter !== "otlp" && rawExporter !== "none") {
+    warnings.push(`unsupported OTEL_TRACES_EXPORTER '${rawExporter}': using otlp`);
+  }
+  const disabled = read("OTEL_SDK_DISABLED")?.toLowerCase() === "true" || rawExporter === "none";
   const maxQueueSize = positive(opts.maxQueueSize, "OTEL_BSP_MAX_QUEUE_SIZE", DEFAULT_MAX_QUEUE_SIZE);
   const otlpTimeoutDefault = positive(undefined, "OTEL_EXPORTER_OTLP_TIMEOUT", DEFAULT_OTLP_TIMEOUT_MS);
   return {
-    enabled: url !== undefined && !disabled,
+    enabled: (exporter === "console" || url !== undefined) && !disabled,
     serviceName,
     url,
+    exporter,
     protocol,
     sampler,
     samplerRatio,
@@ -521,7 +538,8 @@ function parseKeyValueList(raw: string | undefined, name: string, warnings: stri
 // Entry point.
 
 /**
- * Starts tracing for one service. With no endpoint configured (or `OTEL_SDK_DISABLED=true`,
+ * Starts tracing for one service. With no endpoint configured and no `OTEL_TRACES_EXPORTER=console`
+ * (or with `OTEL_SDK_DISABLED=true`,
  * `OTEL_TRACES_EXPORTER=none`) the returned tracing records nothing and passes incoming trace
  * context through unchanged. Never throws.
  */
@@ -585,6 +603,7 @@ function buildPipeline(config: ResolvedTracingConfig): ExportPipeline {
 }
 
 function createExporter(config: ResolvedTracingConfig): SpanExporter {
+  if (config.exporter === "console") return new ConsoleLineExporter();
   const url = config.url;
   const timeoutMillis = config.otlpTimeoutMs;
   switch (config.protocol) {

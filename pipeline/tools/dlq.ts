@@ -1,5 +1,5 @@
 /**
- * The dead-letter queue `INFER_DLQ` (PROTOCOL.md: `infer.dlq.<tenant>.<model>`): list what is
+ * The dead-letter queue `INFER_DLQ` (docs/protocol.md: `infer.dlq.<tenant>.<model>`): list what is
  * in it, show one entry, and put entries back into `INFER_REQ` once what failed them is fixed.
  *
  * A dead letter is the request as it came (body and headers) plus the DLQ's own headers:
@@ -7,7 +7,7 @@
  * `Infer-Deliveries`, `Infer-Original-Seq` (see `result-sink.ts`).
  *
  * **Requeueing keeps the request id.** The id is the idempotency key and the client waits for
- * its answer on `infer.res.<tenant>.<id>` (PROTOCOL.md), so a requeued request is published
+ * its answer on `infer.res.<tenant>.<id>` (docs/protocol.md), so a requeued request is published
  * again with its own id as `Nats-Msg-Id` (a fresh id would be a different request, answered
  * where nobody looks). Two duplicate windows decide when that works:
  * - `INFER_REQ` drops a publish whose id it saw within its duplicate window (2 min by default)
@@ -54,7 +54,7 @@ const FETCH_EXPIRES_MS = 1_000;
 /** The server drops a listing's consumer idle this long (one the process abandoned). */
 const CONSUMER_INACTIVE_MS = 60_000;
 
-/** A DLQ operation that cannot run: `code` is PROTOCOL.md's. */
+/** A DLQ operation that cannot run: `code` is docs/protocol.md's. */
 export class DlqError extends Error {
   override readonly name = "DlqError";
   constructor(

@@ -1,5 +1,5 @@
 /**
- * The pipeline's side of the worker contract (PROTOCOL.md, "Workers (gRPC)"): one
+ * The pipeline's side of the worker contract (docs/protocol.md, "Workers (gRPC)"): one
  * {@link WorkerClient} per worker endpoint, over one gRPC channel, for `Infer`, `Generate` and
  * the standard health service. Results come back as plain objects; failures of the call itself
  * as a {@link WorkerCallError} that says whether another try (on another worker) makes sense.

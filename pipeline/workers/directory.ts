@@ -1,5 +1,5 @@
 /**
- * Worker registration in NATS KV (PROTOCOL.md: bucket `infer_workers`, key
+ * Worker registration in NATS KV (docs/protocol.md: bucket `infer_workers`, key
  * `<model>.<version>.<worker-id>`, value `{"endpoint", "capacity"}`).
  *
  * - {@link WorkerRegistration} (the worker side) writes its keys and refreshes them every third

@@ -246,7 +246,7 @@ export function percentile(sorted: Float64Array, p: number): number {
 }
 
 /**
- * Requests as PROTOCOL.md has them: JetStream publish to `infer.req.<priority>.<tenant>.<model>`
+ * Requests as docs/protocol.md has them: JetStream publish to `infer.req.<priority>.<tenant>.<model>`
  * with `Nats-Msg-Id`; results on a core subscription of `infer.res.<tenant>.>`, judged by
  * their `Infer-Status` header.
  */

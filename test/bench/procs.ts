@@ -228,7 +228,7 @@ export function peakRssMb(pid: number | undefined): number | undefined {
 /** A simulated gRPC worker in its own process (`sluice worker`); resolves with its endpoint. */
 export async function startWorkerProcess(device: { baseMs: number; perItemMs: number }): Promise<{ proc: BenchChild; endpoint: string }> {
   const proc = spawnNode("worker", [
-    compiled("pipeline/cli.ts"),
+    compiled("pipeline/cli/main.ts"),
     "worker",
     "--host",
     "127.0.0.1",

@@ -61,7 +61,7 @@ export interface BenchSystem {
   /** Starts the system; resolves once it consumes requests. */
   start(ctx: SystemContext): Promise<RunningSystem>;
   /**
-   * How the load generator reaches this system; requests on NATS as PROTOCOL.md has them when
+   * How the load generator reaches this system; requests on NATS as docs/protocol.md has them when
    * omitted. A baseline on another broker brings its own.
    */
   connectLoad?(ctx: SystemContext, tenant: string): Promise<LoadTarget>;
@@ -118,7 +118,7 @@ export const sluiceSystem: BenchSystem = {
       ),
     );
     // Metrics on, as deployed, but on a free port so runs never collide over 9464.
-    const proc = spawnNode("sluice serve", [compiled("pipeline/cli.ts"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
+    const proc = spawnNode("sluice serve", [compiled("pipeline/cli/main.ts"), "serve", "--config", configFile, "--server", ctx.natsUrl], {
       SLUICE_METRICS_PORT: "0",
     });
     try {

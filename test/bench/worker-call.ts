@@ -1,6 +1,6 @@
 /**
  * What every hand-written baseline does with one request: send it to the worker as a batch of
- * one and shape the result as PROTOCOL.md has it (`timing.batch_size` 1). Shared by the
+ * one and shape the result as docs/protocol.md has it (`timing.batch_size` 1). Shared by the
  * JetStream, RabbitMQ and BullMQ loops so they differ only in the broker.
  */
 import type { WorkerClient } from "../../pipeline/workers/client.js";

@@ -2,6 +2,13 @@
 import { expect } from "chai";
 import { runCli } from "../support/process.js";
 
+/** What a publish printed, without its trace id line (stderr). */
+const printed = (output: string): string[] =>
+  output
+    .trim()
+    .split("\n")
+    .filter((l) => !/^trace [0-9a-f]{32}$/.test(l));
+
 describe("sluice dev", function () {
   this.timeout(90_000);
 
@@ -12,7 +19,8 @@ describe("sluice dev", function () {
       const url = m[1]!;
       const pub = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "echo", "--prompt", "hello sluice"]);
       expect(await pub.exited).to.equal(0);
-      const line = pub.output().trim().split("\n").pop()!;
+      expect(pub.output()).to.match(/^trace [0-9a-f]{32}$/m);
+      const line = printed(pub.output()).pop()!;
       const r = JSON.parse(line) as { status: string; output: { text: string }; model: string };
       expect(r.status).to.equal("ok");
       expect(r.model).to.equal("echo");
@@ -20,7 +28,7 @@ describe("sluice dev", function () {
 
       const streamed = runCli(["publish", "--server", url, "--tenant", "demo", "--model", "llm-sim", "--prompt", "one two three", "--stream"]);
       expect(await streamed.exited).to.equal(0);
-      const [tokens, resultLine] = streamed.output().trim().split("\n");
+      const [tokens, resultLine] = printed(streamed.output());
       const final = JSON.parse(resultLine!) as { status: string; output: { text: string } };
       expect(final.status).to.equal("ok");
       expect(tokens).to.equal(final.output.text);

@@ -8,7 +8,7 @@ import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { InferenceClient } from "../../pipeline/client/client.js";
-import { cmdDlq } from "../../pipeline/dlq-cli.js";
+import { cmdDlq } from "../../pipeline/cli/dlq.js";
 import { listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry } from "../../pipeline/tools/dlq.js";
 import { STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";

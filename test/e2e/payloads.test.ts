@@ -128,7 +128,7 @@ describe("large bodies through the object store", function () {
   });
 
   it("a body over max_payload published inline is refused INVALID_ARGUMENT naming the limit and the way around it", async () => {
-    const inline = new InferenceClient(nats.nc, "big", false, undefined, { thresholdBytes: Infinity });
+    const inline = new InferenceClient(nats.nc, "big", false, undefined, 8 * MB, { thresholdBytes: Infinity });
     const err = await inline.publish("echo", { prompt: bigText(2 * MB, 3) }).then(
       () => undefined,
       (e: unknown) => e,

@@ -55,7 +55,7 @@ class RevisedEngine implements Engine {
 
 /** Runs `sluice replay` in a child process (the CLI module directly). */
 function runReplayCli(args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const module = pathToFileURL(join(ROOT, "pipeline", "replay-cli.ts")).href;
+  const module = pathToFileURL(join(ROOT, "pipeline", "cli", "replay.ts")).href;
   const script = `const { cmdReplay } = await import(${JSON.stringify(module)}); process.exit(await cmdReplay(JSON.parse(process.env.REPLAY_ARGS)));`;
   const child = spawn(process.execPath, ["--import", "tsx", "--input-type=module", "-e", script], {
     cwd: ROOT,

@@ -1,7 +1,7 @@
 /**
  * Fuzzing the whole pipeline (real nats-server, real pipeline, simulated gRPC worker): a few
  * hundred hostile requests (random bodies, headers, content types, parameters, models) each get
- * exactly one result, ok or an error code of PROTOCOL.md; requests without a usable id or
+ * exactly one result, ok or an error code of docs/protocol.md; requests without a usable id or
  * tenant land in INFER_DLQ; and afterwards a normal request is still answered. The requests
  * are drawn from fixed seeds, so every run sends the same traffic.
  */
@@ -364,7 +364,7 @@ describe("fuzz: the whole pipeline under hostile requests", function () {
 
   // Deep nesting within the size limit (see decode.fuzz.test.ts): accepted by decode, refused
   // by the worker client when it builds the batch (proto/json.ts, MAX_JSON_DEPTH), which fails
-  // the whole batch: every request batched with it is answered INVALID_ARGUMENT too (PROTOCOL.md:
+  // the whole batch: every request batched with it is answered INVALID_ARGUMENT too (docs/protocol.md:
   // "one bad item never fails the batch").
   it("a request with deeply nested inputs gets INVALID_ARGUMENT, and the requests batched with it are still served", async () => {
     const depth = 20_000;

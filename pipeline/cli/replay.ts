@@ -1,46 +1,32 @@
 /**
  * `sluice replay`: re-run recorded requests through the pipeline and compare the results with
- * the recorded ones (see `replay.ts`). The report goes to stdout (a table, or JSON lines with
+ * the recorded ones (see `../replay.ts`). The report goes to stdout (a table, or JSON lines with
  * `--json`); progress goes to stderr, as a bar on a terminal, otherwise as periodic lines.
  */
-import { parseArgs } from "node:util";
-import type { Priority } from "../proto/wire.js";
-import { SESSION_RE } from "../proto/wire.js";
-import { ConfigError, DEFAULT_NATS_URL, loadConfig, parseWorkerList } from "./config.js";
-import { DEFAULT_MAX_RERUNS, formatPace, parsePace, parseTimeSpec, replay, ReplayError, type ReplayItem, type ReplayProgress, type ReplayReport, type ReplaySelection, type SelectedRequest } from "./tools/replay.js";
-import { connectNats } from "./connection.js";
+import type { Command } from "commander";
+import type { Priority } from "../../proto/wire.js";
+import { SESSION_RE } from "../../proto/wire.js";
+import { ConfigError, loadConfig, parseWorkerList } from "../config.js";
+import {
+  DEFAULT_MAX_RERUNS,
+  formatPace,
+  parsePace,
+  parseTimeSpec,
+  replay,
+  ReplayError,
+  type ReplayItem,
+  type ReplayProgress,
+  type ReplayReport,
+  type ReplaySelection,
+  type SelectedRequest,
+} from "../tools/replay.js";
+import { CliError, connectCli, EXIT_USAGE, serverOption, serversOf, UsageError } from "./common.js";
+import { main, type CliContext } from "./program.js";
 
-export const REPLAY_USAGE = `usage: sluice replay [selection] [options]
-
-Re-runs recorded requests from INFER_REQ through the pipeline and compares each new result
+const REPLAY_HELP = `Re-runs recorded requests from INFER_REQ through the pipeline and compares each new result
 with the recorded one (INFER_RES): equal, different, missing (nothing recorded) or error.
 Results go to infer.replay.<session>.res.<tenant>.<id>, never to the live infer.res subjects.
-
-selection (every criterion given must hold):
-  --since TIME            stored at or after TIME: ISO 8601, or a duration ago (30s, 15m, 2h, 7d, 1h30m)
-  --until TIME            stored at or before TIME (same forms)
-  --from-seq N            INFER_REQ stream sequence >= N
-  --to-seq N              INFER_REQ stream sequence <= N
-  --tenant T[,T...]       --model M[,M...]       --priority high|normal|low[,...]
-  --id ID[,ID...]         request ids
-  --trace-id HEX          the trace id (32 hex digits) of the request's traceparent
-
-options:
-  --dry-run               count and list the selection (id, seq, time, tenant, model); run nothing
-  --version V             run against version V (default: the version of each recorded result,
-                          else the registry's routing)
-  --pace P                max (default) | original (the recorded spacing) | N/s
-  --json                  one JSON object per replayed request per line, then {"summary": {...}}
-  --session NAME          names the result subjects (default: a new unique name)
-  --max-diffs N           differing or failed requests shown in the report (default 20)
-  --max-in-flight N       requests replayed at once (default: pipeline.maxInFlight)
-  --max-reruns N          re-runs of a request whose attempt asked to be retried (default ${DEFAULT_MAX_RERUNS})
-  --progress-every D      period of progress lines when stderr is not a terminal (default 5s)
-  --config FILE           sluice configuration (pipeline settings, static workers)
-  --workers LIST          model@version=host:port[*capacity],... besides the registered workers
-  --server URL            NATS server (default: $NATS_URL or ${DEFAULT_NATS_URL})
-
-exit status: 0 every request equal or missing, 1 some different or failed, 2 bad usage
+Every selection criterion given must hold.
 `;
 
 const DEFAULT_MAX_DIFFS = 20;
@@ -71,49 +57,70 @@ function durationMs(v: unknown, name: string): number | undefined {
   return Number(m[1]) * (m[2] === "m" ? 60_000 : m[2] === "ms" ? 1 : 1_000);
 }
 
-/** Runs `sluice replay`; resolves with the exit status. */
-export async function cmdReplay(args: string[]): Promise<number> {
-  let parsed;
-  try {
-    parsed = parseArgs({
-      args,
-      allowPositionals: false,
-      strict: true,
-      options: {
-        server: { type: "string" },
-        help: { type: "boolean", short: "h" },
-        since: { type: "string" },
-        until: { type: "string" },
-        "from-seq": { type: "string" },
-        "to-seq": { type: "string" },
-        tenant: { type: "string", short: "t" },
-        model: { type: "string", short: "m" },
-        priority: { type: "string" },
-        id: { type: "string" },
-        "trace-id": { type: "string" },
-        "dry-run": { type: "boolean" },
-        version: { type: "string" },
-        pace: { type: "string" },
-        json: { type: "boolean" },
-        session: { type: "string" },
-        "max-diffs": { type: "string" },
-        "max-in-flight": { type: "string" },
-        "max-reruns": { type: "string" },
-        "progress-every": { type: "string" },
-        config: { type: "string", short: "c" },
-        workers: { type: "string" },
-      },
-    });
-  } catch (err) {
-    process.stderr.write(`sluice replay: ${(err as Error).message}\n\n${REPLAY_USAGE}`);
-    return 2;
-  }
-  const v = parsed.values;
-  if (v.help) {
-    process.stdout.write(REPLAY_USAGE);
-    return 0;
-  }
+/** Runs `sluice replay ARGS` in this process; resolves with the exit status. */
+export function cmdReplay(args: string[]): Promise<number> {
+  return main(["replay", ...args]);
+}
 
+interface ReplayCliOptions {
+  server?: string;
+  since?: string;
+  until?: string;
+  fromSeq?: string;
+  toSeq?: string;
+  tenant?: string;
+  model?: string;
+  priority?: string;
+  id?: string;
+  traceId?: string;
+  dryRun?: boolean;
+  version?: string;
+  pace?: string;
+  json?: boolean;
+  session?: string;
+  maxDiffs?: string;
+  maxInFlight?: string;
+  maxReruns?: string;
+  progressEvery?: string;
+  config?: string;
+  workers?: string;
+}
+
+export function addReplayCommand(program: Command, ctx: CliContext): void {
+  program
+    .command("replay")
+    .description("re-run recorded requests against a model version and compare the results")
+    .summary("re-run recorded requests and compare (--help)")
+    .usage("[selection] [options]")
+    .option("--since <time>", "stored at or after TIME: ISO 8601, or a duration ago (30s, 15m, 2h, 7d, 1h30m)")
+    .option("--until <time>", "stored at or before TIME (same forms)")
+    .option("--from-seq <n>", "INFER_REQ stream sequence >= N")
+    .option("--to-seq <n>", "INFER_REQ stream sequence <= N")
+    .option("-t, --tenant <tenants>", "tenants, comma-separated")
+    .option("-m, --model <models>", "models, comma-separated")
+    .option("--priority <priorities>", "high|normal|low, comma-separated")
+    .option("--id <ids>", "request ids, comma-separated")
+    .option("--trace-id <hex>", "the trace id (32 hex digits) of the request's traceparent")
+    .option("--dry-run", "count and list the selection (id, seq, time, tenant, model); run nothing")
+    .option("--version <v>", "run against version V (default: the version of each recorded result, else the registry's routing)")
+    .option("--pace <pace>", "max (default) | original (the recorded spacing) | N/s")
+    .option("--json", 'one JSON object per replayed request per line, then {"summary": {...}}')
+    .option("--session <name>", "names the result subjects (default: a new unique name)")
+    .option("--max-diffs <n>", `differing or failed requests shown in the report (default ${DEFAULT_MAX_DIFFS})`)
+    .option("--max-in-flight <n>", "requests replayed at once (default: pipeline.maxInFlight)")
+    .option("--max-reruns <n>", `re-runs of a request whose attempt asked to be retried (default ${DEFAULT_MAX_RERUNS})`)
+    .option("--progress-every <d>", "period of progress lines when stderr is not a terminal (default 5s)")
+    .option("-c, --config <file>", "sluice configuration (pipeline settings, static workers)")
+    .option("--workers <list>", "model@version=host:port[*capacity],... besides the registered workers")
+    .addOption(serverOption())
+    .addHelpText("before", REPLAY_HELP)
+    .addHelpText("after", "\nexit status: 0 every request equal or missing, 1 some different or failed, 2 bad usage")
+    .action(async (o: ReplayCliOptions) => {
+      ctx.exitCode = await runReplay(o);
+    });
+}
+
+async function runReplay(v: ReplayCliOptions): Promise<number> {
   let selection: ReplaySelection;
   let options: {
     pace: ReturnType<typeof parsePace>;
@@ -127,9 +134,9 @@ export async function cmdReplay(args: string[]): Promise<number> {
     selection = {};
     if (v.since !== undefined) selection.since = parseTimeSpec(v.since, now);
     if (v.until !== undefined) selection.until = parseTimeSpec(v.until, now);
-    const fromSeq = count(v["from-seq"], "from-seq", 1);
+    const fromSeq = count(v.fromSeq, "from-seq", 1);
     if (fromSeq !== undefined) selection.fromSeq = fromSeq;
-    const toSeq = count(v["to-seq"], "to-seq", 1);
+    const toSeq = count(v.toSeq, "to-seq", 1);
     if (toSeq !== undefined) selection.toSeq = toSeq;
     const tenants = list(v.tenant);
     if (tenants) selection.tenants = tenants;
@@ -139,29 +146,26 @@ export async function cmdReplay(args: string[]): Promise<number> {
     if (priorities) selection.priorities = priorities as Priority[];
     const ids = list(v.id);
     if (ids) selection.ids = ids;
-    if (v["trace-id"] !== undefined) selection.traceId = v["trace-id"];
+    if (v.traceId !== undefined) selection.traceId = v.traceId;
     if (v.session !== undefined && !SESSION_RE.test(v.session)) throw new ConfigError(`--session must be 1-64 of A-Z a-z 0-9 _ -`);
     options = {
       pace: parsePace(v.pace ?? "max"),
-      maxDiffs: count(v["max-diffs"], "max-diffs") ?? DEFAULT_MAX_DIFFS,
-      maxInFlight: count(v["max-in-flight"], "max-in-flight", 1),
-      maxReruns: count(v["max-reruns"], "max-reruns"),
-      progressEveryMs: durationMs(v["progress-every"], "progress-every") ?? DEFAULT_PROGRESS_EVERY_MS,
+      maxDiffs: count(v.maxDiffs, "max-diffs") ?? DEFAULT_MAX_DIFFS,
+      maxInFlight: count(v.maxInFlight, "max-in-flight", 1),
+      maxReruns: count(v.maxReruns, "max-reruns"),
+      progressEveryMs: durationMs(v.progressEvery, "progress-every") ?? DEFAULT_PROGRESS_EVERY_MS,
     };
   } catch (err) {
-    if (err instanceof ConfigError || err instanceof ReplayError) {
-      process.stderr.write(`sluice replay: ${err.message}\n`);
-      return 2;
-    }
+    if (err instanceof ConfigError || err instanceof ReplayError) throw new UsageError(err.message);
     throw err;
   }
 
-  const servers = (v.server ?? process.env["NATS_URL"] ?? DEFAULT_NATS_URL).split(",").map((x) => x.trim());
+  const servers = serversOf(v);
   const config = loadConfig({ ...(v.config ? { file: v.config } : {}), overrides: { servers } });
   if (v.workers) config.workers.push(...parseWorkerList(v.workers));
 
   const json = v.json === true;
-  const dryRun = v["dry-run"] === true;
+  const dryRun = v.dryRun === true;
   const out = (line: string): boolean => process.stdout.write(`${line}\n`);
   const err = (line: string): boolean => process.stderr.write(`${line}\n`);
   const progress = new ProgressView(process.stderr, options.progressEveryMs);
@@ -177,7 +181,7 @@ export async function cmdReplay(args: string[]): Promise<number> {
   process.once("SIGTERM", onSignal);
 
   if (dryRun && !json) out(["id", "seq", "time", "tenant", "model"].join("\t"));
-  const nc = await connectNats(config.servers, "sluice-replay");
+  const nc = await connectCli(config.servers, "sluice-replay");
   let report: ReplayReport;
   try {
     report = await replay(nc, {
@@ -211,8 +215,7 @@ export async function cmdReplay(args: string[]): Promise<number> {
   } catch (e) {
     if (!(e instanceof ReplayError)) throw e;
     progress.end();
-    err(`sluice replay: ${e.message}`);
-    return e.code === "INVALID_ARGUMENT" ? 2 : 1;
+    throw new CliError(e.message, e.code === "INVALID_ARGUMENT" ? EXIT_USAGE : 1, { cause: e });
   } finally {
     progress.end();
     process.off("SIGINT", onSignal);
