@@ -39,8 +39,9 @@ export interface PipelineSettings {
   /** The client-side bound: unsettled messages held by this process, all priorities together. */
   maxInFlight: number;
   /**
-   * Fair share between tenants inside a priority: pull from one lane (consumer) per tenant, so a
-   * tenant's burst does not hold up another's trickle. Off: one consumer per priority, stream order.
+   * Fair share between tenants inside a priority: a tenant that floods its priority gets a
+   * temporary lane (consumer) of its own, so its burst does not hold up another's trickle (see
+   * pipeline/intake/lanes.ts). Off: one consumer per priority, stream order, never a lane.
    */
   tenantLanes: boolean;
   /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
