@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 import type { Priority } from "../proto/wire.js";
 import type { ModelSpec } from "./routing/registry.js";
 import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
+import { defaultGatewaySettings, validateGatewaySettings, type GatewaySettings } from "./gateway/config.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 
@@ -123,6 +124,8 @@ export interface SluiceConfig {
    * does not have them yet; `"*"` applies to tenants not listed.
    */
   tenants: Record<string, TenantLimits>;
+  /** The HTTP / OpenAI gateway (`sluice gateway`). */
+  gateway: GatewaySettings;
 }
 
 const MINUTE = 60_000;
@@ -175,6 +178,7 @@ export function defaultConfig(): SluiceConfig {
     models: {},
     workers: [],
     tenants: {},
+    gateway: defaultGatewaySettings(),
   };
 }
 
@@ -194,7 +198,7 @@ function merge<T>(base: T, over: unknown, path: string): T {
   if (!isPlainObject(base) || !isPlainObject(over)) return over as T;
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(over)) {
-    const free = path === "models" || path === "tenants";
+    const free = path === "models" || path === "tenants" || path === "gateway.apiKeys";
     if (!(k in base) && !free) throw new ConfigError(`unknown configuration key '${path ? path + "." : ""}${k}'`);
     out[k] = free || k === "models" || k === "tenants" ? v : merge((base as Record<string, unknown>)[k], v, path ? `${path}.${k}` : k);
   }
@@ -252,6 +256,9 @@ export function loadConfig(opts: LoadConfigOptions = {}): SluiceConfig {
     if (!Number.isInteger(n) || n < -1 || n > 65535) throw new ConfigError(`SLUICE_METRICS_PORT must be a port, 0 or -1; got '${metricsPort}'`);
     cfg.telemetry.metricsPort = n;
   }
+  const gatewayPort = envInt(env, "SLUICE_GATEWAY_PORT");
+  if (gatewayPort !== undefined) cfg.gateway.port = gatewayPort;
+  if (env["SLUICE_CALLBACK_SECRET"]) cfg.gateway.callbackSecret = env["SLUICE_CALLBACK_SECRET"];
   const replicas = envInt(env, "SLUICE_REPLICAS");
   if (replicas !== undefined) cfg.streams.replicas = replicas;
   if (env["SLUICE_WORKERS"]) cfg.workers = [...cfg.workers, ...parseWorkerList(env["SLUICE_WORKERS"])];
@@ -286,6 +293,11 @@ export function validateConfig(cfg: SluiceConfig): void {
     throw new ConfigError(`payloads.sweepIntervalMs must be a number >= 0, got ${cfg.payloads.sweepIntervalMs}`);
   try {
     parseTenantsConfig(cfg.tenants);
+  } catch (err) {
+    throw new ConfigError((err as Error).message);
+  }
+  try {
+    validateGatewaySettings(cfg.gateway);
   } catch (err) {
     throw new ConfigError((err as Error).message);
   }

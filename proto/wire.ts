@@ -141,3 +141,7 @@ export const TENANTS_BUCKET = "infer_tenants";
 export const WORKERS_BUCKET = "infer_workers";
 /** Large bodies (claim check): object store bucket `infer_payloads_<tenant>`, keys `req/<id>`, `res/<id>`. */
 export const PAYLOADS_BUCKET_PREFIX = "infer_payloads_";
+/** API keys of the HTTP gateway: key the SHA-256 hex of an API key, value `{"tenant": …}`. */
+export const API_KEYS_BUCKET = "infer_api_keys";
+/** Async requests accepted by the HTTP gateway: key `<tenant>.<id>`. */
+export const HTTP_REQUESTS_BUCKET = "infer_http_requests";

@@ -9,6 +9,7 @@
  * Prints a table and the ratios that matter, and writes `bench/results/latest.json` and
  * `bench/results/latency-vs-load.svg`. See test/bench/README.md.
  */
+import { HTTP_SCENARIO, runHttpScenario, type HttpBenchResult } from "./http.js";
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join } from "node:path";
@@ -78,6 +79,7 @@ function usage(): string {
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
     `  ${"payloads".padEnd(12)} 1, 4 and 16 MB bodies through the object store vs the store's own put/get; pipeline peak RSS (only alone)`,
+    `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -475,7 +477,7 @@ async function main(): Promise<number> {
   if (values.scenario?.length === 1 && values.scenario[0] === "payloads") {
     return runPayloadsBench({ quick, outDir: values.out ?? join(ROOT, "bench", "results"), log });
   }
-  const unknown = (values.scenario ?? []).filter((n) => !SCENARIOS.some((s) => s.name === n));
+  const unknown = (values.scenario ?? []).filter((n) => n !== HTTP_SCENARIO.name && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
@@ -542,6 +544,16 @@ async function main(): Promise<number> {
       }
     }
   }
+  let http: HttpBenchResult | undefined;
+  if (!explicit || values.scenario!.includes(HTTP_SCENARIO.name)) {
+    log(`${HTTP_SCENARIO.name} / sluice: gateway against the NATS client`);
+    try {
+      http = await runHttpScenario(quick, log);
+    } catch (err) {
+      log(`${HTTP_SCENARIO.name} failed: ${(err as Error)?.stack ?? String(err)}`);
+      failures.push({ scenario: HTTP_SCENARIO.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
@@ -549,6 +561,11 @@ async function main(): Promise<number> {
   console.log("");
   const { summary, lines } = summarize(rows);
   console.log(lines.join("\n"));
+  if (http)
+    console.log(
+      `http: gateway p50 at low load ${http.low_load.http_p50_ms} ms vs NATS client ${http.low_load.nats_p50_ms} ms (+${http.low_load.http_minus_nats_p50_ms} ms); ` +
+        `throughput gateway/client ${http.throughput.http_over_nats} (${http.throughput.http_rps}/s vs ${http.throughput.nats_rps}/s at ${http.throughput.concurrency} in flight); errors ${http.errors}`,
+    );
   for (const s of skipped) console.log(`skipped ${s.scenario} / ${s.system}: ${s.reason}`);
   for (const f of failures) console.log(`FAILED ${f.scenario} / ${f.system}: ${f.error.split("\n")[0]}`);
   console.log(
@@ -572,6 +589,7 @@ async function main(): Promise<number> {
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
     rows,
     summary,
+    ...(http ? { http } : {}),
     skipped,
     failures,
   };
