@@ -13,7 +13,7 @@
  * ```
  *
  * While a tenant's lane is `pending` or `closing`, the shared consumer defers the tenant's
- * requests (nak with a delay): `start` and `end` are each read from the shared consumer's last
+ * requests (holds them, with their credits): `start` and `end` are each read from the shared consumer's last
  * delivered sequence one GATE after the announcement, so every request delivered after that read
  * reaches a process that has heard of the lane.
  */

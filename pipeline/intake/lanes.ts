@@ -79,10 +79,10 @@ export const SHARED_COST = 0.5;
 export const LANE_PEER_WINDOW_MS = 30_000;
 /** Tenants remembered per priority for that (the most recent ones). */
 const PEERS_REMEMBERED = 64;
-/** Deferred requests come back after this long. */
-export const LANE_DEFER_MS = 200;
 
 const keyOf = (p: Priority, tenant: string): string => `${p}/${tenant}`;
+/** Where requests wait out the quiet time after a reconnect. */
+const QUIET_KEY = "";
 const tenantOf = (subject: string): string => subject.split(".")[3] ?? "";
 
 export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
@@ -251,6 +251,8 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       }
     };
 
+    const sharedBacklog = async (p: Priority): Promise<number> => (await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p))).num_pending;
+
     /** Closes drained lanes and deletes finished ones. Runs only while lanes exist. */
     const check = async (): Promise<void> => {
       for (const k of [...parked.keys()]) unpark(k);
@@ -263,7 +265,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         if (!now || (now.stage !== "open" && now.stage !== "closed")) continue;
         try {
           const info = await o.jsm.consumers.info(STREAM_REQUESTS, laneConsumerName(c.durablePrefix, v.p, v.tenant));
-          if (now.stage === "open" && info.num_pending === 0 && info.num_ack_pending === 0) await closeLane(v.p, v.tenant, now.start ?? 0);
+          // A drained lane closes once the shared consumer has no backlog either (a quiet
+          // tenant's lane stays while a flood is queued, so its next request is served at once).
+          if (now.stage === "open" && info.num_pending === 0 && info.num_ack_pending === 0 && (await sharedBacklog(v.p)) < minBacklog) await closeLane(v.p, v.tenant, now.start ?? 0);
           else if (now.stage === "closed" && info.num_ack_pending === 0 && (info.num_pending === 0 || info.delivered.stream_seq >= (now.end ?? 0))) {
             busy.add(k);
             try {
@@ -313,6 +317,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       for (const [t, at] of r.lastSeen) if (t !== tenant && now - at <= LANE_PEER_WINDOW_MS) othersActive = true;
       if (wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
         void openLane(p, tenant);
+        // The tenants served lately get lanes too (as many as the cap leaves): their next
+        // requests are served from their lanes at once instead of behind the flood.
+        let room = maxLanes - lanesOf(p) - 1;
+        for (const [t, at] of [...r.lastSeen].reverse()) {
+          if (room <= 0) break;
+          const kt = keyOf(p, t);
+          if (t === tenant || now - at > LANE_PEER_WINDOW_MS || views.has(kt) || busy.has(kt)) continue;
+          room--;
+          void openLane(p, t);
+        }
       }
     };
 
@@ -326,7 +340,8 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       const shared = lane.key === p;
       const tenant = shared ? tenantOf(d.subject) : lane.key.slice(p.length + 1);
       if (shared && Date.now() < quietUntil) {
-        d.nak(LANE_DEFER_MS);
+        // Held (with its credit) until the quiet time after a reconnect is over.
+        park(QUIET_KEY, lane, d);
         return;
       }
       const view = viewOf(p, tenant);
@@ -334,13 +349,15 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       if (decision === "serve") {
         if (shared) noteServed(p, d, tenant);
         emitFn?.(d);
-      } else if (decision === "defer") {
-        const k = keyOf(p, tenant);
-        const list = parked.get(k) ?? [];
-        list.push({ lane, d });
-        parked.set(k, list);
-      } else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
+      } else if (decision === "defer") park(keyOf(p, tenant), lane, d);
+      else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
     };
+    function park(k: string, lane: GateLane, d: CreditedDelivery): void {
+      const list = parked.get(k) ?? [];
+      list.push({ lane, d });
+      parked.set(k, list);
+      ensureCheck();
+    }
     /** Decides again for the requests parked on a tenant's lane stage. */
     const unpark = (k: string): void => {
       const list = parked.get(k);
