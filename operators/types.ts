@@ -30,6 +30,13 @@ export interface Delivery {
   term(reason?: string): void;
   /** Tell the queue the message is still being worked on (resets its redelivery timer). */
   working(): void;
+  /**
+   * The body as stored in the stream, when `data` was read from elsewhere (a claim check in the
+   * object store): a dead letter copies this, not the large body.
+   */
+  readonly wireData?: Uint8Array;
+  /** Why the body could not be read (a step before decoding sets it); the request is answered with it. */
+  readonly bodyError?: ErrorInfo;
 }
 
 /** A decoded, valid request on its way through the pipeline. */

@@ -108,12 +108,27 @@ export interface TelemetrySettings {
   serviceName: string;
 }
 
+/** The claim check: bodies over a threshold travel through the object store (docs/protocol.md). */
+export interface PayloadSettings {
+  /** Results larger than this (bytes of JSON) are written to the tenant's object store bucket. */
+  thresholdBytes: number;
+  /** Largest body read from the object store (a request) or written to it (a result). */
+  maxObjectBytes: number;
+  /** Bytes of large request bodies held in memory at once; pulling waits beyond it. */
+  memoryBytes: number;
+  /** How often the sweeper looks for objects whose message is gone (0: no sweeper in this process). */
+  sweepIntervalMs: number;
+  /** An object younger than this is never swept (a write whose message is still on its way). */
+  orphanGraceMs: number;
+}
+
 export interface SluiceConfig {
   servers: string[];
   telemetry: TelemetrySettings;
   streams: StreamsConfig;
   consumer: ConsumerSettings;
   pipeline: PipelineSettings;
+  payloads: PayloadSettings;
   /** Models written to the registry at start-up when the registry does not have them yet. */
   models: Record<string, ModelSpec>;
   /** Workers known from configuration (besides those that register themselves). */
@@ -169,6 +184,13 @@ export function defaultConfig(): SluiceConfig {
       tenantMaxWaitMs: 30_000,
       healthIntervalMs: 1_000,
       workerTtlMs: 15_000,
+    },
+    payloads: {
+      thresholdBytes: 256 * 1024,
+      maxObjectBytes: 64 * 1024 * 1024,
+      memoryBytes: 256 * 1024 * 1024,
+      sweepIntervalMs: 5 * MINUTE,
+      orphanGraceMs: 10 * MINUTE,
     },
     models: {},
     workers: [],
@@ -284,6 +306,12 @@ export function validateConfig(cfg: SluiceConfig): void {
   pos(cfg.streams.replicas, "streams.replicas");
   pos(cfg.streams.cacheMaxAgeMs, "streams.cacheMaxAgeMs");
   pos(cfg.streams.cacheMaxBytes, "streams.cacheMaxBytes");
+  pos(cfg.payloads.thresholdBytes, "payloads.thresholdBytes");
+  pos(cfg.payloads.maxObjectBytes, "payloads.maxObjectBytes");
+  pos(cfg.payloads.memoryBytes, "payloads.memoryBytes");
+  pos(cfg.payloads.orphanGraceMs, "payloads.orphanGraceMs");
+  if (!Number.isFinite(cfg.payloads.sweepIntervalMs) || cfg.payloads.sweepIntervalMs < 0)
+    throw new ConfigError(`payloads.sweepIntervalMs must be a number >= 0, got ${cfg.payloads.sweepIntervalMs}`);
   try {
     parseTenantsConfig(cfg.tenants);
   } catch (err) {

@@ -61,6 +61,8 @@ export interface PipelineSteps {
   fairShare?: Pick<TokenFairShare, "admitted" | "settled">;
   /** Request spans: started after decoding, ended when settled. */
   tracing?: Tracing;
+  /** Runs before decoding: reads bodies held in the object store (claim check); none when omitted. */
+  resolveBodies?: OperatorFunction<Delivery, Delivery>;
   maxPayloadBytes: number;
   maxDeliver: number;
   publishConcurrency: number;
@@ -86,6 +88,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
   return (deliveries) => {
     // (Two pipes: RxJS types at most nine operators in one.)
     const admitted$ = deliveries.pipe(
+      steps.resolveBodies ?? ((x: Observable<Delivery>) => x),
       decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
       tap((d) => {
         const t = steps.tracing;

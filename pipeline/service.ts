@@ -32,6 +32,7 @@ import { connectNats } from "./connection.js";
 import { CacheMetrics } from "./cache/cache-metrics.js";
 import { ResultCache } from "./cache/result-cache.js";
 import { TokenFairShare } from "./intake/token-fair-share.js";
+import { PipelineClaimCheck } from "./payloads/pipeline-claim-check.js";
 
 export interface PipelineStartOptions {
   /** Tracing to use instead of starting one from the configuration (not shut down on stop). */
@@ -115,6 +116,9 @@ export class PipelineService {
 
   /** Cancellations heard on `infer.cancel.*.*`. */
   readonly cancels = new CancelRegistry();
+
+  /** Bodies beyond the threshold through the object store (created when the pipeline runs). */
+  payloads: PipelineClaimCheck | undefined;
 
   /** The `/metrics` server, when one runs. */
   metricsServer: MetricsServer | undefined;
@@ -261,12 +265,26 @@ export class PipelineService {
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;
+    const payloads = new PipelineClaimCheck({
+      js: this.js,
+      jsm: this.jsm,
+      maxPayload: () => this.nc.info?.max_payload,
+      settings: this.config.payloads,
+      streams: this.config.streams,
+      maxDeliver: c.maxDeliver,
+      retryDelayMs: (n) => Math.min(pp.retryMaxMs, pp.retryBaseMs * 2 ** Math.max(0, n - 1)),
+      onSweepError: (err) => this.log.warn(`payload sweep failed: ${(err as Error)?.message ?? err}`),
+    });
+    this.payloads = payloads;
+    payloads.start();
+    this.teardowns.add("payload sweeper", () => payloads.stop());
     const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
-        sink: new StreamResultSink(this.js, this.jsm, this.tracing),
+        sink: new StreamResultSink(this.js, this.jsm, this.tracing, payloads.results),
         tracing: this.tracing,
+        resolveBodies: payloads.resolveBodies(),
         generator: this.pool,
         publishChunk: (job, c) => {
           this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));

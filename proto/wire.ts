@@ -115,6 +115,12 @@ export const H = {
   originalSeq: "Infer-Original-Seq",
   /** Dead letter: the request's body and headers were too large to keep; why, and where it is. */
   bodyOmitted: "Infer-Body-Omitted",
+  /** Claim check: the body is the object of this key in the tenant's payload bucket (`req/<id>`, `res/<id>`). */
+  bodyRef: "Infer-Body-Ref",
+  /** Claim check: the object's size in bytes. */
+  bodySize: "Infer-Body-Size",
+  /** Claim check (optional): the object's digest, `SHA-256=<base64url>`. */
+  bodyDigest: "Infer-Body-Digest",
 } as const;
 
 /** Headers a replay adds to its results and dead letters. */
@@ -124,6 +130,8 @@ export const REPLAY_HEADERS = {
   session: "Infer-Replay-Session",
   /** Stream sequence of the original request in `INFER_REQ`. */
   ofSeq: "Infer-Replay-Of-Seq",
+  /** A result too large for one message went without its output (the report compares it whole). */
+  outputOmitted: "Infer-Replay-Output-Omitted",
 } as const;
 
 // ---- streams and buckets ------------------------------------------------------------------
@@ -138,6 +146,8 @@ export const MODELS_BUCKET = "infer_models";
 export const TENANTS_BUCKET = "infer_tenants";
 /** Worker registrations: key `<model>.<version>.<worker-id>`. */
 export const WORKERS_BUCKET = "infer_workers";
+/** Large bodies (claim check): object store bucket `infer_payloads_<tenant>`, keys `req/<id>`, `res/<id>`. */
+export const PAYLOADS_BUCKET_PREFIX = "infer_payloads_";
 /** API keys of the HTTP gateway: key the SHA-256 hex of an API key, value `{"tenant": …}`. */
 export const API_KEYS_BUCKET = "infer_api_keys";
 /** Async requests accepted by the HTTP gateway: key `<tenant>.<id>`. */

@@ -29,6 +29,7 @@ import {
   type Plan,
   type Scenario,
 } from "./scenarios.js";
+import { runPayloadsBench } from "./payloads.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
 import { EXTRA_SCENARIOS } from "./llm-fairness.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
@@ -80,6 +81,7 @@ function usage(): string {
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
     `  ${CHAT_PREFIX_SCENARIO.padEnd(12)} multi-turn chats sharing system prompts on 4 llm-sim workers: routing prefix vs least-loaded vs round-robin (systems ${CHAT_PREFIX_SYSTEMS.map((s) => s.name).join(", ")})`,
+    `  ${"payloads".padEnd(12)} 1, 4 and 16 MB bodies through the object store vs the store's own put/get; pipeline peak RSS (only alone)`,
     `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
     ...EXTRA_SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description} (sluice only)`),
     "systems:",
@@ -475,6 +477,10 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
+  // Scenario `payloads` (large bodies through the object store) runs on its own: test/bench/payloads.ts.
+  if (values.scenario?.length === 1 && values.scenario[0] === "payloads") {
+    return runPayloadsBench({ quick, outDir: values.out ?? join(ROOT, "bench", "results"), log });
+  }
   const unknown = (values.scenario ?? []).filter((n) => n !== CHAT_PREFIX_SCENARIO && n !== HTTP_SCENARIO.name && !EXTRA_SCENARIOS.some((s) => s.name === n) && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n) && !CHAT_PREFIX_SYSTEMS.some((s) => s.name === n));

@@ -162,14 +162,14 @@ describe("sluice CLI against 'sluice dev'", function () {
     expectOneLine(get, 1, "no model 'gone'");
   });
 
-  it("a request over the size limit is INVALID_ARGUMENT naming its size and the limit, and is not sent", async () => {
+  it("a 2 MB prompt (over the 256 KiB message limit) is sent through the object store and answered whole", async () => {
     const file = join(tmpdir(), `sluice-cli-${process.pid}.jsonl`);
     writeFileSync(file, `${JSON.stringify({ model: "echo", prompt: "a".repeat(2_000_000) })}\n${JSON.stringify({ model: "echo", prompt: "small" })}\n`);
     const r = await sluice(["publish", "--server", url, "--tenant", "demo", "--file", file, "--concurrency", "1"]);
-    expect(r.code).to.equal(1);
-    const [big, small] = r.stdout.trimEnd().split("\n").map((l) => JSON.parse(l) as { status: string; error?: { code: string; message: string } });
-    expect(big!.error!.code).to.equal("INVALID_ARGUMENT");
-    expect(big!.error!.message).to.contain("2000013 bytes").and.to.contain("262144 bytes");
+    expect(r.code, r.stderr).to.equal(0);
+    const [big, small] = r.stdout.trimEnd().split("\n").map((l) => JSON.parse(l) as { status: string; output?: { text: string } });
+    expect(big!.status).to.equal("ok");
+    expect(big!.output!.text).to.equal("a".repeat(2_000_000));
     expect(small!.status).to.equal("ok");
   });
 
