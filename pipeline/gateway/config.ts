@@ -45,7 +45,7 @@ export function defaultGatewaySettings(): GatewaySettings {
     port: DEFAULT_GATEWAY_PORT,
     host: "0.0.0.0",
     maxOpenRequests: 4096,
-    maxBodyBytes: 1024 * 1024,
+    maxBodyBytes: 32 * 1024 * 1024,
     defaultTimeoutMs: 60_000,
     maxTimeoutMs: 10 * 60_000,
     apiKeys: {},

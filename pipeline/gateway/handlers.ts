@@ -11,7 +11,7 @@ import { readJsonObject, field } from "./body.js";
 import { Callbacks, parseCallbackUrl } from "./callbacks.js";
 import type { GatewaySettings } from "./config.js";
 import { errorBody, HttpError, badField } from "./errors.js";
-import { requestOptions, type HttpRequestOptions } from "./headers.js";
+import { requestOptions, sessionOfUser, type HttpRequestOptions } from "./headers.js";
 import { chatChunk, chatRequest, completionChunk, completionRequest, embeddingsRequest, finishReason, modelList, modelObject, type GenerationRequest } from "./openai.js";
 import { present, type HttpAnswer, type Presentation } from "./present.js";
 import { partIds, type AsyncRecord, type AsyncRecords } from "./records.js";
@@ -52,6 +52,7 @@ function inferOptions(o: HttpRequestOptions, id: string): InferOptions {
   if (o.deadlineMs !== undefined) out.deadlineMs = o.deadlineMs;
   if (o.traceparent) out.traceparent = o.traceparent;
   if (o.tracestate) out.tracestate = o.tracestate;
+  if (o.session !== undefined) out.session = o.session;
   return out;
 }
 
@@ -125,6 +126,7 @@ async function generation(ctx: GatewayContext, call: HttpCall, kind: "chat" | "c
   const raw = await readJsonObject(call.req, ctx.settings.maxBodyBytes);
   const callback = callbackOf(raw);
   const g = kind === "chat" ? chatRequest(raw, (m) => ctx.models.get(m)?.chat_template) : completionRequest(raw);
+  o.session ??= sessionOfUser(raw["user"]);
   const p: Presentation = { kind, model: g.model, ...(g.maxTokens !== undefined ? { max_tokens: g.maxTokens } : {}) };
   if (o.respondAsync || callback) {
     if (g.stream) throw badField("stream", "'stream' cannot be combined with an async request (Prefer: respond-async or callback_url)");

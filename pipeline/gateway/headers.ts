@@ -3,8 +3,9 @@
  * (`Idempotency-Key`), priority, timeout, trace context, and whether the caller waits.
  */
 import type { IncomingHttpHeaders } from "node:http";
+import { createHash } from "node:crypto";
 import { nuid } from "@nats-io/transport-node";
-import { PRIORITIES, type Priority } from "../../proto/wire.js";
+import { INFER_SESSION_RE, PRIORITIES, type Priority } from "../../proto/wire.js";
 import type { GatewaySettings } from "./config.js";
 import { HttpError } from "./errors.js";
 
@@ -13,6 +14,7 @@ export const HTTP_HEADERS = {
   requestId: "x-request-id",
   priority: "x-sluice-priority",
   timeoutMs: "x-sluice-timeout-ms",
+  session: "x-sluice-session",
   prefer: "prefer",
   traceparent: "traceparent",
   tracestate: "tracestate",
@@ -34,6 +36,21 @@ export interface HttpRequestOptions {
   tracestate: string | undefined;
   /** `Prefer: respond-async`: answer 202 at once. */
   respondAsync: boolean;
+  /**
+   * The conversation (`Infer-Session` on the wire): `X-Sluice-Session`, else taken from the
+   * body's `user` by {@link sessionOfUser}.
+   */
+  session: string | undefined;
+}
+
+/**
+ * The session of an OpenAI `user`: the value itself when it is a valid `Infer-Session`, otherwise
+ * `u-` and 40 hex digits of its SHA-256 (stable, and never the raw value on the wire).
+ */
+export function sessionOfUser(user: unknown): string | undefined {
+  if (typeof user !== "string" || user.length === 0) return undefined;
+  if (INFER_SESSION_RE.test(user)) return user;
+  return `u-${createHash("sha256").update(user).digest("hex").slice(0, 40)}`;
 }
 
 function one(h: IncomingHttpHeaders, name: string): string | undefined {
@@ -61,6 +78,10 @@ export function requestOptions(h: IncomingHttpHeaders, s: GatewaySettings, now =
     timeoutMs = n;
     deadlineMs = now + n;
   }
+  const session = one(h, HTTP_HEADERS.session);
+  if (session !== undefined && !INFER_SESSION_RE.test(session)) {
+    throw new HttpError("INVALID_ARGUMENT", "X-Sluice-Session must be 1-128 of A-Z a-z 0-9 . _ : @ -", "X-Sluice-Session");
+  }
   const prefer = one(h, HTTP_HEADERS.prefer) ?? "";
   return {
     id: key ?? nuid.next(),
@@ -71,5 +92,6 @@ export function requestOptions(h: IncomingHttpHeaders, s: GatewaySettings, now =
     traceparent: one(h, HTTP_HEADERS.traceparent),
     tracestate: one(h, HTTP_HEADERS.tracestate),
     respondAsync: /(^|[,;\s])respond-async([,;\s]|$)/i.test(prefer),
+    session,
   };
 }

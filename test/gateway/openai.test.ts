@@ -9,6 +9,7 @@ import type { Gateway } from "../../pipeline/gateway/server.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
+import { defaultGatewaySettings } from "../../pipeline/gateway/config.js";
 import { KEYS, post, sdk, startGateway } from "./support.js";
 
 const V1 = { versions: { v1: { weight: 100 } } };
@@ -191,7 +192,7 @@ describe("HTTP gateway: the OpenAI SDK", function () {
     expect((unknown as APIError).code).to.equal("NOT_FOUND");
     const streamUnknown = await post(gw, "/chat/completions", { model: "no-such-model", stream: true, messages: [{ role: "user", content: "x" }] });
     expect(streamUnknown.status).to.equal(404);
-    const big = await post(gw, "/completions", { model: "echo", prompt: "x".repeat(1024 * 1024 + 10) });
+    const big = await post(gw, "/completions", { model: "echo", prompt: "x".repeat(defaultGatewaySettings().maxBodyBytes + 10) });
     expect(big.status).to.equal(413);
     const wrongRoute = await post(gw, "/nothing-here", {});
     expect(wrongRoute.status).to.equal(404);

@@ -5,7 +5,7 @@ import { loadConfig } from "../../pipeline/config.js";
 import { hashApiKey } from "../../pipeline/gateway/auth.js";
 import { callbackDelayMs, parseCallbackUrl, signCallback, verifyCallback } from "../../pipeline/gateway/callbacks.js";
 import { HttpError } from "../../pipeline/gateway/errors.js";
-import { requestOptions } from "../../pipeline/gateway/headers.js";
+import { requestOptions, sessionOfUser } from "../../pipeline/gateway/headers.js";
 import { defaultGatewaySettings } from "../../pipeline/gateway/config.js";
 import { applyChatTemplate, chatRequest, completionRequest, embeddingsRequest } from "../../pipeline/gateway/openai.js";
 import { formatEvent } from "../../pipeline/gateway/sse.js";
@@ -62,6 +62,20 @@ describe("gateway parts", () => {
     expect(thrown(() => requestOptions({ "x-sluice-timeout-ms": "0" }, s)).param).to.equal("X-Sluice-Timeout-Ms");
     expect(thrown(() => requestOptions({ "x-sluice-timeout-ms": String(s.maxTimeoutMs + 1) }, s)).param).to.equal("X-Sluice-Timeout-Ms");
     expect(thrown(() => requestOptions({ "idempotency-key": "x".repeat(101) }, s)).param).to.equal("Idempotency-Key");
+  });
+
+  it("sessions: X-Sluice-Session is checked; an OpenAI user becomes a stable Infer-Session", () => {
+    const s = defaultGatewaySettings();
+    expect(requestOptions({ "x-sluice-session": "chat-42" }, s).session).to.equal("chat-42");
+    expect(requestOptions({}, s).session).to.equal(undefined);
+    expect(thrown(() => requestOptions({ "x-sluice-session": "has space" }, s)).param).to.equal("X-Sluice-Session");
+    expect(sessionOfUser("user-1@example.com")).to.equal("user-1@example.com");
+    const hashed = sessionOfUser("Ada Lovelace");
+    expect(hashed).to.match(/^u-[0-9a-f]{40}$/);
+    expect(sessionOfUser("Ada Lovelace")).to.equal(hashed);
+    expect(sessionOfUser("Alan Turing")).to.not.equal(hashed);
+    expect(sessionOfUser("")).to.equal(undefined);
+    expect(sessionOfUser(7)).to.equal(undefined);
   });
 
   it("translation: parameters pass through, bad fields are named", () => {
