@@ -152,14 +152,25 @@ interface Overtaking {
  * - the backlog was really there: most favoured requests found more than a batch of others
  *   waiting in the pipeline (the first ones may arrive before the backlog does).
  */
-function expectOvertakes(seq: Sequence, favoured: readonly string[], others: readonly string[], opts: { batchesPerWorker: number; maxBatch: number }): Overtaking[] {
+function expectOvertakes(
+  seq: Sequence,
+  favoured: readonly string[],
+  others: readonly string[],
+  opts: { batchesPerWorker: number; maxBatch: number; transitionBatches?: number },
+): Overtaking[] {
   const all = favoured.map((id) => seq.overtaking(id, others));
   const show = JSON.stringify(all);
+  // A request that arrives while its tenant's lane is being opened or closed is held for that
+  // stage (docs/protocol.md, "Lane stages"): it may wait up to `transitionBatches` batches, and
+  // rides the first batch after that; at least half ride the first batch after their arrival.
+  const allowance = opts.transitionBatches ?? 0;
+  const rodeFirst = all.filter((o) => o.batchesBetween === 0).length;
+  expect(rodeFirst, `favoured requests that rode the first batch after their arrival; all: ${show}`).to.be.at.least(allowance === 0 ? all.length : all.length / 2);
   for (const o of all) {
-    expect(o.batchesBetween, `${o.id}: batches that left between its arrival in the pipeline and its own; all: ${show}`).to.equal(0);
+    expect(o.batchesBetween, `${o.id}: batches that left between its arrival in the pipeline and its own; all: ${show}`).to.be.at.most(allowance);
     expect(o.aheadAtWorker, `${o.id}: batches ahead of it at the worker; all: ${show}`).to.be.at.most(opts.batchesPerWorker - 1);
     expect(o.waitingInPipeline - o.passedInPipeline, `${o.id}: requests queued ahead of it in the pipeline that did not go after it; all: ${show}`).to.be.at.most(
-      opts.maxBatch - 1,
+      opts.maxBatch * (1 + o.batchesBetween) - 1,
     );
     if (o.waitingAtPublish >= 1_000) {
       expect(o.passedOnTheWay, `${o.id}: of ${o.waitingAtPublish} still in the stream at its publish, reached the pipeline after it; all: ${show}`).to.be.at.least(
@@ -237,7 +248,9 @@ describe("flow control under saturation", function () {
     // Each steady request rode the first batch after it reached the pipeline, passed burst
     // requests that were waiting there, and reached the pipeline ahead of the burst queued in
     // the stream before it (its own lane): it did not wait behind the burst (about 11 s of work).
-    expectOvertakes(seq, steadyIds, burstIds, { batchesPerWorker: pipeline.config.pipeline.batchesPerWorker, maxBatch: 16 });
+    // A lane stage holds the steady tenant for one gate (50 ms, about 3 batches of this device);
+    // the burst is about 600 batches of work.
+    expectOvertakes(seq, steadyIds, burstIds, { batchesPerWorker: pipeline.config.pipeline.batchesPerWorker, maxBatch: 16, transitionBatches: 4 });
     await b.close();
   });
 

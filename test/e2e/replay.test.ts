@@ -234,12 +234,12 @@ describe("replay", function () {
       },
     });
     const jsm = await jetstreamManager(nats.nc);
-    // The live consumers the pipeline pulls from: the tenants' lanes of priority normal.
+    // The live consumers the pipeline pulls from: priority normal's shared consumer and its lanes.
     const liveDelivered = async (): Promise<{ delivered: number; redelivered: number }> => {
       let delivered = 0;
       let redelivered = 0;
       for await (const c of jsm.consumers.list(STREAM_REQUESTS)) {
-        if (!c.name.startsWith("sluice-normal-t-")) continue;
+        if (c.name !== "sluice-normal" && !c.name.startsWith("sluice-normal-lane-")) continue;
         delivered += c.delivered.consumer_seq;
         redelivered += c.num_redelivered;
       }
