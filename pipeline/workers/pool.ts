@@ -23,6 +23,7 @@ import type { Chunk, GenerationReply, Generator } from "../../operators/generate
 import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./client.js";
 import { backoffMs } from "../../operators/support/backoff.js";
 import { sleep } from "../../operators/support/sleep.js";
+import { Breaker, type BreakerState } from "./breaker.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {
@@ -86,8 +87,6 @@ const MAX_RETRY_BACKOFF_MS = 1_000;
 /** Capacity assumed for a worker that does not advertise one. */
 export const DEFAULT_WORKER_CAPACITY = 64;
 
-type BreakerState = "closed" | "open" | "half-open";
-
 interface Worker {
   readonly endpoint: string;
   readonly conn: WorkerConnection;
@@ -95,10 +94,7 @@ interface Worker {
   /** Batches and items in flight. */
   batches: number;
   items: number;
-  failures: number;
-  breaker: BreakerState;
-  openUntil: number;
-  ejections: number;
+  readonly breaker: Breaker;
   /** Health as last checked; a worker starts healthy so traffic flows before the first check. */
   healthy: boolean;
   /** Removed from every key: finish what is in flight, then close. */
@@ -203,10 +199,11 @@ export class WorkerPool implements BatchDispatcher, Generator {
         capacity,
         batches: 0,
         items: 0,
-        failures: 0,
-        breaker: "closed",
-        openUntil: 0,
-        ejections: 0,
+        breaker: new Breaker({
+          ejectAfterFailures: this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES,
+          ejectForMs: this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS,
+          maxEjectForMs: this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS,
+        }),
         healthy: true,
         draining: false,
         keys: new Set(),
@@ -254,9 +251,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
 
   private usable(w: Worker, now: number): boolean {
     if (w.draining || !w.healthy) return false;
-    if (w.breaker === "open") return now >= w.openUntil; // time for a probe
-    if (w.breaker === "half-open") return w.batches === 0; // one probe at a time
-    return true;
+    return w.breaker.allows(now, w.batches);
   }
 
   /**
@@ -291,9 +286,9 @@ export class WorkerPool implements BatchDispatcher, Generator {
       capacity: w.capacity,
       inflightBatches: w.batches,
       inflightItems: w.items,
-      failures: w.failures,
+      failures: w.breaker.failures,
       healthy: w.healthy,
-      breaker: w.breaker,
+      breaker: w.breaker.state,
     }));
   }
 
@@ -390,7 +385,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         throw new DispatchError(`no healthy worker serves ${batch.key}`, "UNAVAILABLE", true, { noWorker: true });
       }
       tried.add(w);
-      if (w.breaker === "open") w.breaker = "half-open";
+      w.breaker.calling();
       w.batches++;
       w.items += batch.jobs.length;
       const t0 = performance.now();
@@ -406,7 +401,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         call?.end(e.code, e);
         if (!e.retriable) {
           // The worker answered (a bad batch, a deadline): not the worker's fault.
-          if (w.breaker === "half-open") this.succeeded(w);
+          if (w.breaker.probing) this.succeeded(w);
           throw e;
         }
         this.failed(w);
@@ -443,7 +438,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
           throw new DispatchError(`no healthy worker serves ${key}`, "UNAVAILABLE", true, { noWorker: true });
         }
         tried.add(w);
-        if (w.breaker === "open") w.breaker = "half-open";
+        w.breaker.calling();
         const call = this.opts.tracing?.requestOf(job.delivery)?.startWorkerCall(w.endpoint, "Generate");
         const trace = call?.carrier.traceparent ? call.carrier : job.traceparent ? { traceparent: job.traceparent, ...(job.tracestate ? { tracestate: job.tracestate } : {}) } : {};
         const t0 = performance.now();
@@ -533,30 +528,18 @@ export class WorkerPool implements BatchDispatcher, Generator {
   }
 
   private succeeded(w: Worker): void {
-    w.failures = 0;
-    if (w.breaker !== "closed") {
-      w.breaker = "closed";
-      w.ejections = 0;
-      this.emit({ type: "restored", endpoint: w.endpoint });
-    }
+    if (w.breaker.succeeded()) this.emit({ type: "restored", endpoint: w.endpoint });
   }
 
   private failed(w: Worker): void {
-    w.failures++;
-    const threshold = this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES;
-    if (w.breaker === "half-open" || w.failures >= threshold) {
-      const base = this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS;
-      const forMs = backoffMs(w.ejections, { baseMs: base, maxMs: this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS });
-      w.ejections++;
-      w.breaker = "open";
-      w.openUntil = Date.now() + forMs;
-      this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
-      // Let the batcher know when the probe may go.
-      const t = setTimeout(() => {
-        if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
-      }, forMs);
-      t.unref();
-    }
+    const forMs = w.breaker.failed(Date.now());
+    if (forMs === undefined) return;
+    this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
+    // Let the batcher know when the probe may go.
+    const t = setTimeout(() => {
+      if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
+    }, forMs);
+    t.unref();
   }
 
   /** One round of health checks (run on a timer; exposed for tests). */
