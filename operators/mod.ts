@@ -9,8 +9,6 @@ export { decodeRequest, type DecodeOptions, type Decoded } from "./decode-reques
 export { dispatchBatch, DispatchError, type BatchDispatcher, type DispatchBatchOptions } from "./dispatch-batch.js";
 export { generateEach, type GenerateEachOptions, type Generator } from "./generate-each.js";
 export { onJobs } from "./on-jobs.js";
-export { pullByPriority, type PriorityClass, type PullByPriorityOptions } from "./pull-by-priority.js";
-export { pullWithCredits, type PullSource, type PullWithCreditsOptions } from "./pull-with-credits.js";
 export { routeToVersion, type RouteDecision } from "./route-to-version.js";
 export { settleOutcomes, type ResultSink, type Settled, type SettleOutcomesOptions } from "./settle-outcome.js";
 export { skipAnswered, type SkipAnsweredOptions } from "./skip-answered.js";

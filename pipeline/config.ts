@@ -6,6 +6,7 @@ import { readFileSync } from "node:fs";
 import type { Priority } from "../proto/wire.js";
 import type { ModelSpec } from "./routing/registry.js";
 import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
+import { defaultGatewaySettings, validateGatewaySettings, type GatewaySettings } from "./gateway/config.js";
 
 export const DEFAULT_NATS_URL = "nats://127.0.0.1:4222";
 
@@ -39,8 +40,9 @@ export interface PipelineSettings {
   /** The client-side bound: unsettled messages held by this process, all priorities together. */
   maxInFlight: number;
   /**
-   * Fair share between tenants inside a priority: pull from one lane (consumer) per tenant, so a
-   * tenant's burst does not hold up another's trickle. Off: one consumer per priority, stream order.
+   * Fair share between tenants inside a priority: a tenant that floods its priority gets a
+   * temporary lane (consumer) of its own, so its burst does not hold up another's trickle (see
+   * pipeline/intake/lanes.ts). Off: one consumer per priority, stream order, never a lane.
    */
   tenantLanes: boolean;
   /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
@@ -107,6 +109,8 @@ export interface SluiceConfig {
    * does not have them yet; `"*"` applies to tenants not listed.
    */
   tenants: Record<string, TenantLimits>;
+  /** The HTTP / OpenAI gateway (`sluice gateway`). */
+  gateway: GatewaySettings;
 }
 
 const MINUTE = 60_000;
@@ -152,6 +156,7 @@ export function defaultConfig(): SluiceConfig {
     models: {},
     workers: [],
     tenants: {},
+    gateway: defaultGatewaySettings(),
   };
 }
 
@@ -171,7 +176,7 @@ function merge<T>(base: T, over: unknown, path: string): T {
   if (!isPlainObject(base) || !isPlainObject(over)) return over as T;
   const out: Record<string, unknown> = { ...base };
   for (const [k, v] of Object.entries(over)) {
-    const free = path === "models" || path === "tenants";
+    const free = path === "models" || path === "tenants" || path === "gateway.apiKeys";
     if (!(k in base) && !free) throw new ConfigError(`unknown configuration key '${path ? path + "." : ""}${k}'`);
     out[k] = free || k === "models" || k === "tenants" ? v : merge((base as Record<string, unknown>)[k], v, path ? `${path}.${k}` : k);
   }
@@ -229,6 +234,9 @@ export function loadConfig(opts: LoadConfigOptions = {}): SluiceConfig {
     if (!Number.isInteger(n) || n < -1 || n > 65535) throw new ConfigError(`SLUICE_METRICS_PORT must be a port, 0 or -1; got '${metricsPort}'`);
     cfg.telemetry.metricsPort = n;
   }
+  const gatewayPort = envInt(env, "SLUICE_GATEWAY_PORT");
+  if (gatewayPort !== undefined) cfg.gateway.port = gatewayPort;
+  if (env["SLUICE_CALLBACK_SECRET"]) cfg.gateway.callbackSecret = env["SLUICE_CALLBACK_SECRET"];
   const replicas = envInt(env, "SLUICE_REPLICAS");
   if (replicas !== undefined) cfg.streams.replicas = replicas;
   if (env["SLUICE_WORKERS"]) cfg.workers = [...cfg.workers, ...parseWorkerList(env["SLUICE_WORKERS"])];
@@ -257,6 +265,11 @@ export function validateConfig(cfg: SluiceConfig): void {
   pos(cfg.streams.replicas, "streams.replicas");
   try {
     parseTenantsConfig(cfg.tenants);
+  } catch (err) {
+    throw new ConfigError((err as Error).message);
+  }
+  try {
+    validateGatewaySettings(cfg.gateway);
   } catch (err) {
     throw new ConfigError((err as Error).message);
   }

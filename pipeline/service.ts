@@ -6,7 +6,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { Subject, tap, type Observable, type Subscription } from "rxjs";
-import { pullByPriority, type PriorityClass } from "../operators/pull-by-priority.js";
+import { creditGate, type GateLane } from "./intake/credit-gate.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { InferResult, Outcome } from "../operators/types.js";
 import type { Priority } from "../proto/wire.js";
@@ -20,7 +20,8 @@ import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honour
 import type { ModelRegistry } from "./routing/registry.js";
 import { StreamResultSink } from "./settle/result-sink.js";
 import { CancelRegistry } from "./routing/cancel.js";
-import { ensureDiscoveryConsumers, tenantLaneSource } from "./intake/tenant-lanes.js";
+import { laneIntake } from "./intake/lanes.js";
+import { laneConsumerPrefix } from "./intake/lane-protocol.js";
 import { TenantRegistry } from "./routing/tenant-limits.js";
 import type { WorkerDirectory } from "./workers/directory.js";
 import { openFleet } from "./workers/fleet.js";
@@ -146,10 +147,8 @@ export class PipelineService {
       if (!opts.nc) teardowns.add("connection", () => nc.drain().catch(() => nc.close()));
       const jsm = await jetstreamManager(nc);
       await ensureStreams(jsm, config.streams);
-      // One durable consumer per priority: the discovery consumers of the tenant lanes, or the
-      // work consumers themselves when lanes are off.
-      if (config.pipeline.tenantLanes) await ensureDiscoveryConsumers(jsm, config.consumer, config.pipeline.priorities);
-      else await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
+      // One shared durable consumer per priority (tenant lanes come and go beside them).
+      await ensureConsumers(jsm, config.consumer, config.pipeline.priorities);
       const fleet = await openFleet(nc, {
         config,
         log,
@@ -204,14 +203,13 @@ export class PipelineService {
     this.cancels.listen(this.nc);
     this.teardowns.add("cancel listener", () => this.cancels.stop());
     this.pool.signalFor = (job) => this.cancels.track(job.tenant, job.id);
-    const classes: PriorityClass[] = [];
+    const lanes: GateLane[] = [];
     const termReason = honoursTermReason(this.nc.info?.version);
     for (const priority of p.priorities) {
       this.stats.unsettled[priority] = 0;
       this.stats.maxUnsettled[priority] = 0;
-      if (p.tenantLanes) continue;
       const consumer = await this.js.consumers.get(STREAM_REQUESTS, durableName(c, priority));
-      classes.push({ name: priority, source: new ConsumerPullSource(consumer, { termReason }), weight: p.priorityWeights[priority] ?? 1 });
+      lanes.push({ key: priority, priority, source: new ConsumerPullSource(consumer, { termReason }) });
     }
     const onPullError = (priority: Priority, err: unknown): void => {
       this.stats.pullErrors++;
@@ -220,7 +218,8 @@ export class PipelineService {
     };
     const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
     const source$ = p.tenantLanes
-      ? tenantLaneSource({
+      ? laneIntake({
+          nc: this.nc,
           js: this.js,
           jsm: this.jsm,
           termReason,
@@ -234,12 +233,14 @@ export class PipelineService {
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
         })
-      : pullByPriority(classes, {
+      : creditGate({
+          lanes,
           maxUnsettled: p.maxInFlight,
+          weights: p.priorityWeights,
           expiresMs: p.pullExpiresMs,
           workingIntervalMs,
-          onPullError: (priority, err) => onPullError(priority as Priority, err),
-          onUnsettledChange: (priority, n) => this.noteUnsettled(priority as Priority, n),
+          onPullError: (lane, err) => onPullError(lane.priority, err),
+          onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;
@@ -277,7 +278,7 @@ export class PipelineService {
       const sums = new Map<Priority, { pending: number; ackPending: number }>(p.priorities.map((pr) => [pr, { pending: 0, ackPending: 0 }]));
       for await (const ci of this.jsm.consumers.list(STREAM_REQUESTS)) {
         for (const pr of p.priorities) {
-          const mine = p.tenantLanes ? ci.name.startsWith(`${c.durablePrefix}-${pr}-t-`) : ci.name === durableName(c, pr);
+          const mine = ci.name === durableName(c, pr) || ci.name.startsWith(laneConsumerPrefix(c.durablePrefix, pr));
           if (!mine) continue;
           const sum = sums.get(pr)!;
           sum.pending += ci.num_pending;
@@ -288,7 +289,7 @@ export class PipelineService {
     });
     this.running = true;
     this.log.info(
-      `pipeline consuming ${p.priorities.join(", ")} (${p.tenantLanes ? "a lane per tenant" : "one consumer per priority"}; at most ${p.maxInFlight} in flight)`,
+      `pipeline consuming ${p.priorities.join(", ")} (one consumer per priority${p.tenantLanes ? ", and a lane for a tenant while it floods" : ""}; at most ${p.maxInFlight} in flight)`,
     );
   }
 

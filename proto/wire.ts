@@ -134,3 +134,7 @@ export const MODELS_BUCKET = "infer_models";
 export const TENANTS_BUCKET = "infer_tenants";
 /** Worker registrations: key `<model>.<version>.<worker-id>`. */
 export const WORKERS_BUCKET = "infer_workers";
+/** API keys of the HTTP gateway: key the SHA-256 hex of an API key, value `{"tenant": …}`. */
+export const API_KEYS_BUCKET = "infer_api_keys";
+/** Async requests accepted by the HTTP gateway: key `<tenant>.<id>`. */
+export const HTTP_REQUESTS_BUCKET = "infer_http_requests";

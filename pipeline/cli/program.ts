@@ -5,6 +5,7 @@
  *   sluice publish                     send requests, print results (publish.ts)
  *   sluice models | workers            the registries in NATS KV (models.ts, workers.ts)
  *   sluice dlq | replay                dead letters and replays (dlq.ts, replay.ts)
+ *   sluice gateway                     the HTTP / OpenAI gateway and its API keys (gateway.ts)
  *
  * A usage mistake (an unknown command or option, a missing value, a bad value) is one line on
  * stderr and exit status 2; a command that fails says why in one line and exits 1. No stack
@@ -17,6 +18,7 @@ import { ModelSpecError } from "../routing/registry.js";
 import { InferenceError } from "../client/client.js";
 import { CliError, EXIT_FAILED, EXIT_USAGE, UsageError } from "./common.js";
 import { addDlqCommand } from "./dlq.js";
+import { addGatewayCommand } from "./gateway.js";
 import { addModelsCommand } from "./models.js";
 import { addPublishCommand } from "./publish.js";
 import { addReplayCommand } from "./replay.js";
@@ -54,6 +56,7 @@ export function buildProgram(ctx: CliContext): Command {
   addWorkersCommand(program, ctx);
   addDlqCommand(program, ctx);
   addReplayCommand(program, ctx);
+  addGatewayCommand(program, ctx);
   // Every command, however deep: errors as one line, no process.exit from commander.
   const configure = (c: Command, path: string): void => {
     c.exitOverride()

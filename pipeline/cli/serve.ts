@@ -4,7 +4,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { createEngine, ENGINE_NAMES, EngineSpecError, type EngineName } from "../../worker/engines.js";
 import { WorkerServer } from "../../worker/server.js";
 import { loadConfig, parseWorkerList } from "../config.js";
-import { DevStack } from "../dev/dev.js";
+import { DEV_API_KEY, DevStack } from "../dev/dev.js";
 import { PipelineService } from "../service.js";
 import { SERVICE_WORKER } from "../telemetry/types.js";
 import { startTracing } from "../telemetry/export.js";
@@ -27,18 +27,26 @@ export function addServeCommands(program: Command, ctx: CliContext): void {
     .option("--base-ms <n>", "simulated device time per batch, ms", milliseconds)
     .option("--per-item-ms <n>", "simulated device time per request, ms", milliseconds)
     .addOption(metricsPortOption())
-    .action(async (o: { port?: number; baseMs?: number; perItemMs?: number; metricsPort?: number }) => {
+    .addOption(new Option("--gateway-port <port>", "HTTP / OpenAI gateway port (default: a free one; -1 = off)").argParser(port))
+    .action(async (o: { port?: number; baseMs?: number; perItemMs?: number; metricsPort?: number; gatewayPort?: number }) => {
       const dev = await DevStack.start({
         ...(o.port !== undefined ? { port: o.port } : {}),
+        ...(o.gatewayPort !== undefined ? { gatewayPort: o.gatewayPort } : {}),
         ...(o.baseMs !== undefined ? { baseMs: o.baseMs } : {}),
         ...(o.perItemMs !== undefined ? { perItemMs: o.perItemMs } : {}),
         // Local only: the dev stack's endpoint listens on loopback.
         config: { telemetry: { metricsPort: o.metricsPort ?? DEFAULT_METRICS_PORT, metricsHost: "127.0.0.1" } },
       });
       const metricsAt = dev.pipeline.metricsServer ? `, metrics http://127.0.0.1:${dev.pipeline.metricsServer.port}/metrics` : "";
-      console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store), worker ${dev.worker.endpoint}${metricsAt}`);
-      console.log(`models: echo, reverse, upper, llm-sim (version v1); any tenant; priorities high, normal, low`);
+      const httpAt = dev.gateway ? `, HTTP ${dev.gateway.baseUrl}` : "";
+      console.log(`sluice dev ready: NATS ${dev.url} (JetStream, temporary store)${httpAt}, worker ${dev.worker.endpoint}${metricsAt}`);
+      if (dev.gateway) console.log(`HTTP:  OpenAI API at ${dev.gateway.baseUrl}, API key ${DEV_API_KEY} (tenant demo)`);
+      console.log(`models: echo, reverse, upper, llm-sim, embed-sim (version v1); any tenant; priorities high, normal, low`);
       console.log(`try:   npx sluice publish --server ${dev.url} --tenant demo --model echo --prompt "hello"`);
+      if (dev.gateway)
+        console.log(
+          `       curl ${dev.gateway.baseUrl}/chat/completions -H 'Authorization: Bearer ${DEV_API_KEY}' -H 'Content-Type: application/json' -d '{"model":"echo","messages":[{"role":"user","content":"hello"}]}'`,
+        );
       console.log(`stop:  Ctrl-C`);
       const sig = await untilSignal();
       console.log(`sluice dev: ${sig}, stopping`);

@@ -2,7 +2,9 @@
  * `sluice dev`: the whole thing on one machine, with nothing installed but nats-server. A local
  * nats-server child process (temporary store), a simulated GPU worker and the pipeline, with a
  * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim` (a generative
- * model: served through Generate, tokens streamed with `Infer-Stream: 1`).
+ * model: served through Generate, tokens streamed with `Infer-Stream: 1`) and `embed-sim` (a
+ * deterministic embedding). An HTTP gateway in front of it speaks OpenAI's API on loopback and
+ * takes the API key `sluice-dev` for tenant `demo`.
  */
 import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { WorkerServer } from "../../worker/server.js";
@@ -17,12 +19,21 @@ import { traceEngine } from "../telemetry/engine.js";
 import { connectNats } from "../connection.js";
 import { WorkerRegistration } from "../workers/directory.js";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { Gateway, SERVICE_GATEWAY } from "../gateway/server.js";
+import { hashApiKey } from "../gateway/auth.js";
+
+/** The API key dev's gateway accepts, and the tenant it names. */
+export const DEV_API_KEY = "sluice-dev";
+export const DEV_TENANT = "demo";
+/** The secret dev's gateway signs callbacks with. */
+export const DEV_CALLBACK_SECRET = "sluice-dev-callbacks";
 
 export const DEV_MODELS: Record<string, ModelSpec> = {
   echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },
   reverse: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
   upper: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 } },
   "llm-sim": { versions: { v1: { weight: 100 } }, generate: true },
+  "embed-sim": { versions: { v1: { weight: 100 } }, batch: { max_size: 64, max_delay_ms: 2 } },
 };
 
 export interface DevOptions {
@@ -33,6 +44,8 @@ export interface DevOptions {
   perItemMs?: number;
   logger?: PipelineLogger;
   config?: SluiceConfigInput;
+  /** HTTP port of the gateway; a free one when omitted, -1 for no gateway. */
+  gatewayPort?: number;
 }
 
 export class DevStack {
@@ -45,6 +58,9 @@ export class DevStack {
     private readonly workerTracing: Tracing,
     private readonly registration: WorkerRegistration,
     private readonly workerNc: NatsConnection,
+    /** The HTTP / OpenAI gateway (undefined with `gatewayPort: -1`). */
+    readonly gateway: Gateway | undefined,
+    private readonly gatewayTracing: Tracing | undefined,
   ) {}
 
   get url(): string {
@@ -82,7 +98,25 @@ export class DevStack {
       });
       const pipeline = await PipelineService.start(config, opts.logger ? { logger: opts.logger } : {});
       cleanup.unshift(() => pipeline.stop(1_000));
-      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc);
+      let gateway: Gateway | undefined;
+      let gatewayTracing: Tracing | undefined;
+      if (opts.gatewayPort !== -1) {
+        const tracing = (gatewayTracing = startTracing({ serviceName: SERVICE_GATEWAY }));
+        cleanup.unshift(() => tracing.shutdown());
+        gateway = await Gateway.start({
+          servers: [nats.url],
+          tracing,
+          settings: {
+            ...config.gateway,
+            host: "127.0.0.1",
+            port: opts.gatewayPort ?? 0,
+            apiKeys: { ...config.gateway.apiKeys, [hashApiKey(DEV_API_KEY)]: DEV_TENANT },
+            callbackSecret: config.gateway.callbackSecret || DEV_CALLBACK_SECRET,
+            drainMs: 1_000,
+          },
+        });
+      }
+      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc, gateway, gatewayTracing);
     } catch (err) {
       for (const f of cleanup) await f().catch(() => undefined);
       throw err;
@@ -92,6 +126,8 @@ export class DevStack {
   /** Stops the pipeline, the worker and the server, in that order. Safe to call twice. */
   stop(): Promise<void> {
     this.stopped ??= (async () => {
+      await this.gateway?.stop();
+      await this.gatewayTracing?.shutdown();
       await this.pipeline.stop(2_000);
       await this.registration.stop();
       await this.workerNc.close().catch(() => undefined);

@@ -16,7 +16,8 @@ import {
   type StreamConfig,
 } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
-import type { PullBatch, PullSource } from "../../operators/pull-with-credits.js";
+import type { Observable } from "rxjs";
+import { pullFromAsync, type PullSource } from "./credit-gate.js";
 import type { Delivery } from "../../operators/types.js";
 import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
 import type { ConsumerSettings, StreamsConfig } from "../config.js";
@@ -259,19 +260,24 @@ export class JsDelivery implements Delivery {
 
 /** A durable pull consumer as a {@link PullSource}: one `fetch` per pull. */
 export class ConsumerPullSource implements PullSource {
+  private readonly source: PullSource;
   constructor(
     private readonly consumer: Consumer,
     private readonly opts: JsDeliveryOptions = {},
-  ) {}
-  async pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>> {
-    // The client refuses pulls that expire in under a second.
-    const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
-    const opts = this.opts;
-    return {
-      close: () => it.close(),
-      async *[Symbol.asyncIterator]() {
-        for await (const m of it) yield new JsDelivery(m, opts);
-      },
-    };
+  ) {
+    this.source = pullFromAsync(async (max, expiresMs) => {
+      // The client refuses pulls that expire in under a second.
+      const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
+      const o = this.opts;
+      return {
+        close: () => it.close(),
+        async *[Symbol.asyncIterator]() {
+          for await (const m of it) yield new JsDelivery(m, o);
+        },
+      };
+    });
+  }
+  pull(max: number, expiresMs: number): Observable<Delivery> {
+    return this.source.pull(max, expiresMs);
   }
 }

@@ -22,7 +22,13 @@ export interface ModelSpec {
   generate?: boolean;
   batch?: { max_size?: number; max_delay_ms?: number };
   timeout_ms?: number;
+  /** How the HTTP gateway turns chat `messages` into a prompt; `plain` (a join) by default. */
+  chat_template?: ChatTemplateName;
 }
+
+/** Chat templates the HTTP gateway knows (registry field `chat_template`). */
+export const CHAT_TEMPLATES = ["plain", "chatml"] as const;
+export type ChatTemplateName = (typeof CHAT_TEMPLATES)[number];
 
 export interface BatchSettings {
   maxSize: number;
@@ -43,7 +49,10 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return fail("value must be a JSON object");
   const v = value as Record<string, unknown>;
   for (const k of Object.keys(v))
-    if (!["versions", "shadow", "batch", "timeout_ms", "generate"].includes(k)) fail(`unknown field '${k}'`);
+    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template"].includes(k)) fail(`unknown field '${k}'`);
+  const template = v["chat_template"];
+  if (template !== undefined && !(CHAT_TEMPLATES as readonly unknown[]).includes(template))
+    fail(`'chat_template' must be one of ${CHAT_TEMPLATES.join(", ")}`);
   const versions = v["versions"];
   if (typeof versions !== "object" || versions === null || Array.isArray(versions)) return fail("'versions' must be an object");
   const out: ModelSpec = { versions: {} };
@@ -79,6 +88,7 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
     if (typeof v["timeout_ms"] !== "number" || v["timeout_ms"] <= 0) fail("timeout_ms must be a number > 0");
     out.timeout_ms = v["timeout_ms"] as number;
   }
+  if (template !== undefined) out.chat_template = template as ChatTemplateName;
   return out;
 }
 

@@ -18,6 +18,8 @@ export type Priority = "high" | "normal" | "low";
 export interface Route {
   readonly model: string;
   readonly priority?: Priority;
+  /** The tenant sending it; the target's own when omitted (NATS targets only). */
+  readonly tenant?: string;
 }
 
 /** How a request enters the system under test and how its result comes back. */
@@ -271,11 +273,12 @@ export class NatsLoadTarget implements LoadTarget {
   async send(id: string, body: Uint8Array, route: Route): Promise<void> {
     const h = natsHeaders();
     h.set("Content-Type", "application/json");
-    await this.js.publish(`infer.req.${route.priority ?? "normal"}.${this.tenant}.${route.model}`, body, { msgID: id, headers: h, timeout: 30_000 });
+    await this.js.publish(`infer.req.${route.priority ?? "normal"}.${route.tenant ?? this.tenant}.${route.model}`, body, { msgID: id, headers: h, timeout: 30_000 });
   }
 
   async listen(onResult: (id: string, ok: boolean, batchSize?: number) => void): Promise<void> {
     this.unlisten();
+    // Tenant "*": results of every tenant (a scenario with many tenants).
     this.sub = this.nc.subscribe(`infer.res.${this.tenant}.>`, {
       callback: (err, msg) => {
         if (err) return;

@@ -9,8 +9,10 @@
  *   the pipeline adds, not about concurrency.
  * - `--mode next` (`naive-loop`): the usual first design, one message at a time:
  *   `next()`, call the worker, publish the result, ack, then the next one.
+ * - `--mode echo` (`broker-echo`): `consume()` as above but no worker at all: the result is
+ *   published at once. The broker path's own ceiling (pull, publish with `Nats-Msg-Id`, ack).
  *
- *   node --import tsx test/bench/raw-loop.ts --server URL --worker HOST:PORT [--mode consume|next] [--window N] [--version V]
+ *   node --import tsx test/bench/raw-loop.ts --server URL [--worker HOST:PORT] [--mode consume|next|echo] [--window N] [--version V]
  *
  * Prints `raw-loop ready` once it consumes; stops on SIGTERM / SIGINT.
  */
@@ -34,6 +36,11 @@ const NEXT_EXPIRES_MS = 1_000;
 
 const encoder = new TextEncoder();
 
+/** The result the echo loop answers with: the shape of a pipeline result, nothing computed. */
+function echoResult(id: string, model: string, version: string): string {
+  return JSON.stringify({ id, status: "ok", model, version, output: { text: "" }, timing: { queue_ms: 0, batch_size: 1, worker_ms: 0, total_ms: 0 } });
+}
+
 async function main(): Promise<void> {
   const { values } = parseArgs({
     options: {
@@ -45,10 +52,10 @@ async function main(): Promise<void> {
     },
     strict: true,
   });
-  const usage = "usage: raw-loop --server URL --worker HOST:PORT [--mode consume|next] [--window N] [--version V]";
-  if (!values.server || !values.worker) throw new Error(usage);
+  const usage = "usage: raw-loop --server URL [--worker HOST:PORT] [--mode consume|next|echo] [--window N] [--version V]";
   const mode = values.mode ?? "consume";
-  if (mode !== "consume" && mode !== "next") throw new Error(usage);
+  if (mode !== "consume" && mode !== "next" && mode !== "echo") throw new Error(usage);
+  if (!values.server || (mode !== "echo" && !values.worker)) throw new Error(usage);
   const window = mode === "next" ? 1 : Number(values.window ?? DEFAULT_RAW_WINDOW);
   const version = values.version ?? "v1";
 
@@ -67,14 +74,14 @@ async function main(): Promise<void> {
     max_ack_pending: 4 * window,
   });
   const js = jetstream(nc);
-  const worker = new WorkerClient(values.worker);
+  const worker = values.worker ? new WorkerClient(values.worker) : undefined;
   const consumer = await js.consumers.get(STREAM_REQUESTS, RAW_DURABLE);
 
   const handle = async (m: JsMsg): Promise<void> => {
     // infer.req.<priority>.<tenant>.<model>
     const [, , , tenant = "", model = ""] = m.subject.split(".");
     const id = m.headers?.get("Nats-Msg-Id") ?? String(m.seq);
-    const result = await inferOne(worker, { id, tenant, model, version, body: m.data });
+    const result = worker ? await inferOne(worker, { id, tenant, model, version, body: m.data }) : { ok: true, json: echoResult(id, model, version) };
     const h = natsHeaders();
     h.set("Infer-Status", result.ok ? "ok" : "INTERNAL");
     h.set("Content-Type", "application/json");
@@ -117,7 +124,7 @@ async function main(): Promise<void> {
     }
     await Promise.all(inflight);
   }
-  worker.close();
+  worker?.close();
   await nc.drain();
 }
 

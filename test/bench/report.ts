@@ -33,6 +33,15 @@ export interface Row {
   /** That run's worker called directly (no queue), p50 ms: one request, and a full batch. */
   worker_single_ms: number | null;
   worker_max_batch_ms: number | null;
+  /** CPU time of the system's process per request of the phase, ms (process CPU time / requests). */
+  cpu_ms_per_request?: number | null;
+  /** The same for that run's nats-server. */
+  nats_cpu_ms_per_request?: number | null;
+  /** Consumers on INFER_REQ: right after the phase, and after the idle measurement. */
+  consumers_after?: number | null;
+  consumers_later?: number | null;
+  /** CPU of the system and nats-server while idle after the phases, % of one core. */
+  idle_cpu_percent?: number | null;
   /** Latency by request priority, when the scenario mixes priorities. */
   by_priority?: Partial<Record<"high" | "normal" | "low", { answered: number; p50_ms: number | null; p99_ms: number | null }>>;
 }

@@ -9,6 +9,7 @@
  * Prints a table and the ratios that matter, and writes `bench/results/latest.json` and
  * `bench/results/latency-vs-load.svg`. See test/bench/README.md.
  */
+import { HTTP_SCENARIO, runHttpScenario, type HttpBenchResult } from "./http.js";
 import { mkdir, writeFile } from "node:fs/promises";
 import { cpus, loadavg, totalmem } from "node:os";
 import { join } from "node:path";
@@ -30,6 +31,7 @@ import {
 } from "./scenarios.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
+import { cpuMs, idleCpuPercent, requestConsumers } from "./intake-probe.js";
 
 const TENANT = "bench";
 const VERSION = "v1";
@@ -75,6 +77,7 @@ function usage(): string {
     "",
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
+    `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -161,7 +164,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
     running = await system.start(ctx);
     target = system.connectLoad
       ? await system.connectLoad(ctx, TENANT)
-      : await NatsLoadTarget.connect(nats.url, { tenant: TENANT });
+      : await NatsLoadTarget.connect(nats.url, { tenant: scenario.manyTenants ? "*" : TENANT });
     const common = {
       body: requestBody,
       route,
@@ -185,6 +188,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
 
     for (const [i, phase] of plan.phases.entries()) {
       let lastLog = Date.now();
+      const cpu0 = [cpuMs(running.pid), cpuMs(nats.pid)];
       const r = await runLoad(target, phase.schedule, {
         ...common,
         idPrefix: `${scenario.name}-p${i}`,
@@ -196,10 +200,22 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
       });
       running.assertAlive();
       const row = toRow(scenario, system.name, phase, r, running.peakRssMb(), peakRssMb(nats.pid), workerTimes);
+      const cpu1 = [cpuMs(running.pid), cpuMs(nats.pid)];
+      const perRequest = (i: number): number | null => (cpu0[i] !== undefined && cpu1[i] !== undefined && r.requests > 0 ? round((cpu1[i] - cpu0[i]) / r.requests, 3) : null);
+      row.cpu_ms_per_request = perRequest(0);
+      row.nats_cpu_ms_per_request = perRequest(1);
+      if (scenario.idleMeasureMs) {
+        row.consumers_after = await requestConsumers(nats.url).catch(() => null);
+        log(`  ${row.consumers_after ?? "?"} consumers on INFER_REQ right after; measuring ${scenario.idleMeasureMs / 1_000} s idle`);
+        row.idle_cpu_percent = round(await idleCpuPercent([running.pid, nats.pid], scenario.idleMeasureMs), 2);
+        row.consumers_later = await requestConsumers(nats.url).catch(() => null);
+        log(`  idle: ${row.idle_cpu_percent ?? "?"}% of a core (system + nats-server); ${row.consumers_later ?? "?"} consumers left`);
+      }
       rows.push(row);
       log(
         `  ${phase.label}: ${row.throughput_rps.toFixed(0)} rps, p50 ${row.p50_ms ?? "-"} ms, p99 ${row.p99_ms ?? "-"} ms, ` +
-          `lost ${row.lost}, dup ${row.duplicated}, err ${row.errors + row.send_errors}, sent at ${row.sent_rps.toFixed(0)}/s` +
+          `lost ${row.lost}, dup ${row.duplicated}, err ${row.errors + row.send_errors}, sent at ${row.sent_rps.toFixed(0)}/s, ` +
+          `CPU/request ${row.cpu_ms_per_request ?? "-"} ms (nats-server ${row.nats_cpu_ms_per_request ?? "-"} ms)` +
           `${r.timedOut ? " (timed out waiting)" : ""}`,
       );
       if (phase.offeredRps === null && r.sentRps < 1.2 * r.throughputRps)
@@ -250,6 +266,15 @@ interface Summary {
   /** The mixed scenario: latency by priority, per system. */
   mixed_by_priority: Record<string, NonNullable<Row["by_priority"]>> | null;
   burst_100k_peak_rss_mb: Record<string, number | null> | null;
+  /** The intake at many tenants: rate against one tenant, consumers, idle CPU; per-request CPU per scenario. */
+  intake: {
+    many_tenants_over_zero_cost: number | null;
+    zero_cost_over_broker_echo: number | null;
+    consumers_after: number | null;
+    consumers_later: number | null;
+    idle_cpu_percent: number | null;
+    cpu_ms_per_request: Record<string, number | null>;
+  } | null;
 }
 
 function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } {
@@ -263,7 +288,33 @@ function summarize(rows: readonly Row[]): { summary: Summary; lines: string[] } 
     load_sweep_highest_kept_up_rps: null,
     mixed_by_priority: null,
     burst_100k_peak_rss_mb: null,
+    intake: null,
   };
+
+  {
+    const many = first("many-tenants", "sluice");
+    const zero = first("zero-cost", "sluice");
+    const echo = first("zero-cost", "broker-echo");
+    const ratio = (a: Row | undefined, b: Row | undefined): number | null => (a && b && b.throughput_rps > 0 ? round(a.throughput_rps / b.throughput_rps, 3) : null);
+    const perRequest = Object.fromEntries(rows.filter((r) => r.system === "sluice" && r.offered_rps === null).map((r) => [r.scenario, r.cpu_ms_per_request ?? null]));
+    if (many || echo || Object.keys(perRequest).length > 0) {
+      summary.intake = {
+        many_tenants_over_zero_cost: ratio(many, zero),
+        zero_cost_over_broker_echo: ratio(zero, echo),
+        consumers_after: many?.consumers_after ?? null,
+        consumers_later: many?.consumers_later ?? null,
+        idle_cpu_percent: many?.idle_cpu_percent ?? null,
+        cpu_ms_per_request: perRequest,
+      };
+      const i = summary.intake;
+      lines.push("intake:");
+      lines.push(`  many-tenants / zero-cost (sluice)     ${i.many_tenants_over_zero_cost ?? "-"}x`);
+      lines.push(`  zero-cost sluice / broker-echo        ${i.zero_cost_over_broker_echo ?? "-"}x`);
+      lines.push(`  consumers on INFER_REQ after / later  ${i.consumers_after ?? "-"} / ${i.consumers_later ?? "-"}`);
+      lines.push(`  idle CPU, pipeline + nats-server      ${i.idle_cpu_percent ?? "-"}% of a core`);
+      lines.push(`  pipeline CPU per request (ms)         ${JSON.stringify(i.cpu_ms_per_request)}`);
+    }
+  }
 
   lines.push("throughput, sluice / jetstream-raw:");
   for (const s of SCENARIOS) {
@@ -420,7 +471,7 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
-  const unknown = (values.scenario ?? []).filter((n) => !SCENARIOS.some((s) => s.name === n));
+  const unknown = (values.scenario ?? []).filter((n) => n !== HTTP_SCENARIO.name && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
   const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
@@ -487,6 +538,16 @@ async function main(): Promise<number> {
       }
     }
   }
+  let http: HttpBenchResult | undefined;
+  if (!explicit || values.scenario!.includes(HTTP_SCENARIO.name)) {
+    log(`${HTTP_SCENARIO.name} / sluice: gateway against the NATS client`);
+    try {
+      http = await runHttpScenario(quick, log);
+    } catch (err) {
+      log(`${HTTP_SCENARIO.name} failed: ${(err as Error)?.stack ?? String(err)}`);
+      failures.push({ scenario: HTTP_SCENARIO.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
@@ -494,6 +555,11 @@ async function main(): Promise<number> {
   console.log("");
   const { summary, lines } = summarize(rows);
   console.log(lines.join("\n"));
+  if (http)
+    console.log(
+      `http: gateway p50 at low load ${http.low_load.http_p50_ms} ms vs NATS client ${http.low_load.nats_p50_ms} ms (+${http.low_load.http_minus_nats_p50_ms} ms); ` +
+        `throughput gateway/client ${http.throughput.http_over_nats} (${http.throughput.http_rps}/s vs ${http.throughput.nats_rps}/s at ${http.throughput.concurrency} in flight); errors ${http.errors}`,
+    );
   for (const s of skipped) console.log(`skipped ${s.scenario} / ${s.system}: ${s.reason}`);
   for (const f of failures) console.log(`FAILED ${f.scenario} / ${f.system}: ${f.error.split("\n")[0]}`);
   console.log(
@@ -517,6 +583,7 @@ async function main(): Promise<number> {
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
     rows,
     summary,
+    ...(http ? { http } : {}),
     skipped,
     failures,
   };

@@ -51,6 +51,10 @@ export interface Scenario {
   readonly models?: readonly string[];
   /** Where request n goes; every request to the first model, no priority, when omitted. */
   readonly route?: (n: number) => Route;
+  /** Requests come from many tenants (`route` names them): results are heard for every tenant. */
+  readonly manyTenants?: boolean;
+  /** After the phases: how long to measure the system and nats-server idle, ms (0: not measured). */
+  readonly idleMeasureMs?: number;
   /** Not run with --quick. */
   readonly skipInQuick?: boolean;
   plan(o: PlanOptions): Plan;
@@ -98,6 +102,17 @@ export function mixedRoute(n: number): Route {
   return { model: MIXED_MODELS[n % MIXED_MODELS.length]!, priority: MIXED_PRIORITIES[n % MIXED_PRIORITIES.length]! };
 }
 
+/** Tenants of the many-tenants scenario; each sends `MANY_TENANTS_EACH` requests. */
+export const MANY_TENANTS = 5_000;
+export const MANY_TENANTS_EACH = 2;
+/** How long the many-tenants scenario watches the processes idle afterwards. */
+export const IDLE_MEASURE_MS = 30_000;
+
+/** Request n of the many-tenants scenario: tenants in turn, so each tenant's requests are far apart in the stream. */
+export function manyTenantsRoute(n: number): Route {
+  return { model: DEFAULT_MODEL, tenant: `t${n % MANY_TENANTS}` };
+}
+
 /** Longest a raw-loop run of burst-100k may be expected to take before it is left out, s. */
 const RAW_BURST_BUDGET_S = 90;
 
@@ -143,6 +158,17 @@ export const SCENARIOS: readonly Scenario[] = [
         : [100, 200, 400, 600, 800, 1_000, 1_200, 1_400].map((r) => sustained(r, 3)),
       stopWhenSaturated: true,
     }),
+  },
+  {
+    name: "many-tenants",
+    description: `${MANY_TENANTS} tenants x ${MANY_TENANTS_EACH} requests, zero-cost worker: rate against one tenant (zero-cost), consumers on INFER_REQ during and after, CPU of the system and nats-server idle afterwards`,
+    device: ZERO_COST,
+    batch: BATCH,
+    route: manyTenantsRoute,
+    manyTenants: true,
+    idleMeasureMs: IDLE_MEASURE_MS,
+    plan: (o) => ({ phases: [burst(o.requests ?? MANY_TENANTS * MANY_TENANTS_EACH)], stopWhenSaturated: false }),
+    skipSystem: (system) => (system === "sluice" || system === "broker-echo" || system === "jetstream-raw" ? undefined : "NATS systems only (tenants are subject tokens)"),
   },
   {
     name: "burst-100k",

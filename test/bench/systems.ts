@@ -158,6 +158,13 @@ export const jetstreamRawSystem: BenchSystem = {
   },
 };
 
+/** The ceiling: the broker path alone (pull, publish the result with Nats-Msg-Id, ack), no worker. */
+export const brokerEchoSystem: BenchSystem = {
+  name: "broker-echo",
+  description: `the broker path alone: consume() on INFER_REQ, publish a result to INFER_RES with Nats-Msg-Id, ack; no worker; ${RAW_WINDOW} at once`,
+  start: (ctx) => startLoop("broker-echo", "raw-loop.ts", ["--server", ctx.natsUrl, "--mode", "echo", "--window", String(RAW_WINDOW), "--version", ctx.version], /raw-loop ready/),
+};
+
 /** Starts a bench loop script (`test/bench/<script>`) and waits for its ready line. */
 async function startLoop(label: string, script: string, args: string[], ready: RegExp): Promise<ChildSystem> {
   const proc = spawnNode(label, [compiled(`test/bench/${script}`), ...args]);
@@ -254,4 +261,4 @@ export const rabbitmqSystem: BenchSystem = {
   connectLoad: (ctx) => RabbitLoadTarget.connect(rabbitRequestQueue(ctx.runId), ctx.priorities),
 };
 
-export const SYSTEMS: readonly BenchSystem[] = [sluiceSystem, jetstreamRawSystem, naiveLoopSystem, bullmqSystem, rabbitmqSystem];
+export const SYSTEMS: readonly BenchSystem[] = [sluiceSystem, brokerEchoSystem, jetstreamRawSystem, naiveLoopSystem, bullmqSystem, rabbitmqSystem];

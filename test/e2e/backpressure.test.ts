@@ -11,7 +11,6 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { STREAM_REQUESTS } from "../../proto/wire.js";
 import { defaultConfig } from "../../pipeline/config.js";
-import { laneName } from "../../pipeline/intake/tenant-lanes.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
@@ -75,14 +74,15 @@ describe("backpressure: a 20,000-request backlog and a slow worker", function ()
     const heaps: number[] = [];
     const sampler = setInterval(() => {
       maxHeldByPipeline = Math.max(maxHeldByPipeline, pipeline!.stats.unsettled["normal"] ?? 0);
-      // The tenant's lane: the consumer the pipeline pulls this tenant's requests from.
-      void jsm.consumers.info(STREAM_REQUESTS, laneName(defaultConfig().consumer, "normal", "bp")).then(
-        (ci) => {
+      // The consumers the pipeline pulls this priority from: the shared one, and the tenant's
+      // lane while it has one.
+      void (async () => {
+        for await (const ci of jsm.consumers.list(STREAM_REQUESTS)) {
+          if (!ci.name.startsWith(`${defaultConfig().consumer.durablePrefix}-normal`)) continue;
           maxAckPending = Math.max(maxAckPending, ci.num_ack_pending);
           maxPendingInStream = Math.max(maxPendingInStream, ci.num_pending);
-        },
-        () => undefined,
-      );
+        }
+      })().catch(() => undefined);
     }, 25);
     for (const mark of [0.2, 0.5, 0.8]) {
       await waitFor(`${mark * 100}% answered`, () => answered >= N * mark, 240_000);

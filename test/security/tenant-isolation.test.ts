@@ -213,6 +213,11 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       await publishDenied(acme, "infer.cancel.globex.x.y");
     });
 
+    it("acme cannot announce or hear lane stages (a forged stage could make the pipeline skip requests)", async () => {
+      await publishDenied(acme, "infer.lanes.normal", JSON.stringify({ tenant: "globex", stage: "open", owner: "0", start: 1 }));
+      await subscribeDenied(acme, "infer.lanes.*");
+    });
+
     it("acme cannot read another tenant's results in INFER_RES (or any stream) through the JetStream API", async () => {
       // A stored globex result exists...
       const id = `globex-private-${nuid.next()}`;

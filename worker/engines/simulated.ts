@@ -9,6 +9,7 @@
  * Outputs are derived from each request so a test can tell that every answer belongs to its
  * own request:
  * - model `echo`: the prompt; `reverse`: the prompt reversed; `upper`: the prompt upper-cased;
+ * - model `embed-sim`: no text but a vector (`output.data`) derived from the prompt (embed-sim.ts);
  * - any other model: `<model>@<version>: <prompt>`;
  * - without a prompt, `JSON.stringify(inputs)` stands in for it.
  *
@@ -18,6 +19,7 @@
 import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
 import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
+import { EMBED_SIM_MODEL, simulatedEmbedding } from "./embed-sim.js";
 import {
   EngineClosedError,
   EngineError,
@@ -285,6 +287,10 @@ export class SimulatedEngine implements Engine {
         notStarted: true,
         error: { code: "DEADLINE_EXCEEDED", message: `deadline passed before request '${request.id}' started` },
       };
+    }
+    if (batch.model === EMBED_SIM_MODEL) {
+      const input = request.prompt ?? JSON.stringify(request.inputs) ?? "";
+      return { ok: true, output: { data: simulatedEmbedding(input) }, usage: { prompt_tokens: countWords(input), completion_tokens: 0 } };
     }
     const text = simulatedOutputText(batch.model, batch.version, request);
     return {

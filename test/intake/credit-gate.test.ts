@@ -1,13 +1,48 @@
 import { expect } from "chai";
-import { Subject, type Subscription } from "rxjs";
+import { Subject, tap, type Observable, type Subscription } from "rxjs";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { defaultConfig } from "../../pipeline/config.js";
 import { ConsumerPullSource, JsDelivery, durableName, ensureConsumers, ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { STREAM_REQUESTS } from "../../proto/wire.js";
-import { pullWithCredits, type PullBatch, type PullSource, type PullWithCreditsOptions } from "../../operators/pull-with-credits.js";
+import { creditGate, pullFromAsync, type AsyncPull } from "../../pipeline/intake/credit-gate.js";
 import type { Delivery } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
+
+// ---- one lane through the gate, as a single-queue consumer sees it -------------------------------
+
+/** A pull source opened with a promise (a JetStream fetch, a scripted queue). */
+interface PullSource {
+  pull(max: number, expiresMs: number): Promise<PullBatch<Delivery>>;
+}
+type PullBatch<M> = AsyncPull & AsyncIterable<M>;
+
+interface PullWithCreditsOptions {
+  maxUnsettled: number;
+  expiresMs?: number;
+  minPull?: number;
+  workingIntervalMs?: number;
+  onPullError?: (err: unknown) => void;
+  drain?: Observable<unknown>;
+  onUnsettledChange?: (unsettled: number) => void;
+}
+
+/** The gate with one lane: pulls all its free credits at once, again from minPull free. */
+function pullWithCredits(source: PullSource, o: PullWithCreditsOptions) {
+  const max = Math.max(1, Math.floor(o.maxUnsettled));
+  const minPull = Math.max(1, Math.min(max, o.minPull ?? Math.ceil(max / 4)));
+  return creditGate({
+    lanes: [{ key: "q", priority: "normal", source: pullFromAsync((n, e) => source.pull(n, e)) }],
+    maxUnsettled: max,
+    reserveFraction: 1,
+    minPullFraction: minPull / max,
+    ...(o.expiresMs !== undefined ? { expiresMs: o.expiresMs, backlogExpiresMs: o.expiresMs } : { backlogExpiresMs: 5_000 }),
+    ...(o.workingIntervalMs !== undefined ? { workingIntervalMs: o.workingIntervalMs } : {}),
+    ...(o.drain ? { drain: o.drain } : {}),
+    onPullError: (_lane, err) => o.onPullError?.(err),
+    onUnsettledChange: (_p, n) => o.onUnsettledChange?.(n),
+  });
+}
 
 // ---- a scripted in-memory queue ------------------------------------------------------------------
 
@@ -240,7 +275,7 @@ function consume(source: PullSource, opts: PullWithCreditsOptions) {
   return { got, unsettledSeen, state, sub };
 }
 
-describe("pullWithCredits", () => {
+describe("credit gate (one lane)", () => {
   describe("with a scripted queue", () => {
     const runs: Array<{ max: number; minPull?: number; seed: number }> = [
       { max: 1, seed: 1 },
@@ -674,31 +709,18 @@ describe("pullWithCredits", () => {
       // confirm its ack with the server before giving the credit back (see below).
       const consumerSource = new ConsumerPullSource(await js.consumers.get(STREAM_REQUESTS, name));
       const jsMsgs = new Map<number, JsDelivery>();
-      const source: PullSource = {
-        pull: async (max, expiresMs) => {
-          const batch = await consumerSource.pull(max, expiresMs);
-          return {
-            close: () => batch.close(),
-            async *[Symbol.asyncIterator]() {
-              for await (const m of batch) {
-                if (m instanceof JsDelivery) jsMsgs.set(m.seq, m);
-                yield m;
-              }
-            },
-          };
-        },
-      };
-
       const seen = new Map<number, number>();
       const redelivered: number[] = [];
       let acked = 0;
       let held = 0;
       let maxHeld = 0;
       const work: Array<Promise<void>> = [];
-      const sub = pullWithCredits(source, {
+      const sub = creditGate({
+        lanes: [{ key: "normal", priority: "normal", source: { pull: (n, e) => consumerSource.pull(n, e).pipe(tap((m) => m instanceof JsDelivery && jsMsgs.set(m.seq, m))) } }],
         maxUnsettled: BOUND,
+        reserveFraction: 1,
         expiresMs: 1_000,
-        onUnsettledChange: (n) => (maxHeld = Math.max(maxHeld, n)),
+        onUnsettledChange: (_p, n) => (maxHeld = Math.max(maxHeld, n)),
       }).subscribe((d) => {
         held++;
         seen.set(d.seq, (seen.get(d.seq) ?? 0) + 1);

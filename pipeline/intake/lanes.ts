@@ -1,0 +1,454 @@
+/**
+ * The intake: a bounded set of consumers per priority, whatever the tenant count.
+ *
+ * ```
+ *                       ┌─ shared <prefix>-<p> (stream order) ── skip covered ─┐
+ * INFER_REQ infer.req.p ┤                                                       ├─ credit gate ─▶ pipeline
+ *                       └─ lane <prefix>-<p>-lane-<T> (only while T floods) ───┘   (schedule: 8:4:1,
+ *                                                                                    equal share per lane)
+ * ```
+ *
+ * Each priority's shared consumer serves every request in stream order, once, with no extra
+ * round trip. When one tenant takes more than half of what the shared consumer served lately
+ * while it has a backlog, that tenant gets a lane (see lane-protocol.ts): the lane serves the
+ * tenant's requests at the lane's fair share, and the shared consumer acknowledges them without
+ * serving them, so it reaches the other tenants' requests at once. A lane is closed and deleted
+ * once it is drained. At most `maxLanes` lanes per priority exist; with nothing queued, nothing
+ * is polled (a check runs only while lanes exist).
+ */
+import { AckPolicy, DeliverPolicy, JetStreamApiError, type ConsumerConfig, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import { nanos, type NatsConnection, type Subscription as NatsSubscription } from "@nats-io/transport-node";
+import { Observable } from "rxjs";
+import type { Delivery } from "../../operators/types.js";
+import { STREAM_REQUESTS, type Priority } from "../../proto/wire.js";
+import type { ConsumerSettings } from "../config.js";
+import { ConsumerPullSource, durableName, JsDelivery } from "./jetstream.js";
+import { creditGate, type CreditedDelivery, type GateControl, type GateLane } from "./credit-gate.js";
+import {
+  decideLane,
+  decideShared,
+  decodeAnnouncement,
+  describeLane,
+  encodeAnnouncement,
+  LANE_SUBJECT_ALL,
+  laneConsumerName,
+  laneConsumerPrefix,
+  laneSubject,
+  parseLaneDescription,
+  type LaneAnnouncement,
+  type LaneView,
+} from "./lane-protocol.js";
+import { backoffMs } from "../../operators/support/backoff.js";
+import { PULL_RETRY } from "./credit-gate.js";
+import { wantsLane } from "./schedule.js";
+
+export interface LaneIntakeOptions {
+  nc: NatsConnection;
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  termReason?: boolean;
+  consumer: ConsumerSettings;
+  priorities: readonly Priority[];
+  weights: Record<Priority, number>;
+  maxUnsettled: number;
+  expiresMs: number;
+  workingIntervalMs: number;
+  /** Lanes per priority at most (default {@link DEFAULT_MAX_LANES}). */
+  maxLanes?: number;
+  /** Time for an announcement to reach every process (default {@link DEFAULT_LANE_GATE_MS}). */
+  gateMs?: number;
+  drain?: Observable<unknown>;
+  onPullError?: (priority: Priority, err: unknown) => void;
+  onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** Hears each lane stage this process announces or hears (tests, logs). */
+  onLane?: (p: Priority, a: LaneAnnouncement) => void;
+}
+
+export const DEFAULT_MAX_LANES = 16;
+/** How long an announcement may take to reach every pipeline process. */
+export const DEFAULT_LANE_GATE_MS = 50;
+/** A lane stage that waits on another process longer than this is given up (that process died). */
+export const LANE_STAGE_TTL_MS = 5_000;
+/** A finished lane is deleted by the server once nobody has pulled it for this long. */
+export const LANE_EXPIRE_MS = 2_000;
+/** How often lanes are checked for being drained, while any exist. */
+export const LANE_CHECK_MS = 500;
+/** Cost of a shared consumer's request against a lane's (1): it gets twice a lane's share. */
+export const SHARED_COST = 0.5;
+/** A flood gets a lane only when another tenant of its priority was served this recently. */
+export const LANE_PEER_WINDOW_MS = 30_000;
+/** Tenants remembered per priority for that (the most recent ones). */
+const PEERS_REMEMBERED = 64;
+
+const keyOf = (p: Priority, tenant: string): string => `${p}/${tenant}`;
+/** Where requests wait out the quiet time after a reconnect. */
+const QUIET_KEY = "";
+const tenantOf = (subject: string): string => subject.split(".")[3] ?? "";
+
+export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
+  const c = o.consumer;
+  const me = Math.random().toString(36).slice(2, 10) + Date.now().toString(36);
+  const gateMs = o.gateMs ?? DEFAULT_LANE_GATE_MS;
+  const maxLanes = o.maxLanes ?? DEFAULT_MAX_LANES;
+  // A flood is recognised over the last eighth of the credits' worth of requests, so few of its
+  // requests hold credits of the shared consumer when its lane opens.
+  const window = Math.max(16, Math.floor(o.maxUnsettled / 8));
+  const minBacklog = Math.max(16, Math.floor(o.maxUnsettled));
+
+  return new Observable<Delivery>((subscriber) => {
+    let closed = false;
+    let ctl: GateControl | undefined;
+    const views = new Map<string, LaneView & { tenant: string; p: Priority }>();
+    const inGate = new Set<string>();
+    const busy = new Set<string>(); // lanes this process is creating or closing
+    const timers = new Set<NodeJS.Timeout>();
+    let quietUntil = 0;
+    let announcements: NatsSubscription | undefined;
+    let checkTimer: NodeJS.Timeout | undefined;
+    // The tenants of the last `window` requests each shared consumer served.
+    const recent = new Map<Priority, { ring: string[]; at: number; count: Map<string, number>; lastSeen: Map<string, number> }>(
+      o.priorities.map((p) => [p, { ring: [], at: 0, count: new Map(), lastSeen: new Map() }]),
+    );
+
+    const sleep = (ms: number): Promise<void> =>
+      new Promise((r) => {
+        const t = setTimeout(() => {
+          timers.delete(t);
+          r();
+        }, ms);
+        timers.add(t);
+      });
+    const lanesOf = (p: Priority): number => [...views.values()].filter((v) => v.p === p && v.stage !== "gone").length;
+    const report = (p: Priority, a: LaneAnnouncement): void => {
+      try {
+        o.onLane?.(p, a);
+      } catch {
+        // a listener never breaks the flow
+      }
+    };
+    const pullError = (p: Priority, err: unknown): void => {
+      try {
+        o.onPullError?.(p, err);
+      } catch {
+        // ignore
+      }
+    };
+
+    const laneConfig = (p: Priority, tenant: string, start: number): ConsumerConfig =>
+      ({
+        durable_name: laneConsumerName(c.durablePrefix, p, tenant),
+        description: describeLane({ stage: "open", owner: me, start }),
+        ack_policy: AckPolicy.Explicit,
+        deliver_policy: DeliverPolicy.StartSequence,
+        opt_start_seq: start,
+        filter_subject: `infer.req.${p}.${tenant}.*`,
+        ack_wait: nanos(c.ackWaitMs),
+        max_deliver: -1,
+        max_ack_pending: c.maxAckPending,
+      }) as ConsumerConfig;
+
+    /** Serves (or stops serving) a lane in the gate to match what is known of it. */
+    const syncGate = async (p: Priority, tenant: string): Promise<void> => {
+      const k = keyOf(p, tenant);
+      const v = views.get(k);
+      const serve = v !== undefined && (v.stage === "open" || v.stage === "closed");
+      if (!serve) {
+        if (inGate.delete(k)) ctl?.remove(k);
+        return;
+      }
+      if (inGate.has(k) || !ctl) return;
+      inGate.add(k);
+      try {
+        const consumer = await o.js.consumers.get(STREAM_REQUESTS, laneConsumerName(c.durablePrefix, p, tenant));
+        if (closed || !inGate.has(k)) return;
+        ctl.add({ key: k, priority: p, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) });
+      } catch (err) {
+        inGate.delete(k);
+        pullError(p, err);
+      }
+    };
+
+    const apply = (p: Priority, a: LaneAnnouncement): void => {
+      const k = keyOf(p, a.tenant);
+      const have = views.get(k);
+      // Two processes starting the same stage at once: the smaller id goes on, the other stops.
+      if (have && have.stage === a.stage && (a.stage === "pending" || a.stage === "closing") && have.owner < a.owner) return;
+      if (a.stage === "gone") views.delete(k);
+      else views.set(k, { p, tenant: a.tenant, stage: a.stage, owner: a.owner, sinceMs: Date.now(), ...(a.start !== undefined ? { start: a.start } : {}), ...(a.end !== undefined ? { end: a.end } : {}) });
+      report(p, a);
+      void syncGate(p, a.tenant);
+      unpark(k);
+      ensureCheck();
+    };
+    const announce = async (p: Priority, a: LaneAnnouncement): Promise<void> => {
+      apply(p, a);
+      o.nc.publish(laneSubject(p), encodeAnnouncement(a));
+      await o.nc.flush();
+    };
+
+    /** A stage another process left half-done expires: pending is forgotten, closing reverts to open. */
+    const viewOf = (p: Priority, tenant: string): LaneView | undefined => {
+      const k = keyOf(p, tenant);
+      const v = views.get(k);
+      if (!v || busy.has(k)) return v;
+      if ((v.stage === "pending" || v.stage === "closing") && Date.now() - v.sinceMs > LANE_STAGE_TTL_MS) {
+        if (v.stage === "pending") views.delete(k);
+        else views.set(k, { ...v, stage: "open", sinceMs: Date.now() });
+        void syncGate(p, tenant);
+        return views.get(k);
+      }
+      return v;
+    };
+
+    const openLane = async (p: Priority, tenant: string): Promise<void> => {
+      const k = keyOf(p, tenant);
+      busy.add(k);
+      const t0 = Date.now();
+      try {
+        await announce(p, { tenant, stage: "pending", owner: me });
+        await sleep(gateMs);
+        const v = views.get(k);
+        if (closed || !v || v.stage !== "pending" || v.owner !== me) return; // another process opens it
+        const shared = await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p));
+        const start = shared.delivered.stream_seq + 1;
+        if (Date.now() - t0 > LANE_STAGE_TTL_MS / 2) throw new Error("lane set-up took too long");
+        await o.jsm.consumers.add(STREAM_REQUESTS, laneConfig(p, tenant, start));
+        await announce(p, { tenant, stage: "open", owner: me, start });
+      } catch (err) {
+        pullError(p, err);
+        if (views.get(k)?.stage === "pending" && views.get(k)?.owner === me) await announce(p, { tenant, stage: "gone", owner: me }).catch(() => undefined);
+      } finally {
+        busy.delete(k);
+      }
+    };
+
+    const closeLane = async (p: Priority, tenant: string, start: number): Promise<void> => {
+      const k = keyOf(p, tenant);
+      const name = laneConsumerName(c.durablePrefix, p, tenant);
+      busy.add(k);
+      const t0 = Date.now();
+      try {
+        await announce(p, { tenant, stage: "closing", owner: me, start });
+        await o.jsm.consumers.update(STREAM_REQUESTS, name, { description: describeLane({ stage: "closing", owner: me, start }) });
+        await sleep(gateMs);
+        const v = views.get(k);
+        if (closed || !v || v.stage !== "closing" || v.owner !== me) return; // another process closes it
+        // Its end: past everything either consumer delivered (lane requests delivered from now
+        // on are deferred until the end is known).
+        const shared = await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p));
+        const lane = await o.jsm.consumers.info(STREAM_REQUESTS, name);
+        const end = Math.max(shared.delivered.stream_seq, lane.delivered.stream_seq);
+        if (Date.now() - t0 > LANE_STAGE_TTL_MS / 2) {
+          await announce(p, { tenant, stage: "open", owner: me, start });
+          return;
+        }
+        await o.jsm.consumers.update(STREAM_REQUESTS, name, { description: describeLane({ stage: "closed", owner: me, start, end }) });
+        await announce(p, { tenant, stage: "closed", owner: me, start, end });
+      } catch (err) {
+        pullError(p, err);
+      } finally {
+        busy.delete(k);
+      }
+    };
+
+    const sharedBacklog = async (p: Priority): Promise<number> => (await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p))).num_pending;
+
+    /** Closes drained lanes and deletes finished ones. Runs only while lanes exist. */
+    const check = async (): Promise<void> => {
+      for (const k of [...parked.keys()]) unpark(k);
+      for (const v of [...views.values()]) {
+        if (closed) return;
+        const k = keyOf(v.p, v.tenant);
+        if (busy.has(k)) continue;
+        viewOf(v.p, v.tenant);
+        const now = views.get(k);
+        if (!now || (now.stage !== "open" && now.stage !== "closed")) continue;
+        try {
+          const info = await o.jsm.consumers.info(STREAM_REQUESTS, laneConsumerName(c.durablePrefix, v.p, v.tenant));
+          // A drained lane closes once the shared consumer has no backlog either (a quiet
+          // tenant's lane stays while a flood is queued, so its next request is served at once).
+          if (now.stage === "open" && info.num_pending === 0 && info.num_ack_pending === 0 && (await sharedBacklog(v.p)) < minBacklog) await closeLane(v.p, v.tenant, now.start ?? 0);
+          else if (now.stage === "closed" && info.num_ack_pending === 0 && (info.num_pending === 0 || info.delivered.stream_seq >= (now.end ?? 0))) {
+            busy.add(k);
+            try {
+              // Nobody pulls it once it is gone: the server deletes it (the pipeline needs no
+              // right to delete consumers).
+              await o.jsm.consumers.update(STREAM_REQUESTS, info.name, { inactive_threshold: nanos(LANE_EXPIRE_MS) });
+              await announce(v.p, { tenant: v.tenant, stage: "gone", owner: me });
+            } finally {
+              busy.delete(k);
+            }
+          }
+        } catch (err) {
+          if (err instanceof JetStreamApiError && views.get(k)?.stage === "closed") await announce(v.p, { tenant: v.tenant, stage: "gone", owner: me }).catch(() => undefined);
+          else pullError(v.p, err);
+        }
+      }
+    };
+    const ensureCheck = (): void => {
+      if (checkTimer || closed || (views.size === 0 && parked.size === 0)) return;
+      checkTimer = setTimeout(() => {
+        void check()
+          .catch(() => undefined)
+          .finally(() => {
+            checkTimer = undefined;
+            ensureCheck();
+          });
+      }, LANE_CHECK_MS);
+      checkTimer.unref();
+    };
+
+    const noteServed = (p: Priority, d: CreditedDelivery, tenant: string): void => {
+      const r = recent.get(p)!;
+      const out = r.ring[r.at];
+      if (out !== undefined) r.count.set(out, (r.count.get(out) ?? 1) - 1);
+      r.ring[r.at] = tenant;
+      r.at = (r.at + 1) % window;
+      const n = (r.count.get(tenant) ?? 0) + 1;
+      r.count.set(tenant, n);
+      const now = Date.now();
+      r.lastSeen.delete(tenant);
+      r.lastSeen.set(tenant, now);
+      if (r.lastSeen.size > PEERS_REMEMBERED) r.lastSeen.delete(r.lastSeen.keys().next().value!);
+      const backlog = d.source instanceof JsDelivery ? d.source.msg.info.pending : 0;
+      const k = keyOf(p, tenant);
+      if (n * 2 <= window || views.has(k) || busy.has(k)) return;
+      let othersActive = false;
+      for (const [t, at] of r.lastSeen) if (t !== tenant && now - at <= LANE_PEER_WINDOW_MS) othersActive = true;
+      if (wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
+        void openLane(p, tenant);
+        // The tenants served lately get lanes too (as many as the cap leaves): their next
+        // requests are served from their lanes at once instead of behind the flood.
+        let room = maxLanes - lanesOf(p) - 1;
+        for (const [t, at] of [...r.lastSeen].reverse()) {
+          if (room <= 0) break;
+          const kt = keyOf(p, t);
+          if (t === tenant || now - at > LANE_PEER_WINDOW_MS || views.has(kt) || busy.has(kt)) continue;
+          room--;
+          void openLane(p, t);
+        }
+      }
+    };
+
+    // Requests waiting for a lane's stage to settle (pending, closing): they keep their credit,
+    // so the consumer stops pulling instead of deferring request after request.
+    const parked = new Map<string, Array<{ lane: GateLane; d: CreditedDelivery }>>();
+    let emitFn: ((d: CreditedDelivery) => void) | undefined;
+
+    const decide = (lane: GateLane, d: CreditedDelivery): void => {
+      const p = lane.priority;
+      const shared = lane.key === p;
+      const tenant = shared ? tenantOf(d.subject) : lane.key.slice(p.length + 1);
+      if (shared && Date.now() < quietUntil) {
+        // Held (with its credit) until the quiet time after a reconnect is over.
+        park(QUIET_KEY, lane, d);
+        return;
+      }
+      const view = viewOf(p, tenant);
+      const decision = shared ? decideShared(view, d.seq) : decideLane(view, d.seq);
+      if (decision === "serve") {
+        if (shared) noteServed(p, d, tenant);
+        emitFn?.(d);
+      } else if (decision === "defer") park(keyOf(p, tenant), lane, d);
+      else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
+    };
+    function park(k: string, lane: GateLane, d: CreditedDelivery): void {
+      const list = parked.get(k) ?? [];
+      list.push({ lane, d });
+      parked.set(k, list);
+      ensureCheck();
+    }
+    /** Decides again for the requests parked on a tenant's lane stage. */
+    const unpark = (k: string): void => {
+      const list = parked.get(k);
+      if (!list) return;
+      parked.delete(k);
+      for (const { lane, d } of list) if (!d.settled) decide(lane, d);
+    };
+    const admit = (lane: GateLane, d: CreditedDelivery, emit: (d: CreditedDelivery) => void): void => {
+      emitFn = emit;
+      decide(lane, d);
+    };
+
+    const gate = creditGate({
+      maxUnsettled: o.maxUnsettled,
+      weights: o.weights,
+      expiresMs: o.expiresMs,
+      workingIntervalMs: o.workingIntervalMs,
+      admit,
+      control: (x) => {
+        ctl = x;
+      },
+      ...(o.drain ? { drain: o.drain } : {}),
+      onPullError: (lane, err) => pullError(lane.priority, err),
+      ...(o.onUnsettledChange ? { onUnsettledChange: o.onUnsettledChange } : {}),
+    });
+    const inner = gate.subscribe(subscriber);
+    const drainSub = o.drain?.subscribe(() => {
+      for (const list of parked.values()) for (const { d } of list) d.nak();
+      parked.clear();
+    });
+
+    /** Lanes from before (this or another process), then the shared consumers. */
+    const startUp = async (): Promise<void> => {
+      announcements ??= o.nc.subscribe(LANE_SUBJECT_ALL, {
+        callback: (err, m) => {
+          if (err || closed) return;
+          const p = m.subject.split(".")[2] as Priority;
+          const a = decodeAnnouncement(m.data);
+          // (Its own announcements were applied when made.)
+          if (a && a.owner !== me && o.priorities.includes(p)) apply(p, a);
+        },
+      });
+      await o.nc.flush();
+      await loadLanes();
+      for (const p of o.priorities) {
+        if (closed) return;
+        const consumer = await o.js.consumers.get(STREAM_REQUESTS, durableName(c, p));
+        // The shared consumer serves every tenant without a lane: it weighs as two lanes.
+        ctl?.add({ key: p, priority: p, cost: SHARED_COST, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) });
+      }
+    };
+    const loadLanes = async (): Promise<void> => {
+      for await (const ci of o.jsm.consumers.list(STREAM_REQUESTS)) {
+        const p = o.priorities.find((x) => ci.name.startsWith(laneConsumerPrefix(c.durablePrefix, x)));
+        const tenant = ci.config.filter_subject?.split(".")[3];
+        if (!p || !tenant) continue;
+        const a = parseLaneDescription(tenant, ci.config.description);
+        if (a && !views.has(keyOf(p, tenant))) apply(p, a);
+      }
+    };
+    const start = (failures: number): void => {
+      startUp().catch((err: unknown) => {
+        if (closed) return;
+        pullError(o.priorities[0] ?? "normal", err);
+        const t = setTimeout(() => start(failures + 1), backoffMs(failures, PULL_RETRY));
+        t.unref();
+        timers.add(t);
+      });
+    };
+    start(0);
+
+    // Announcements may be missed while disconnected: hold the shared consumers' requests until
+    // any stage begun meanwhile has finished or expired, and read the lanes again.
+    const status = o.nc.status();
+    void (async () => {
+      for await (const s of status) {
+        if (closed) return;
+        if (s.type === "reconnect") {
+          quietUntil = Date.now() + LANE_STAGE_TTL_MS;
+          void loadLanes().catch((err: unknown) => pullError(o.priorities[0] ?? "normal", err));
+        }
+      }
+    })().catch(() => undefined);
+
+    return () => {
+      closed = true;
+      inner.unsubscribe();
+      drainSub?.unsubscribe();
+      announcements?.unsubscribe();
+      if (checkTimer) clearTimeout(checkTimer);
+      for (const t of timers) clearTimeout(t);
+    };
+  });
+}
