@@ -1,7 +1,7 @@
 import { map, type OperatorFunction } from "rxjs";
 import { infer, type google } from "../proto/gen/inference.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type Outcome } from "./types.js";
-import { PRIORITIES, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../proto/wire.js";
+import { PRIORITIES, type ErrorCode, type Priority, TOKEN_RE, ID_RE, VERSION_RE, DEADLINE_RE, DEFAULT_MAX_PAYLOAD_BYTES, INFER_SESSION_RE as SESSION_RE, H } from "../proto/wire.js";
 
 /** Largest `parameters.max_tokens` accepted by default. */
 export const DEFAULT_MAX_TOKENS_LIMIT = 1_000_000;
@@ -33,6 +33,12 @@ type Draft = { -readonly [K in keyof InferJob]: InferJob[K] };
 /** A rejected request; thrown only inside this module and always caught. */
 class RequestRejected extends Error {
   override readonly name = "RequestRejected";
+  constructor(
+    message: string,
+    readonly code: ErrorCode = INVALID,
+  ) {
+    super(message);
+  }
 }
 
 /**
@@ -66,7 +72,8 @@ export function decodeDelivery(d: Delivery, opts: DecodeOptions = {}): Decoded {
   } catch (err) {
     if (draft !== undefined) {
       const message = err instanceof RequestRejected ? err.message : `request could not be decoded: ${describe(err)}`;
-      return { ok: false, outcome: { kind: "result", job: draft, result: errorResult(draft, INVALID, message) } };
+      const code = err instanceof RequestRejected ? err.code : INVALID;
+      return { ok: false, outcome: { kind: "result", job: draft, result: errorResult(draft, code, message) } };
     }
     return dead(d, partial, `request could not be decoded: ${describe(err)}`);
   }
@@ -129,6 +136,11 @@ function readHeaders(d: Delivery, draft: Draft): void {
     }
     draft.deadlineMs = ms;
   }
+  const session = d.header(H.inferSession);
+  if (session !== undefined) {
+    if (!SESSION_RE.test(session)) reject(`header Infer-Session ${quote(session)} does not match ${SESSION_RE.source}`);
+    draft.session = session;
+  }
   const stream = d.header("Infer-Stream");
   if (stream !== undefined) {
     if (stream !== "0" && stream !== "1") reject(`header Infer-Stream ${quote(stream)} is not "0" or "1"`);
@@ -139,8 +151,10 @@ function readHeaders(d: Delivery, draft: Draft): void {
 // ---- body ---------------------------------------------------------------------------------
 
 function readBody(d: Delivery, draft: Draft, opts: DecodeOptions): void {
+  if (d.bodyError !== undefined) throw new RequestRejected(d.bodyError.message, d.bodyError.code);
   const maxBytes = opts.maxPayloadBytes ?? DEFAULT_MAX_PAYLOAD_BYTES;
-  if (d.data.byteLength > maxBytes) reject(`body of ${d.data.byteLength} bytes is over the limit of ${maxBytes} bytes`);
+  // A body read from the object store was checked against its own limit there.
+  if (d.wireData === undefined && d.data.byteLength > maxBytes) reject(`body of ${d.data.byteLength} bytes is over the limit of ${maxBytes} bytes`);
 
   const contentType = d.header("Content-Type");
   let body: RequestBody;

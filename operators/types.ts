@@ -30,6 +30,13 @@ export interface Delivery {
   term(reason?: string): void;
   /** Tell the queue the message is still being worked on (resets its redelivery timer). */
   working(): void;
+  /**
+   * The body as stored in the stream, when `data` was read from elsewhere (a claim check in the
+   * object store): a dead letter copies this, not the large body.
+   */
+  readonly wireData?: Uint8Array;
+  /** Why the body could not be read (a step before decoding sets it); the request is answered with it. */
+  readonly bodyError?: ErrorInfo;
 }
 
 /** A decoded, valid request on its way through the pipeline. */
@@ -47,6 +54,8 @@ export interface InferJob {
   readonly deadlineMs?: number;
   /** `Infer-Stream: 1`. */
   readonly stream: boolean;
+  /** `Infer-Session` header: requests of one conversation, routed to the same worker when it can take them. */
+  readonly session?: string;
   readonly traceparent?: string;
   readonly tracestate?: string;
   readonly delivery: Delivery;
@@ -63,6 +72,11 @@ export interface InferJob {
    * the client and its delivery is not the request's (settling it does nothing).
    */
   readonly shadow?: boolean;
+  /**
+   * The key its answer is cached under: set when the request was looked up in the result cache
+   * and not found there, so its result is stored under this key once it is ok.
+   */
+  readonly cacheKey?: string;
 }
 
 /** A job whose model version has been chosen. */
@@ -85,6 +99,11 @@ export interface Timing {
   batch_size: number;
   worker_ms: number;
   total_ms: number;
+  /**
+   * For a model with a result cache: `hit` when the answer came from the cache (no worker ran
+   * it; `batch_size` and `worker_ms` are 0), `miss` when it was looked up and run.
+   */
+  cache?: "hit" | "miss";
 }
 
 /** The result payload published on `infer.res.<tenant>.<id>` (PROTOCOL.md, "A result"). */

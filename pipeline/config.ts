@@ -4,6 +4,7 @@
  */
 import { readFileSync } from "node:fs";
 import type { Priority } from "../proto/wire.js";
+import { DEFAULT_CACHE_MAX_AGE_MS, DEFAULT_CACHE_MAX_BYTES } from "./cache/result-cache.js";
 import type { ModelSpec } from "./routing/registry.js";
 import { parseTenantsConfig, type TenantLimits } from "./routing/tenant-limits.js";
 import { defaultGatewaySettings, validateGatewaySettings, type GatewaySettings } from "./gateway/config.js";
@@ -24,6 +25,13 @@ export interface StreamsConfig {
   dlqMaxAgeMs: number;
   /** Largest message the streams accept. */
   maxMsgSize: number;
+  /**
+   * Longest an answer stays in the result cache (bucket `infer_cache`), whatever a model's
+   * `cache.ttl_ms`: NATS 2.9 has no per-message TTL, so this is the bucket's max age.
+   */
+  cacheMaxAgeMs: number;
+  /** Size bound of the result cache; when full, new answers are not stored until old ones expire. */
+  cacheMaxBytes: number;
 }
 
 export interface ConsumerSettings {
@@ -45,6 +53,12 @@ export interface PipelineSettings {
    * pipeline/intake/lanes.ts). Off: one consumer per priority, stream order, never a lane.
    */
   tenantLanes: boolean;
+  /**
+   * With tenant lanes, what a tenant's fair share counts: `tokens` (prompt plus completion,
+   * estimated from the request and corrected by its usage: a tenant with longer prompts gets
+   * fewer requests, not more of the device) or `requests`.
+   */
+  fairShare: "tokens" | "requests";
   /** Shares of the in-flight bound under backlog, per priority (an idle priority lends its share). */
   priorityWeights: Record<Priority, number>;
   maxPayloadBytes: number;
@@ -94,12 +108,27 @@ export interface TelemetrySettings {
   serviceName: string;
 }
 
+/** The claim check: bodies over a threshold travel through the object store (docs/protocol.md). */
+export interface PayloadSettings {
+  /** Results larger than this (bytes of JSON) are written to the tenant's object store bucket. */
+  thresholdBytes: number;
+  /** Largest body read from the object store (a request) or written to it (a result). */
+  maxObjectBytes: number;
+  /** Bytes of large request bodies held in memory at once; pulling waits beyond it. */
+  memoryBytes: number;
+  /** How often the sweeper looks for objects whose message is gone (0: no sweeper in this process). */
+  sweepIntervalMs: number;
+  /** An object younger than this is never swept (a write whose message is still on its way). */
+  orphanGraceMs: number;
+}
+
 export interface SluiceConfig {
   servers: string[];
   telemetry: TelemetrySettings;
   streams: StreamsConfig;
   consumer: ConsumerSettings;
   pipeline: PipelineSettings;
+  payloads: PayloadSettings;
   /** Models written to the registry at start-up when the registry does not have them yet. */
   models: Record<string, ModelSpec>;
   /** Workers known from configuration (besides those that register themselves). */
@@ -129,6 +158,8 @@ export function defaultConfig(): SluiceConfig {
       resultsMaxAgeMs: DAY,
       dlqMaxAgeMs: 14 * DAY,
       maxMsgSize: 1024 * 1024,
+      cacheMaxAgeMs: DEFAULT_CACHE_MAX_AGE_MS,
+      cacheMaxBytes: DEFAULT_CACHE_MAX_BYTES,
     },
     consumer: {
       durablePrefix: "sluice",
@@ -140,6 +171,7 @@ export function defaultConfig(): SluiceConfig {
       maxInFlight: 256,
       priorityWeights: { high: 8, normal: 4, low: 1 },
       tenantLanes: true,
+      fairShare: "tokens",
       maxPayloadBytes: 256 * 1024,
       pullExpiresMs: 5_000,
       publishConcurrency: 256,
@@ -152,6 +184,13 @@ export function defaultConfig(): SluiceConfig {
       tenantMaxWaitMs: 30_000,
       healthIntervalMs: 1_000,
       workerTtlMs: 15_000,
+    },
+    payloads: {
+      thresholdBytes: 256 * 1024,
+      maxObjectBytes: 64 * 1024 * 1024,
+      memoryBytes: 256 * 1024 * 1024,
+      sweepIntervalMs: 5 * MINUTE,
+      orphanGraceMs: 10 * MINUTE,
     },
     models: {},
     workers: [],
@@ -255,6 +294,8 @@ export function validateConfig(cfg: SluiceConfig): void {
     if (!["high", "normal", "low"].includes(p)) throw new ConfigError(`pipeline.priorityWeights: unknown priority '${p}'`);
     if (typeof w !== "number" || !Number.isFinite(w) || w <= 0) throw new ConfigError(`pipeline.priorityWeights.${p} must be a number > 0`);
   }
+  if (cfg.pipeline.fairShare !== "tokens" && cfg.pipeline.fairShare !== "requests")
+    throw new ConfigError(`pipeline.fairShare must be "tokens" or "requests", got ${JSON.stringify(cfg.pipeline.fairShare)}`);
   pos(cfg.pipeline.maxPayloadBytes, "pipeline.maxPayloadBytes");
   pos(cfg.pipeline.batchesPerWorker, "pipeline.batchesPerWorker");
   if (!Number.isFinite(cfg.pipeline.publishRetryMs) || cfg.pipeline.publishRetryMs < 0)
@@ -263,6 +304,14 @@ export function validateConfig(cfg: SluiceConfig): void {
   pos(cfg.consumer.maxDeliver, "consumer.maxDeliver");
   pos(cfg.consumer.maxAckPending, "consumer.maxAckPending");
   pos(cfg.streams.replicas, "streams.replicas");
+  pos(cfg.streams.cacheMaxAgeMs, "streams.cacheMaxAgeMs");
+  pos(cfg.streams.cacheMaxBytes, "streams.cacheMaxBytes");
+  pos(cfg.payloads.thresholdBytes, "payloads.thresholdBytes");
+  pos(cfg.payloads.maxObjectBytes, "payloads.maxObjectBytes");
+  pos(cfg.payloads.memoryBytes, "payloads.memoryBytes");
+  pos(cfg.payloads.orphanGraceMs, "payloads.orphanGraceMs");
+  if (!Number.isFinite(cfg.payloads.sweepIntervalMs) || cfg.payloads.sweepIntervalMs < 0)
+    throw new ConfigError(`payloads.sweepIntervalMs must be a number >= 0, got ${cfg.payloads.sweepIntervalMs}`);
   try {
     parseTenantsConfig(cfg.tenants);
   } catch (err) {

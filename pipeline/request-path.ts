@@ -3,26 +3,30 @@
  * serves live traffic (`PipelineService`) and replays.
  *
  * ```
- * deliveries ─ decode ─ answered before? ─ admit (deadline) ─ route ─ give up? ─ shadow copies ─ batch ─ dispatch ─┬─ settle ─▶ Settled
- *                                                                                               └─ shadow results
+ * deliveries ─ decode ─ answered before? ─ admit (deadline) ─ route ─ give up? ─ cached? ─ shadow copies ─ batch ─ dispatch ─ store in cache ─┬─ settle ─▶ Settled
+ *                                                                                                                    └─ shadow results
  * ```
  */
 import { connect, filter, map, merge, mergeMap, pipe, share, tap, type Observable, type OperatorFunction } from "rxjs";
 import { admitByDeadline } from "../operators/admit-by-deadline.js";
+import { answerFromCache, type CachedAnswers } from "../operators/answer-from-cache.js";
 import { batchByModelVersion } from "../operators/batch-by-model-version.js";
 import { decodeRequest } from "../operators/decode-request.js";
 import { dispatchBatch, type BatchDispatcher } from "../operators/dispatch-batch.js";
 import { generateEach, type Chunk, type Generator } from "../operators/generate-each.js";
 import { onJobs } from "../operators/on-jobs.js";
+import { isOutcome } from "../operators/outcome.js";
 import { admitByTenantLimits, DEFAULT_TENANT_MAX_WAIT_MS } from "../operators/admit-by-tenant-limits.js";
 import { routeToVersion, type RouteDecision } from "../operators/route-to-version.js";
 import { settleOutcomes, type ResultSink, type Settled } from "../operators/settle-outcome.js";
 import { skipAnswered } from "../operators/skip-answered.js";
+import { storeInCache, type AnswerStore } from "../operators/store-in-cache.js";
 import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../operators/types.js";
 import { withShadowCopies } from "../operators/with-shadow-copies.js";
 import type { ModelTable } from "./routing/registry.js";
 import type { Tracing } from "./telemetry/types.js";
 import type { TenantLimiter } from "./routing/tenant-limits.js";
+import type { TokenFairShare } from "./intake/token-fair-share.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;
@@ -51,8 +55,14 @@ export interface PipelineSteps {
     publish: (o: Outcome) => Promise<void>;
     onSkipped?: () => void;
   };
+  /** The result cache: deterministic requests of models with `cache` answered without a worker. Off when omitted. */
+  cache?: CachedAnswers<RoutedJob> & AnswerStore;
+  /** Token-weighted fair share: hears each admitted request (charged) and each settled one (corrected). */
+  fairShare?: Pick<TokenFairShare, "admitted" | "settled">;
   /** Request spans: started after decoding, ended when settled. */
   tracing?: Tracing;
+  /** Runs before decoding: reads bodies held in the object store (claim check); none when omitted. */
+  resolveBodies?: OperatorFunction<Delivery, Delivery>;
   maxPayloadBytes: number;
   maxDeliver: number;
   publishConcurrency: number;
@@ -78,6 +88,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
   return (deliveries) => {
     // (Two pipes: RxJS types at most nine operators in one.)
     const admitted$ = deliveries.pipe(
+      steps.resolveBodies ?? ((x: Observable<Delivery>) => x),
       decodeRequest({ maxPayloadBytes: steps.maxPayloadBytes }),
       tap((d) => {
         const t = steps.tracing;
@@ -87,9 +98,12 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         else t.startRequest(d.outcome.job.delivery, d.outcome.job);
       }),
       map((d): InferJob | Outcome => (d.ok ? d.job : d.outcome)),
+      tap((x) => {
+        if (!isOutcome(x)) steps.fairShare?.admitted(x);
+      }),
     );
     const storedResult = steps.sink.storedResult?.bind(steps.sink);
-    const outcomes$ = admitted$.pipe(
+    const routed$ = admitted$.pipe(
       // A redelivered request answered before (a crash, a lost ack) is not run again.
       onJobs(storedResult ? skipAnswered(storedResult) : (x: Observable<InferJob>) => x),
       onJobs(map((job: InferJob) => (isCancelled(job) ? cancelledOutcome(job) : job))),
@@ -98,6 +112,9 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       onJobs(routeToVersion(route)),
       onJobs(tap((job: RoutedJob) => steps.tracing?.requestOf(job.delivery)?.setJob(job))),
       onJobs(map((job: RoutedJob) => giveUpAfter(job, steps.maxDeliver, table.timeoutMs(job.model)))),
+      onJobs(steps.cache ? answerFromCache(steps.cache) : (x: Observable<RoutedJob>) => x),
+    );
+    const outcomes$ = routed$.pipe(
       onJobs<RoutedJob, Outcome>(
         pipe(
           shadowStep,
@@ -131,6 +148,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
           ),
         ),
       ),
+      steps.cache ? storeInCache(steps.cache) : (x: Observable<Outcome>) => x,
       share(),
     );
     const settled$ = outcomes$.pipe(
@@ -145,6 +163,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
       tap((s) => {
         steps.tracing?.settle(s);
         steps.tenantLimits?.releasedOutcome(s.outcome);
+        steps.fairShare?.settled(s);
       }),
     );
     const shadow = steps.shadow;

@@ -29,6 +29,10 @@ import type { WorkerPool, WorkerConnection } from "./workers/pool.js";
 import { consoleLogger, type PipelineLogger } from "./support/logger.js";
 import { Teardowns } from "./support/teardown.js";
 import { connectNats } from "./connection.js";
+import { CacheMetrics } from "./cache/cache-metrics.js";
+import { ResultCache } from "./cache/result-cache.js";
+import { TokenFairShare } from "./intake/token-fair-share.js";
+import { PipelineClaimCheck } from "./payloads/pipeline-claim-check.js";
 
 export interface PipelineStartOptions {
   /** Tracing to use instead of starting one from the configuration (not shut down on stop). */
@@ -52,6 +56,7 @@ interface PipelineParts {
   tracing: Tracing;
   metrics: PipelineMetrics;
   tenants: TenantRegistry;
+  cache: ResultCache;
   log: PipelineLogger;
   teardowns: Teardowns;
 }
@@ -87,6 +92,8 @@ export class PipelineService {
   readonly tracing: Tracing;
   readonly metrics: PipelineMetrics;
   readonly tenants: TenantRegistry;
+  /** The result cache (bucket `infer_cache`). */
+  readonly cache: ResultCache;
   private readonly log: PipelineLogger;
   /** Undo what {@link start} started, last first; {@link stop} runs them after draining. */
   private readonly teardowns: Teardowns;
@@ -102,12 +109,16 @@ export class PipelineService {
     this.tracing = parts.tracing;
     this.metrics = parts.metrics;
     this.tenants = parts.tenants;
+    this.cache = parts.cache;
     this.log = parts.log;
     this.teardowns = parts.teardowns;
   }
 
   /** Cancellations heard on `infer.cancel.*.*`. */
   readonly cancels = new CancelRegistry();
+
+  /** Bodies beyond the threshold through the object store (created when the pipeline runs). */
+  payloads: PipelineClaimCheck | undefined;
 
   /** The `/metrics` server, when one runs. */
   metricsServer: MetricsServer | undefined;
@@ -165,6 +176,13 @@ export class PipelineService {
         onInvalid: (key, err) => log.warn(`tenant registry: ignoring '${key}': ${err.message}`),
       });
       teardowns.add("tenant registry", () => tenants.stop());
+      const cache = await ResultCache.open(nc, {
+        table: fleet.registry!.table,
+        replicas: config.streams.replicas,
+        maxAgeMs: config.streams.cacheMaxAgeMs,
+        maxBytes: config.streams.cacheMaxBytes,
+        metrics: new CacheMetrics(metrics.registry),
+      });
       const svc = new PipelineService({
         config,
         nc,
@@ -176,6 +194,7 @@ export class PipelineService {
         tracing,
         metrics,
         tenants,
+        cache,
         log,
         teardowns,
       });
@@ -217,6 +236,7 @@ export class PipelineService {
       this.log.warn(`pull (${priority}) failed: ${(err as Error)?.message ?? err}`);
     };
     const workingIntervalMs = Math.max(100, Math.floor(c.ackWaitMs / 3));
+    const fairShare = p.tenantLanes && p.fairShare === "tokens" ? new TokenFairShare() : undefined;
     const source$ = p.tenantLanes
       ? laneIntake({
           nc: this.nc,
@@ -232,6 +252,7 @@ export class PipelineService {
           onPullError,
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
           drain: this.drainSignal,
+          ...(fairShare ? { fairShare } : {}),
         })
       : creditGate({
           lanes,
@@ -244,12 +265,26 @@ export class PipelineService {
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;
+    const payloads = new PipelineClaimCheck({
+      js: this.js,
+      jsm: this.jsm,
+      maxPayload: () => this.nc.info?.max_payload,
+      settings: this.config.payloads,
+      streams: this.config.streams,
+      maxDeliver: c.maxDeliver,
+      retryDelayMs: (n) => Math.min(pp.retryMaxMs, pp.retryBaseMs * 2 ** Math.max(0, n - 1)),
+      onSweepError: (err) => this.log.warn(`payload sweep failed: ${(err as Error)?.message ?? err}`),
+    });
+    this.payloads = payloads;
+    payloads.start();
+    this.teardowns.add("payload sweeper", () => payloads.stop());
     const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
-        sink: new StreamResultSink(this.js, this.jsm, this.tracing),
+        sink: new StreamResultSink(this.js, this.jsm, this.tracing, payloads.results),
         tracing: this.tracing,
+        resolveBodies: payloads.resolveBodies(),
         generator: this.pool,
         publishChunk: (job, c) => {
           this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
@@ -257,6 +292,8 @@ export class PipelineService {
         isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
         tenantLimits: this.tenants.limiter,
         tenantMaxWaitMs: pp.tenantMaxWaitMs,
+        cache: this.cache,
+        ...(fairShare ? { fairShare } : {}),
         shadow: { maxInFlight: pp.maxInFlight, publish: (o) => this.publishShadow(o), onSkipped: () => this.stats.shadowSkipped++ },
         maxPayloadBytes: pp.maxPayloadBytes,
         maxDeliver: c.maxDeliver,

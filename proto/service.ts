@@ -26,6 +26,10 @@ export type IGenerateRequest = gen.infer.v1.IGenerateRequest;
 export type GenerateRequest = gen.infer.v1.GenerateRequest;
 export type IGenerateChunk = gen.infer.v1.IGenerateChunk;
 export type GenerateChunk = gen.infer.v1.GenerateChunk;
+export type ILoadRequest = gen.infer.v1.ILoadRequest;
+export type LoadRequest = gen.infer.v1.LoadRequest;
+export type IWorkerLoad = gen.infer.v1.IWorkerLoad;
+export type WorkerLoad = gen.infer.v1.WorkerLoad;
 export type IHealthCheckRequest = gen.grpc.health.v1.IHealthCheckRequest;
 export type HealthCheckRequest = gen.grpc.health.v1.HealthCheckRequest;
 export type IHealthCheckResponse = gen.grpc.health.v1.IHealthCheckResponse;
@@ -91,6 +95,7 @@ const health = grpcHealth.health.v1;
 export interface WorkerServiceDefinitionType extends grpc.ServiceDefinition {
   readonly Infer: WireMethodDefinition<IInferBatch, IInferBatchResult, InferBatch, InferBatchResult>;
   readonly Generate: WireMethodDefinition<IGenerateRequest, IGenerateChunk, GenerateRequest, GenerateChunk>;
+  readonly GetLoad: WireMethodDefinition<ILoadRequest, IWorkerLoad, LoadRequest, WorkerLoad>;
 }
 
 export const WorkerServiceDefinition: WorkerServiceDefinitionType = {
@@ -107,6 +112,13 @@ export const WorkerServiceDefinition: WorkerServiceDefinitionType = {
     true,
     v1.GenerateRequest,
     v1.GenerateChunk,
+  ),
+  GetLoad: method<ILoadRequest, IWorkerLoad, LoadRequest, WorkerLoad>(
+    `/${WORKER_SERVICE_NAME}/GetLoad`,
+    "getLoad",
+    false,
+    v1.LoadRequest,
+    v1.WorkerLoad,
   ),
 };
 
@@ -141,6 +153,8 @@ export type ServingStatus = gen.grpc.health.v1.HealthCheckResponse.ServingStatus
 export interface WorkerServiceHandlers extends grpc.UntypedServiceImplementation {
   Infer: grpc.handleUnaryCall<InferBatch, IInferBatchResult>;
   Generate: grpc.handleServerStreamingCall<GenerateRequest, IGenerateChunk>;
+  /** A server whose engine reports no load answers UNIMPLEMENTED, as one older than it does. */
+  GetLoad: grpc.handleUnaryCall<LoadRequest, IWorkerLoad>;
 }
 
 /** Handlers a server implements for {@link HealthServiceDefinition}. */

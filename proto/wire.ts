@@ -42,6 +42,8 @@ export const VERSION_RE = /^[A-Za-z0-9._-]{1,64}$/;
 export const WORKER_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 /** A replay session name. */
 export const SESSION_RE = /^[A-Za-z0-9_-]{1,64}$/;
+/** `Infer-Session`: a conversation, kept on one worker while it can take it. */
+export const INFER_SESSION_RE = /^[A-Za-z0-9._:@-]{1,128}$/;
 /** `Infer-Deadline`: epoch milliseconds, digits only. */
 export const DEADLINE_RE = /^[1-9][0-9]*$/;
 
@@ -100,6 +102,8 @@ export const H = {
   version: "Infer-Version",
   deadline: "Infer-Deadline",
   stream: "Infer-Stream",
+  /** A conversation: its requests go to the worker the last one went to, while it can take them. */
+  inferSession: "Infer-Session",
   status: "Infer-Status",
   errorCode: "Infer-Error-Code",
   errorReason: "Infer-Error-Reason",
@@ -111,6 +115,12 @@ export const H = {
   originalSeq: "Infer-Original-Seq",
   /** Dead letter: the request's body and headers were too large to keep; why, and where it is. */
   bodyOmitted: "Infer-Body-Omitted",
+  /** Claim check: the body is the object of this key in the tenant's payload bucket (`req/<id>`, `res/<id>`). */
+  bodyRef: "Infer-Body-Ref",
+  /** Claim check: the object's size in bytes. */
+  bodySize: "Infer-Body-Size",
+  /** Claim check (optional): the object's digest, `SHA-256=<base64url>`. */
+  bodyDigest: "Infer-Body-Digest",
 } as const;
 
 /** Headers a replay adds to its results and dead letters. */
@@ -120,6 +130,8 @@ export const REPLAY_HEADERS = {
   session: "Infer-Replay-Session",
   /** Stream sequence of the original request in `INFER_REQ`. */
   ofSeq: "Infer-Replay-Of-Seq",
+  /** A result too large for one message went without its output (the report compares it whole). */
+  outputOmitted: "Infer-Replay-Output-Omitted",
 } as const;
 
 // ---- streams and buckets ------------------------------------------------------------------
@@ -134,7 +146,11 @@ export const MODELS_BUCKET = "infer_models";
 export const TENANTS_BUCKET = "infer_tenants";
 /** Worker registrations: key `<model>.<version>.<worker-id>`. */
 export const WORKERS_BUCKET = "infer_workers";
+/** Large bodies (claim check): object store bucket `infer_payloads_<tenant>`, keys `req/<id>`, `res/<id>`. */
+export const PAYLOADS_BUCKET_PREFIX = "infer_payloads_";
 /** API keys of the HTTP gateway: key the SHA-256 hex of an API key, value `{"tenant": …}`. */
 export const API_KEYS_BUCKET = "infer_api_keys";
 /** Async requests accepted by the HTTP gateway: key `<tenant>.<id>`. */
 export const HTTP_REQUESTS_BUCKET = "infer_http_requests";
+/** Result cache: key `tenant.<tenant>.<model>.<hash>` or `shared.<model>.<hash>`. */
+export const CACHE_BUCKET = "infer_cache";

@@ -73,6 +73,22 @@ export interface EngineGeneration extends AsyncIterable<EngineToken> {
   usage(): EngineUsage;
 }
 
+/** An engine's load (the `WorkerLoad` message of the wire). */
+export interface EngineLoad {
+  /** Requests waiting to be admitted. */
+  readonly waiting: number;
+  /** Requests admitted (prefilling or decoding). */
+  readonly running: number;
+  /** Share of the KV cache in use, 0 to 1. */
+  readonly kvUsage: number;
+  /** KV cache capacity in tokens, when known. */
+  readonly kvCapacityTokens?: number;
+  /** Hashes of the prefix blocks held (proto/prefix-blocks.ts), when asked for and known. */
+  readonly prefixBlocks?: readonly string[];
+  /** Tokens per block of `prefixBlocks`. */
+  readonly blockTokens?: number;
+}
+
 export interface Engine {
   /**
    * Runs a batch. Resolves with one result per request, in the order of the batch; a request
@@ -87,6 +103,12 @@ export interface Engine {
    * throws the signal's reason.
    */
   generate(request: EngineRequest, signal: AbortSignal): EngineGeneration;
+  /**
+   * The engine's current load, for the pipeline's routing. Optional: an engine without it makes
+   * its worker answer `GetLoad` with UNIMPLEMENTED, and the pipeline routes by what it knows.
+   * Rejects when the load cannot be read (the worker then answers UNAVAILABLE).
+   */
+  load?(options: { prefixBlocks: boolean }, signal: AbortSignal): Promise<EngineLoad>;
   /** How many items the engine can take at once (the worker's registered capacity). */
   readonly capacity: number;
   /** Stops the engine: work still queued or running fails. Safe to call twice. */

@@ -6,6 +6,7 @@
  * createEngine({ engine: "vllm", url: "http://10.0.0.7:8000", model: "llama3-8b" });
  * createEngine({ engine: "deepspeed-mii", url: "http://10.0.0.7:28080", model: "mistral-deployment" });
  * createEngine({ engine: "simulated", base_ms: 8, per_item_ms: 0.5 });
+ * createEngine({ engine: "llm-sim", kv_tokens: 32768, max_running: 32 });
  * ```
  *
  * A description that does not fit its engine (a missing `url`, an option of another engine, a
@@ -14,14 +15,15 @@
  */
 import type { Engine } from "./engine.js";
 import { DeepSpeedMiiEngine } from "./engines/deepspeed-mii.js";
+import { LlmSimEngine, type LlmSimOptions } from "./engines/llm-sim.js";
 import { SimulatedEngine, type SimulatedEngineOptions } from "./engines/simulated.js";
 import { VllmEngine } from "./engines/vllm.js";
 
 /** The engines {@link createEngine} makes. */
-export const ENGINE_NAMES = ["simulated", "vllm", "deepspeed-mii"] as const;
+export const ENGINE_NAMES = ["simulated", "llm-sim", "vllm", "deepspeed-mii"] as const;
 export type EngineName = (typeof ENGINE_NAMES)[number];
 
-export interface EngineSpec extends SimulatedEngineOptions {
+export interface EngineSpec extends SimulatedEngineOptions, Omit<LlmSimOptions, "capacity"> {
   readonly engine: EngineName;
   /** The inference server's address (`vllm`, `deepspeed-mii`), e.g. `http://10.0.0.7:8000`. */
   readonly url?: string;
@@ -55,12 +57,14 @@ export class EngineSpecError extends Error {
 }
 
 const SIMULATED_OPTIONS = ["base_ms", "per_item_ms", "ttft_ms", "token_interval_ms", "capacity", "call_log_limit"] as const;
+const LLM_SIM_OPTIONS = ["kv_tokens", "max_running", "step_ms", "step_per_seq_ms", "prefill_ms_per_token", "capacity", "log_limit"] as const;
 const VLLM_OPTIONS = ["url", "model", "apiKey", "chat", "capacity", "requestTimeoutMs", "defaultParameters"] as const;
 const MII_OPTIONS = ["url", "model", "capacity", "requestTimeoutMs", "defaultParameters"] as const;
 
 /** The options each engine takes (besides `engine`). */
 export const ENGINE_OPTIONS: Readonly<Record<EngineName, readonly string[]>> = {
   simulated: SIMULATED_OPTIONS,
+  "llm-sim": LLM_SIM_OPTIONS,
   vllm: VLLM_OPTIONS,
   "deepspeed-mii": MII_OPTIONS,
 };
@@ -83,6 +87,16 @@ export function createEngine(spec: EngineSpec): Engine {
       case "simulated": {
         const { engine: _engine, ...options } = spec;
         return new SimulatedEngine(options);
+      }
+      case "llm-sim": {
+        const options: LlmSimOptions = {};
+        for (const key of LLM_SIM_OPTIONS) {
+          const value = (spec as unknown as Record<string, unknown>)[key];
+          if (value === undefined) continue;
+          if (typeof value !== "number") throw new EngineSpecError("INVALID_OPTION", `engine 'llm-sim': '${key}' must be a number, got ${JSON.stringify(value)}`);
+          options[key] = value;
+        }
+        return new LlmSimEngine(options);
       }
       case "vllm":
         return new VllmEngine({

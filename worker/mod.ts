@@ -10,6 +10,7 @@ export {
   type EngineGeneration,
   type EngineItemError,
   type EngineItemResult,
+  type EngineLoad,
   type EngineOutput,
   type EngineRequest,
   type EngineToken,
@@ -30,6 +31,16 @@ export {
   type SimulatedEngineCounters,
   type SimulatedEngineOptions,
 } from "./engines/simulated.js";
+export {
+  DEFAULT_LLM_KV_TOKENS,
+  DEFAULT_LLM_MAX_RUNNING,
+  LlmSimEngine,
+  realClock,
+  type LlmSimClock,
+  type LlmSimCounters,
+  type LlmSimOptions,
+  type LlmSequenceRecord,
+} from "./engines/llm-sim.js";
 export {
   DEFAULT_STOP_GRACE_MS,
   DEFAULT_WORKER_HOST,

@@ -27,6 +27,8 @@ import {
   type IInferRequest,
   type InferBatch,
   type IOutput,
+  type IWorkerLoad,
+  type LoadRequest,
   type WorkerServiceHandlers,
 } from "../proto/service.js";
 import { EngineClosedError, EngineError, type Engine, type EngineItemResult, type EngineRequest } from "./engine.js";
@@ -88,6 +90,12 @@ export class WorkerServerError extends Error {
 type HealthWatchCall = grpc.ServerWritableStream<HealthCheckRequest, IHealthCheckResponse>;
 type GenerateCall = grpc.ServerWritableStream<GenerateRequest, IGenerateChunk>;
 type InferCall = grpc.ServerUnaryCall<InferBatch, IInferBatchResult>;
+type LoadCall = grpc.ServerUnaryCall<LoadRequest, IWorkerLoad>;
+
+/** The engine offers no load report: the call is answered UNIMPLEMENTED, as by an old worker. */
+class UnimplementedError extends Error {
+  override readonly name = "UnimplementedError";
+}
 
 /** A request of a batch that cannot go to the engine. */
 class InvalidRequest {
@@ -128,6 +136,12 @@ export class WorkerServer {
       },
       Generate: (call) => {
         void this.handleGenerate(call);
+      },
+      GetLoad: (call, callback) => {
+        this.handleGetLoad(call).then(
+          (load) => callback(null, load),
+          (err: unknown) => callback(err instanceof UnimplementedError ? { code: grpc.status.UNIMPLEMENTED, details: err.message } : toStatus(err)),
+        );
       },
     };
     const health: HealthServiceHandlers = {
@@ -345,6 +359,27 @@ export class WorkerServer {
       return { results, engine_ms: engineMs };
     } finally {
       release();
+    }
+  }
+
+  private async handleGetLoad(call: LoadCall): Promise<IWorkerLoad> {
+    const engine = this.engine;
+    if (!engine.load) throw new UnimplementedError("this worker's engine does not report its load");
+    const ac = new AbortController();
+    const onCancelled = (): void => ac.abort(new EngineError("CANCELLED", "call cancelled by the client"));
+    call.on("cancelled", onCancelled);
+    try {
+      const load = await engine.load({ prefixBlocks: call.request.include_prefix_blocks === true }, ac.signal);
+      return {
+        waiting: load.waiting,
+        running: load.running,
+        kv_usage: load.kvUsage,
+        kv_capacity_tokens: load.kvCapacityTokens ?? 0,
+        prefix_blocks: [...(load.prefixBlocks ?? [])],
+        block_tokens: load.prefixBlocks !== undefined ? (load.blockTokens ?? 0) : 0,
+      };
+    } finally {
+      call.removeListener("cancelled", onCancelled);
     }
   }
 

@@ -7,7 +7,7 @@ import type { Command } from "commander";
 import { loadConfig } from "../config.js";
 import { hashApiKey, openApiKeysBucket, putApiKey } from "../gateway/auth.js";
 import { Gateway, SERVICE_GATEWAY } from "../gateway/server.js";
-import { startTracing } from "../telemetry/export.js";
+import { startTracing } from "../telemetry/mod.js";
 import { TOKEN_RE } from "../../proto/wire.js";
 import { connectFailure, isConnectFailure, port, positive, serverOption, serversOf, untilSignal, UsageError, withNats, type ServerOpts } from "./common.js";
 import type { CliContext } from "./program.js";

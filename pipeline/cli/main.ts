@@ -5,8 +5,13 @@
  */
 import { main } from "./program.js";
 
+/** Exits once what was written to stdout has gone out (a pipe takes a large result in pieces). */
+function exitAfterOutput(code: number): void {
+  process.stdout.write("", () => process.exit(code));
+}
+
 main(process.argv.slice(2)).then(
-  (code) => process.exit(code),
+  (code) => exitAfterOutput(code),
   (err: unknown) => {
     console.error(`sluice: ${err instanceof Error ? err.message : String(err)}`);
     process.exit(1);

@@ -26,10 +26,13 @@ export function addServeCommands(program: Command, ctx: CliContext): void {
     .option("--port <n>", "NATS client port (default: a free one)", count)
     .option("--base-ms <n>", "simulated device time per batch, ms", milliseconds)
     .option("--per-item-ms <n>", "simulated device time per request, ms", milliseconds)
+    .option("--llm-sim", "serve the model llm-sim on a worker of its own with the llm-sim engine")
+    .option("--kv-tokens <n>", "with --llm-sim: its KV cache capacity, tokens", positive)
     .addOption(metricsPortOption())
     .addOption(new Option("--gateway-port <port>", "HTTP / OpenAI gateway port (default: a free one; -1 = off)").argParser(port))
-    .action(async (o: { port?: number; baseMs?: number; perItemMs?: number; metricsPort?: number; gatewayPort?: number }) => {
+    .action(async (o: { port?: number; baseMs?: number; perItemMs?: number; metricsPort?: number; gatewayPort?: number; llmSim?: boolean; kvTokens?: number }) => {
       const dev = await DevStack.start({
+        ...(o.llmSim ? { llmSim: o.kvTokens !== undefined ? { kv_tokens: o.kvTokens } : {} } : {}),
         ...(o.port !== undefined ? { port: o.port } : {}),
         ...(o.gatewayPort !== undefined ? { gatewayPort: o.gatewayPort } : {}),
         ...(o.baseMs !== undefined ? { baseMs: o.baseMs } : {}),
@@ -97,6 +100,8 @@ export function addServeCommands(program: Command, ctx: CliContext): void {
     .option("--engine-chat", "vllm: use the chat completions API")
     .option("--base-ms <n>", "simulated engine: device time per batch, ms", milliseconds)
     .option("--per-item-ms <n>", "simulated engine: device time per request, ms", milliseconds)
+    .option("--kv-tokens <n>", "llm-sim engine: KV cache capacity, tokens", positive)
+    .option("--max-running <n>", "llm-sim engine: sequences running at once", positive)
     .option("--register <list>", "write this worker into the registry (bucket infer_workers) as model@version,... and keep it fresh")
     .option("--advertise <host:port>", "the endpoint registered (default: the one listened on)")
     .option("--capacity <n>", "requests this worker takes at once, as registered (default: the engine's)", positive)
@@ -117,6 +122,8 @@ interface WorkerOptions {
   engineChat?: boolean;
   baseMs?: number;
   perItemMs?: number;
+  kvTokens?: number;
+  maxRunning?: number;
   register?: string;
   advertise?: string;
   capacity?: number;
@@ -140,6 +147,8 @@ async function runWorker(o: WorkerOptions): Promise<void> {
       ...(o.engineChat ? { chat: true } : {}),
       ...(o.baseMs !== undefined ? { base_ms: o.baseMs } : {}),
       ...(o.perItemMs !== undefined ? { per_item_ms: o.perItemMs } : {}),
+      ...(o.kvTokens !== undefined ? { kv_tokens: o.kvTokens } : {}),
+      ...(o.maxRunning !== undefined ? { max_running: o.maxRunning } : {}),
     });
   } catch (err) {
     if (!(err instanceof EngineSpecError)) throw err;

@@ -8,13 +8,18 @@
  * await client.close();
  * ```
  */
-import { headers as natsHeaders, nuid, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { headers as natsHeaders, InvalidArgumentError, nuid, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { InferResult } from "../../operators/types.js";
 import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../settle/stored-result.js";
 import type { TraceCarrier, Tracing } from "../telemetry/types.js";
 import { connectNats } from "../connection.js";
+import { PayloadError } from "../payloads/errors.js";
+import { DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES, DEFAULT_MAX_OBJECT_BYTES, payloadKey } from "../payloads/names.js";
+import { setReference } from "../payloads/reference.js";
+import { HEADER_HEADROOM_BYTES, resolveResult } from "../payloads/results.js";
+import { PayloadStore } from "../payloads/store.js";
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
@@ -52,6 +57,8 @@ export interface InferOptions {
   timeoutMs?: number;
   traceparent?: string;
   tracestate?: string;
+  /** Requests of one conversation (`Infer-Session`): routed to the worker that served the last one when it can. */
+  session?: string;
   /** Ask for token streaming (`Infer-Stream: 1`). */
   stream?: boolean;
   /**
@@ -86,6 +93,22 @@ export interface ClientOptions {
    * default). A larger one is refused before it is sent (INVALID_ARGUMENT).
    */
   maxPayloadBytes?: number;
+  /** Claim check: bodies through the object store (docs/protocol.md, "Large bodies"). */
+  payloads?: ClientPayloadOptions;
+}
+
+export interface ClientPayloadOptions {
+  /**
+   * Request bodies larger than this (or than the server's max_payload less 16 KiB) go to the
+   * tenant's object store bucket and the request carries a reference (default 256 KiB).
+   * `Infinity`: always inline; then a body over `maxPayloadBytes` or the server's max_payload is
+   * refused with INVALID_ARGUMENT before it is sent.
+   */
+  thresholdBytes?: number;
+  /** Largest request body sent through the object store (default 64 MiB, the pipeline's `payloads.maxObjectBytes`). */
+  maxBodyBytes?: number;
+  /** Largest result read from the object store (default 64 MiB). */
+  maxResultBytes?: number;
 }
 
 /** What {@link InferenceClient.stream} yields: chunks, then the result. */
@@ -116,6 +139,11 @@ export class InferenceClient {
   private readonly js: JetStreamClient;
   private jsm: Promise<JetStreamManager> | undefined;
   private closed = false;
+  /** The tenant's object store bucket, for bodies over the threshold (docs/protocol.md, "Large bodies"). */
+  private readonly payloadStore: PayloadStore;
+  private readonly thresholdBytes: number;
+  private readonly maxResultBytes: number;
+  private readonly maxBodyBytes: number;
 
   constructor(
     readonly nc: NatsConnection,
@@ -123,14 +151,20 @@ export class InferenceClient {
     private readonly ownsConnection = false,
     private readonly tracing?: Tracing,
     private readonly maxPayloadBytes: number = DEFAULT_MAX_PAYLOAD_BYTES,
+    payloads: ClientPayloadOptions = {},
   ) {
     if (!TOKEN_RE.test(tenant)) throw new InferenceError("INVALID_ARGUMENT", `tenant '${tenant}' must be 1-64 of a-z 0-9 _ -`);
-    this.js = jetstream(nc);
+    // No API check: a tenant's user may use its own streams' API subjects and nothing else.
+    this.js = jetstream(nc, { checkAPI: false });
+    this.payloadStore = new PayloadStore(this.js);
+    this.thresholdBytes = payloads.thresholdBytes ?? DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES;
+    this.maxResultBytes = payloads.maxResultBytes ?? DEFAULT_MAX_OBJECT_BYTES;
+    this.maxBodyBytes = payloads.maxBodyBytes ?? DEFAULT_MAX_OBJECT_BYTES;
   }
 
   static async connect(opts: ClientOptions): Promise<InferenceClient> {
     const nc = await connectNats(opts.servers, opts.name ?? `sluice-client-${opts.tenant}`);
-    return new InferenceClient(nc, opts.tenant, true, opts.tracing, opts.maxPayloadBytes);
+    return new InferenceClient(nc, opts.tenant, true, opts.tracing, opts.maxPayloadBytes, opts.payloads);
   }
 
   /** Publishes a request and resolves with its `ok` result; rejects with an InferenceError. */
@@ -263,13 +297,31 @@ export class InferenceClient {
     if (opts.version) h.set(H.version, opts.version);
     if (opts.deadlineMs !== undefined) h.set(H.deadline, String(Math.floor(opts.deadlineMs)));
     if (opts.stream) h.set(H.stream, "1");
-    const data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
-    this.checkBodySize(data.length);
+    if (opts.session !== undefined) h.set(H.inferSession, opts.session);
+    let data = body instanceof Uint8Array ? body : encoder.encode(JSON.stringify(body));
+    const bodyBytes = data.length;
+    let claimed = false;
+    // Over the threshold, or over what the server takes in one message: through the object store.
+    const maxPayload = this.nc.info?.max_payload;
+    const limit = Number.isFinite(this.thresholdBytes) && maxPayload !== undefined ? Math.min(this.thresholdBytes, maxPayload - HEADER_HEADROOM_BYTES) : this.thresholdBytes;
+    if (data.length > limit) {
+      if (data.length > this.maxBodyBytes) {
+        throw new InferenceError("INVALID_ARGUMENT", `request body of ${data.length} bytes is over the limit of ${this.maxBodyBytes} bytes for bodies through the object store`);
+      }
+      // Claim check: the body goes to the object store, the request carries its reference.
+      try {
+        setReference(h, await this.payloadStore.put(this.tenant, payloadKey("req", id), data));
+      } catch (err) {
+        throw new InferenceError("UNAVAILABLE", `the request body of ${data.length} bytes could not be written to the object store: ${(err as Error).message}`, undefined, { cause: err });
+      }
+      data = new Uint8Array(0);
+      claimed = true;
+    } else this.checkBodySize(data.length);
     const subject = subjects.request(priority, this.tenant, model);
     const parent: TraceCarrier = {};
     if (opts.traceparent) parent.traceparent = opts.traceparent;
     if (opts.tracestate) parent.tracestate = opts.tracestate;
-    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes: data.length }, parent);
+    const span = this.tracing?.startPublish({ subject, id, tenant: this.tenant, model, priority, bodyBytes }, parent);
     const carrier = span?.carrier ?? parent;
     if (carrier.traceparent) h.set(H.traceparent, carrier.traceparent);
     if (carrier.tracestate) h.set(H.tracestate, carrier.tracestate);
@@ -277,6 +329,7 @@ export class InferenceClient {
     const overServer = this.overServerMax(data.length, headerBytes(h) + `${H.msgId}: ${id}\r\n`.length);
     if (overServer) {
       span?.end(overServer.code, overServer);
+      if (claimed) await this.removeObject(payloadKey("req", id));
       throw overServer;
     }
     try {
@@ -292,9 +345,30 @@ export class InferenceClient {
       }
       return receipt;
     } catch (err) {
-      const e = publishError(err);
+      const e = publishError(err, { bodyBytes, maxPayload: this.nc.info?.max_payload });
       span?.end(e.code, e);
+      // Nothing refers to the body now: remove it (the sweeper would, later).
+      if (claimed) await this.removeObject(payloadKey("req", id));
       throw e;
+    }
+  }
+
+  private async removeObject(key: string): Promise<void> {
+    try {
+      this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
+      await this.payloadStore.remove(await this.jsm, this.tenant, key);
+    } catch {
+      // best effort: the sweeper removes objects nothing refers to
+    }
+  }
+
+  /** A result message as the whole result: its body, or the object its reference names. */
+  private async readResult(id: string, headers: MsgHdrs | undefined, data: Uint8Array): Promise<InferResult> {
+    try {
+      return await resolveResult(this.payloadStore, this.tenant, id, (n) => headers?.get(n) || undefined, data, this.maxResultBytes);
+    } catch (err) {
+      if (err instanceof PayloadError) throw new InferenceError(err.code, err.message, undefined, { cause: err });
+      throw new InferenceError("INTERNAL", `unreadable result for request '${id}': ${(err as Error).message}`, undefined, { cause: err });
     }
   }
 
@@ -348,7 +422,8 @@ export class InferenceClient {
     if (serverMax === undefined || serverMax <= 0 || bodyBytes + headerBytes <= serverMax) return undefined;
     return new InferenceError(
       "INVALID_ARGUMENT",
-      `request body of ${bodyBytes} bytes with ${headerBytes} bytes of headers is over the NATS server's max_payload of ${serverMax} bytes (${kib(serverMax)})`,
+      `request body of ${bodyBytes} bytes with ${headerBytes} bytes of headers is over the NATS server's max_payload of ${serverMax} bytes (${kib(serverMax)}): ` +
+        `send the body through the object store (the client does so above payloads.thresholdBytes; docs/protocol.md, "Large bodies")`,
     );
   }
 
@@ -368,7 +443,7 @@ export class InferenceClient {
     // No API check: a tenant's user may use the direct get of its own results and nothing else.
     this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
     const m = await getStoredResultDirect(await this.jsm, this.tenant, id);
-    return m ? (JSON.parse(decoder.decode(m.data)) as InferResult) : undefined;
+    return m ? this.readResult(id, m.header, m.data) : undefined;
   }
 
   private ensureSubscribed(): void {
@@ -379,11 +454,10 @@ export class InferenceClient {
         if (err) return;
         const id = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
         if (!this.waiters.has(id)) return;
-        try {
-          this.deliver(id, JSON.parse(decoder.decode(msg.data)) as InferResult);
-        } catch {
-          this.dropWaiters(id, new InferenceError("INTERNAL", `unreadable result for request '${id}'`));
-        }
+        this.readResult(id, msg.headers, msg.data).then(
+          (r) => this.deliver(id, r),
+          (err: unknown) => this.dropWaiters(id, err as Error),
+        );
       },
     });
   }
@@ -413,9 +487,19 @@ export class InferenceClient {
 }
 
 /** Maps a failed publish to the protocol's codes: a full queue is RESOURCE_EXHAUSTED. */
-export function publishError(err: unknown): InferenceError {
+export function publishError(err: unknown, size: { bodyBytes?: number; maxPayload?: number | undefined } = {}): InferenceError {
   if (err instanceof InferenceError) return err;
   const msg = (err as Error)?.message ?? String(err);
+  if (err instanceof InvalidArgumentError && /max_payload/i.test(msg)) {
+    const limit = size.maxPayload !== undefined ? ` of ${size.maxPayload} bytes` : "";
+    return new InferenceError(
+      "INVALID_ARGUMENT",
+      `the request of ${size.bodyBytes ?? "?"} bytes is over the server's max_payload${limit}: send the body through the object store ` +
+        `(the client does so above payloads.thresholdBytes; raw clients follow docs/protocol.md, "Large bodies")`,
+      undefined,
+      { cause: err },
+    );
+  }
   if (err instanceof JetStreamApiError || /maximum (messages|bytes)|exceeded|insufficient resources/i.test(msg)) {
     const full = /maximum (messages|bytes)|exceeded|insufficient resources|limit/i.test(msg);
     return new InferenceError(full ? "RESOURCE_EXHAUSTED" : "UNAVAILABLE", full ? `the request queue is full: ${msg}` : msg, undefined, { cause: err });

@@ -4,8 +4,11 @@
  * few models registered: `echo` (output = prompt), `reverse`, `upper`, and `llm-sim` (a generative
  * model: served through Generate, tokens streamed with `Infer-Stream: 1`) and `embed-sim` (a
  * deterministic embedding). An HTTP gateway in front of it speaks OpenAI's API on loopback and
- * takes the API key `sluice-dev` for tenant `demo`.
+ * takes the API key `sluice-dev` for tenant `demo`. With `llmSim`, `llm-sim`
+ * runs on a worker of its own with the llm-sim engine (KV cache, prefix cache, continuous
+ * batching; worker/engines/llm-sim.ts) instead.
  */
+import { LlmSimEngine, type LlmSimOptions } from "../../worker/engines/llm-sim.js";
 import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { WorkerServer } from "../../worker/server.js";
 import { loadConfig, type SluiceConfig, type SluiceConfigInput } from "../config.js";
@@ -44,6 +47,8 @@ export interface DevOptions {
   perItemMs?: number;
   logger?: PipelineLogger;
   config?: SluiceConfigInput;
+  /** Serve `llm-sim` with the llm-sim engine, with these options. */
+  llmSim?: LlmSimOptions;
   /** HTTP port of the gateway; a free one when omitted, -1 for no gateway. */
   gatewayPort?: number;
 }
@@ -61,6 +66,8 @@ export class DevStack {
     /** The HTTP / OpenAI gateway (undefined with `gatewayPort: -1`). */
     readonly gateway: Gateway | undefined,
     private readonly gatewayTracing: Tracing | undefined,
+    /** The llm-sim worker, when asked for (stopped with the stack). */
+    readonly llmWorker?: { server: WorkerServer; engine: LlmSimEngine; registration: WorkerRegistration },
   ) {}
 
   get url(): string {
@@ -84,9 +91,26 @@ export class DevStack {
         workerId: "dev-worker",
         endpoint: worker.endpoint,
         capacity: engine.capacity,
-        serves: Object.keys(DEV_MODELS).map((model) => ({ model, version: "v1" })),
+        serves: Object.keys(DEV_MODELS)
+          .filter((model) => !(opts.llmSim && model === "llm-sim"))
+          .map((model) => ({ model, version: "v1" })),
       });
       cleanup.unshift(() => registration.stop());
+      let llmWorker: { server: WorkerServer; engine: LlmSimEngine; registration: WorkerRegistration } | undefined;
+      if (opts.llmSim) {
+        const llmEngine = new LlmSimEngine(opts.llmSim);
+        cleanup.unshift(() => llmEngine.close());
+        const server = await WorkerServer.start({ engine: traceEngine(llmEngine, workerTracing, { workerId: "dev-llm-worker" }), workerId: "dev-llm-worker" });
+        cleanup.unshift(() => server.stop());
+        const llmRegistration = await WorkerRegistration.start(workerNc, {
+          workerId: "dev-llm-worker",
+          endpoint: server.endpoint,
+          capacity: llmEngine.capacity,
+          serves: [{ model: "llm-sim", version: "v1" }],
+        });
+        cleanup.unshift(() => llmRegistration.stop());
+        llmWorker = { server, engine: llmEngine, registration: llmRegistration };
+      }
       const config: SluiceConfig = loadConfig({
         env: {},
         overrides: {
@@ -116,7 +140,7 @@ export class DevStack {
           },
         });
       }
-      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc, gateway, gatewayTracing);
+      return new DevStack(nats, worker, engine, pipeline, workerTracing, registration, workerNc, gateway, gatewayTracing, llmWorker);
     } catch (err) {
       for (const f of cleanup) await f().catch(() => undefined);
       throw err;
@@ -130,9 +154,12 @@ export class DevStack {
       await this.gatewayTracing?.shutdown();
       await this.pipeline.stop(2_000);
       await this.registration.stop();
+      await this.llmWorker?.registration.stop();
       await this.workerNc.close().catch(() => undefined);
       await this.worker.stop();
       await this.engine.close();
+      await this.llmWorker?.server.stop();
+      await this.llmWorker?.engine.close();
       await this.workerTracing.shutdown();
       await this.nats.stop();
     })();

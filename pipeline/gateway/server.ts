@@ -19,7 +19,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { InferenceClient } from "../client/client.js";
 import { connectNats } from "../connection.js";
 import { ModelRegistry } from "../routing/registry.js";
-import type { Tracing } from "../telemetry/types.js";
+import type { Tracing } from "../telemetry/mod.js";
 import { ApiKeys } from "./auth.js";
 import { Callbacks } from "./callbacks.js";
 import { defaultGatewaySettings, validateGatewaySettings, type GatewaySettings } from "./config.js";

@@ -62,6 +62,12 @@ export interface LaneIntakeOptions {
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
   /** Hears each lane stage this process announces or hears (tests, logs). */
   onLane?: (p: Priority, a: LaneAnnouncement) => void;
+  /**
+   * Costs in tokens (the token-weighted fair share): a tenant's lane costs what its requests are
+   * expected to cost; the shared consumer what the requests of the tenants without a lane do
+   * (times {@link SHARED_COST}). Without it every request costs the same.
+   */
+  fairShare?: { expectedCost(tenant: string): number; expectedCostExcept(tenants: ReadonlySet<string>): number };
 }
 
 export const DEFAULT_MAX_LANES = 16;
@@ -161,7 +167,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       try {
         const consumer = await o.js.consumers.get(STREAM_REQUESTS, laneConsumerName(c.durablePrefix, p, tenant));
         if (closed || !inGate.has(k)) return;
-        ctl.add({ key: k, priority: p, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) });
+        const fair = o.fairShare;
+        const lane = { key: k, priority: p, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) };
+        ctl.add(fair ? Object.defineProperty(lane, "cost", { get: () => fair.expectedCost(tenant), enumerable: true }) : lane);
       } catch (err) {
         inGate.delete(k);
         pullError(p, err);
@@ -406,7 +414,10 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         if (closed) return;
         const consumer = await o.js.consumers.get(STREAM_REQUESTS, durableName(c, p));
         // The shared consumer serves every tenant without a lane: it weighs as two lanes.
-        ctl?.add({ key: p, priority: p, cost: SHARED_COST, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) });
+        const fair = o.fairShare;
+        const shared = { key: p, priority: p, cost: SHARED_COST, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) };
+        const laned = (): Set<string> => new Set([...inGate].filter((k) => k.startsWith(`${p}/`)).map((k) => k.slice(p.length + 1)));
+        ctl?.add(fair ? Object.defineProperty(shared, "cost", { get: () => SHARED_COST * fair.expectedCostExcept(laned()), enumerable: true }) : shared);
       }
     };
     const loadLanes = async (): Promise<void> => {

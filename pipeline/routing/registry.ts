@@ -8,6 +8,7 @@ import { Kvm, type KV } from "@nats-io/kv";
 import type { ErrorInfo } from "../../operators/types.js";
 import { watchBucket, type BucketWatch } from "./kv-watch.js";
 import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
+import { ROUTING_POLICIES, type RoutingPolicyName } from "../workers/routing-policy.js";
 
 export const DEFAULT_MAX_BATCH = 32;
 export const DEFAULT_MAX_DELAY_MS = 5;
@@ -22,8 +23,24 @@ export interface ModelSpec {
   generate?: boolean;
   batch?: { max_size?: number; max_delay_ms?: number };
   timeout_ms?: number;
+  /**
+   * How a worker is chosen for each request: `prefix` (by the prompt tokens a worker would have
+   * to prefill and its load; the default for generative models), `least-loaded` (the default
+   * otherwise) or `round-robin`.
+   */
+  routing?: RoutingPolicyName;
   /** How the HTTP gateway turns chat `messages` into a prompt; `plain` (a join) by default. */
   chat_template?: ChatTemplateName;
+  /** Answers of deterministic requests are kept in the result cache (bucket `infer_cache`). */
+  cache?: CacheSpec;
+}
+
+/** A model's result cache (registry field `cache`). */
+export interface CacheSpec {
+  /** How long an answer is served from the cache, ms (at most the bucket's max age). */
+  ttl_ms: number;
+  /** One cache for all tenants; by default each tenant has its own. */
+  shared?: boolean;
 }
 
 /** Chat templates the HTTP gateway knows (registry field `chat_template`). */
@@ -49,7 +66,7 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
   if (typeof value !== "object" || value === null || Array.isArray(value)) return fail("value must be a JSON object");
   const v = value as Record<string, unknown>;
   for (const k of Object.keys(v))
-    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template"].includes(k)) fail(`unknown field '${k}'`);
+    if (!["versions", "shadow", "batch", "timeout_ms", "generate", "chat_template", "cache", "routing"].includes(k)) fail(`unknown field '${k}'`);
   const template = v["chat_template"];
   if (template !== undefined && !(CHAT_TEMPLATES as readonly unknown[]).includes(template))
     fail(`'chat_template' must be one of ${CHAT_TEMPLATES.join(", ")}`);
@@ -84,11 +101,31 @@ export function parseModelSpec(model: string, value: unknown): ModelSpec {
     if (typeof v["generate"] !== "boolean") fail("'generate' must be true or false");
     out.generate = v["generate"] as boolean;
   }
+  if (v["routing"] !== undefined) {
+    if (!(ROUTING_POLICIES as readonly unknown[]).includes(v["routing"])) fail(`'routing' must be one of ${ROUTING_POLICIES.join(", ")}`);
+    out.routing = v["routing"] as RoutingPolicyName;
+  }
   if (v["timeout_ms"] !== undefined) {
     if (typeof v["timeout_ms"] !== "number" || v["timeout_ms"] <= 0) fail("timeout_ms must be a number > 0");
     out.timeout_ms = v["timeout_ms"] as number;
   }
   if (template !== undefined) out.chat_template = template as ChatTemplateName;
+  if (v["cache"] !== undefined) out.cache = parseCacheSpec(v["cache"], fail);
+  return out;
+}
+
+function parseCacheSpec(value: unknown, fail: (msg: string) => never): CacheSpec {
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return fail(`'cache' must be an object such as {"ttl_ms": 60000}`);
+  const c = value as Record<string, unknown>;
+  for (const k of Object.keys(c)) if (!["ttl_ms", "shared"].includes(k)) fail(`cache: unknown field '${k}' (known: ttl_ms, shared)`);
+  const ttl = c["ttl_ms"];
+  if (ttl === undefined) fail("cache.ttl_ms is required (how long an answer is served from the cache, ms)");
+  if (typeof ttl !== "number" || !Number.isInteger(ttl) || ttl < 1) fail(`cache.ttl_ms must be an integer number of milliseconds >= 1, got ${JSON.stringify(ttl)}`);
+  const out: CacheSpec = { ttl_ms: ttl };
+  if (c["shared"] !== undefined) {
+    if (typeof c["shared"] !== "boolean") fail("cache.shared must be true or false");
+    out.shared = c["shared"];
+  }
   return out;
 }
 
@@ -171,6 +208,12 @@ export class ModelTable {
   batchSettings(model: string): BatchSettings {
     const b = this.models.get(model)?.batch;
     return { maxSize: b?.max_size ?? DEFAULT_MAX_BATCH, maxDelayMs: b?.max_delay_ms ?? DEFAULT_MAX_DELAY_MS };
+  }
+
+  /** The model's routing policy: its own, else `prefix` for generative models, `least-loaded` for others. */
+  routing(model: string): RoutingPolicyName {
+    const spec = this.models.get(model);
+    return spec?.routing ?? (spec?.generate ? "prefix" : "least-loaded");
   }
 
   timeoutMs(model: string): number {

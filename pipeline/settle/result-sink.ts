@@ -7,14 +7,16 @@ import { getStoredResult } from "./stored-result.js";
 import { STREAM_RESULTS, H, subjects } from "../../proto/wire.js";
 import type { Tracing } from "../telemetry/types.js";
 import { deadLetterHeaders, deadLetterTokens } from "./dead-letter.js";
+import { claimResult, type ResultClaimCheck } from "../payloads/results.js";
 
-const encoder = new TextEncoder();
 
 export class StreamResultSink implements ResultSink {
   constructor(
     private readonly js: JetStreamClient,
     private readonly jsm: JetStreamManager,
     private readonly tracing?: Tracing,
+    /** Results over its threshold go to the object store (claim check); all inline without it. */
+    private readonly claim?: ResultClaimCheck,
   ) {}
 
   /**
@@ -31,9 +33,13 @@ export class StreamResultSink implements ResultSink {
     const span = this.tracing?.requestOf(job.delivery)?.startPublish(subject);
     const traceparent = span?.carrier.traceparent ?? job.traceparent;
     const tracestate = span?.carrier.tracestate ?? job.tracestate;
-    const data = encoder.encode(JSON.stringify(result));
+    // A large result is written to the object store first; failing that, nothing was sent.
+    const msg = await claimResult(this.claim, job.tenant, job.id, result);
+    const data = msg.data;
+    const h = resultHeaders(result, traceparent, tracestate);
+    msg.reference?.(h);
     try {
-      await this.js.publish(subject, data, { msgID: job.id, headers: resultHeaders(result, traceparent, tracestate) });
+      await this.js.publish(subject, data, { msgID: job.id, headers: h });
       span?.end();
     } catch (err) {
       span?.end("PUBLISH_FAILED", err);
@@ -53,7 +59,9 @@ export class StreamResultSink implements ResultSink {
   /** Stores a result the client already has on `infer.kept.<tenant>.<id>`, which no client reads live. */
   async keepResult(job: InferJob, result: InferResult): Promise<void> {
     const h = resultHeaders(result, job.traceparent, job.tracestate);
-    await this.js.publish(subjects.kept(job.tenant, job.id), encoder.encode(JSON.stringify(result)), { msgID: job.id, headers: h });
+    const msg = await claimResult(this.claim, job.tenant, job.id, result);
+    msg.reference?.(h);
+    await this.js.publish(subjects.kept(job.tenant, job.id), msg.data, { msgID: job.id, headers: h });
   }
 
   async hasResult(job: InferJob): Promise<boolean> {
@@ -76,7 +84,8 @@ export class StreamResultSink implements ResultSink {
     const { tenant, model } = deadLetterTokens(letter);
     // One dead letter per stored request, however often it is redelivered.
     try {
-      await this.js.publish(subjects.dlq(tenant, model), d.data, { msgID: `dlq-${d.seq}`, headers: deadLetterHeaders(letter) });
+      // A body read from the object store is not copied: the letter keeps the reference.
+      await this.js.publish(subjects.dlq(tenant, model), d.wireData ?? d.data, { msgID: `dlq-${d.seq}`, headers: deadLetterHeaders(letter) });
     } catch (err) {
       if (!tooLarge(err)) throw err;
       // The request with its headers does not fit in a letter: keep the reason and where the

@@ -26,6 +26,8 @@ export function traceEngine(engine: Engine, tracing: Tracing, opts: TraceEngineO
       return engine.capacity;
     },
     close: () => engine.close(),
+    // The load report passes through untraced (it is polled, not a request).
+    ...(engine.load ? { load: engine.load.bind(engine) } : {}),
     infer: async (batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> => {
       const call = serverCall("Infer", batch.traceparent, {
         [ATTR.model]: batch.model,

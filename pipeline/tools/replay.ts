@@ -58,6 +58,11 @@ import type { WorkerConnection } from "../workers/pool.js";
 import { headerValue, sanitizeHeader } from "../support/headers.js";
 import { deadLetterHeaders, deadLetterTokens } from "../settle/dead-letter.js";
 import { textSimilarity, lineDiff, type Similarity } from "./text-compare.js";
+import { ByteGate } from "../payloads/byte-gate.js";
+import { DEFAULT_MAX_OBJECT_BYTES } from "../payloads/names.js";
+import { originalDelivery, resolveRequestBodies } from "../payloads/resolve-requests.js";
+import { resolveResult } from "../payloads/results.js";
+import { PayloadStore } from "../payloads/store.js";
 
 // ---- names and tunables -------------------------------------------------------------------
 
@@ -502,10 +507,13 @@ export class ReplayDelivery implements Delivery {
 }
 
 function recordOf(d: Delivery): ReplayRecord | undefined {
-  return d instanceof ReplayDelivery ? d.record : undefined;
+  const o = originalDelivery(d);
+  return o instanceof ReplayDelivery ? o.record : undefined;
 }
 
 const encoder = new TextEncoder();
+/** Room left for headers when a replay result is checked against max_payload. */
+const REPLAY_HEADROOM_BYTES = 16 * 1024;
 
 /**
  * The replay's {@link ResultSink}: results on `infer.replay.<session>.res.<tenant>.<id>`, dead
@@ -534,7 +542,16 @@ export class ReplayResultSink implements ResultSink {
       h.set(REPLAY_HEADERS.ofSeq, String(rec.seq));
       if (rec.originalTraceparent) h.set(REPLAY_HEADERS.ofTraceparent, sanitizeHeader(rec.originalTraceparent));
     }
-    this.nc.publish(replaySubjects.result(this.session, job.tenant, job.id), encoder.encode(JSON.stringify(result)), { headers: h });
+    let data = encoder.encode(JSON.stringify(result));
+    const limit = (this.nc.info?.max_payload ?? 1024 * 1024) - REPLAY_HEADROOM_BYTES;
+    if (data.length > limit) {
+      // Never written to the object store (that would replace the live result's object): the
+      // message goes without the output; the report compares the whole result.
+      const { output: _output, ...rest } = result;
+      h.set(REPLAY_HEADERS.outputOmitted, `result of ${data.length} bytes is over the message size limit`);
+      data = encoder.encode(JSON.stringify(rest));
+    }
+    this.nc.publish(replaySubjects.result(this.session, job.tenant, job.id), data, { headers: h });
     if (rec) rec.replayed = result;
   }
 
@@ -545,7 +562,9 @@ export class ReplayResultSink implements ResultSink {
 
   async publishDeadLetter(letter: DeadLetter): Promise<void> {
     const { tenant, model } = deadLetterTokens(letter);
-    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), letter.delivery.data, { headers: deadLetterHeaders(letter) });
+    // A body read from the object store is not copied: the letter keeps the reference.
+    const d = letter.delivery;
+    this.nc.publish(replaySubjects.dlq(this.session, tenant, model), d.wireData ?? d.data, { headers: deadLetterHeaders(letter) });
   }
 
 }
@@ -690,12 +709,13 @@ function replayHeaders(m: JsMsg, session: string, traceparent: string, nowMs: nu
   return out;
 }
 
-async function recordedResult(jsm: JetStreamManager, tenant: string | undefined, id: string | undefined): Promise<InferResult | undefined> {
+async function recordedResult(jsm: JetStreamManager, store: PayloadStore, tenant: string | undefined, id: string | undefined): Promise<InferResult | undefined> {
   if (tenant === undefined || id === undefined || !TOKEN_RE.test(tenant) || !ID_RE.test(id)) return undefined;
   for (let attempt = 0; ; attempt++) {
     try {
       const m = await getStoredResult(jsm, tenant, id);
-      return m ? (JSON.parse(new TextDecoder().decode(m.data)) as InferResult) : undefined;
+      // A large result is read whole from the object store (its message holds a reference).
+      return m ? await resolveResult(store, tenant, id, (n) => m.header.get(n) || undefined, m.data, DEFAULT_MAX_OBJECT_BYTES) : undefined;
     } catch (err) {
       if (attempt >= 2) throw err;
     }
@@ -780,6 +800,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
 
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
+  const payloadStore = new PayloadStore(js);
   // The same registry and worker directory as live, with a pool of its own: the replay reaches
   // the same workers, but its batches and breakers do not mix with live traffic.
   const fleet = await openFleet(nc, {
@@ -899,7 +920,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
     /** What became of one settled attempt: a verdict, or a re-run after the nak's delay. */
     const onSettled = (st: Settled): void => {
       const o = st.outcome;
-      const d = o.kind === "dead" ? o.delivery : o.job.delivery;
+      const d = originalDelivery(o.kind === "dead" ? o.delivery : o.job.delivery);
       if (!(d instanceof ReplayDelivery)) return;
       const rec = d.record;
       if (st.action !== "nak") {
@@ -948,6 +969,13 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
               nc.publish(replaySubjects.tokens(session, job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
             },
             maxPayloadBytes: config.pipeline.maxPayloadBytes,
+            // Bodies held in the object store are read as live (never noted or written: read only).
+            resolveBodies: resolveRequestBodies({
+              read: (tenant, key, digest) => payloadStore.read(tenant, key, { maxBytes: config.payloads.maxObjectBytes, digest }),
+              gate: new ByteGate(config.payloads.memoryBytes),
+              maxDeliver: maxReruns + 1,
+              retryDelayMs: () => config.pipeline.retryBaseMs,
+            }),
             // The last allowed re-run ends in the pipeline's own last-resort answer.
             maxDeliver: maxReruns + 1,
             publishConcurrency: config.pipeline.publishConcurrency,
@@ -998,7 +1026,7 @@ export async function replay(nc: NatsConnection, options: ReplayOptions): Promis
         recorded: undefined,
         ready: Promise.resolve(),
       };
-      (p as { ready: Promise<void> }).ready = recordedResult(jsm, p.tenant, p.id).then(
+      (p as { ready: Promise<void> }).ready = recordedResult(jsm, payloadStore, p.tenant, p.id).then(
         (r) => void (p.recorded = r),
         (err: unknown) => log.warn(`replay: cannot look up the recorded result of '${p.id}': ${(err as Error)?.message ?? err}`),
       );

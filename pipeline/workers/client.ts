@@ -26,6 +26,13 @@ type ClientMethod<Req, Res> = Pick<WireMethodDefinition<Req, unknown, unknown, R
 
 /** Largest message accepted from a worker (a batch of long outputs is big). */
 export const WORKER_CLIENT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024;
+/**
+ * Inputs (prompt and JSON inputs, in bytes) sent in one Infer call: a batch of large requests goes
+ * in consecutive parts of at most this much, a request larger than it alone, so that a part and
+ * its results (an output about as large as its input) stay within the 64 MiB message limits on
+ * both sides.
+ */
+export const WORKER_CLIENT_MAX_BATCH_BYTES = 24 * 1024 * 1024;
 /** HTTP/2 keepalive ping interval while calls are open: finds a dead worker under a long call. */
 export const WORKER_CLIENT_KEEPALIVE_TIME_MS = 30_000;
 /** A keepalive ping not answered within this closes the connection (calls fail UNAVAILABLE). */
@@ -107,6 +114,19 @@ export interface WorkerChunk {
   seq: number;
   text: string;
   final?: WorkerItemResult;
+}
+
+/** A worker's load report (the `WorkerLoad` message). */
+export interface WorkerLoadReport {
+  waiting: number;
+  running: number;
+  /** Share of the KV cache in use, 0 to 1. */
+  kvUsage: number;
+  /** 0 when unknown. */
+  kvCapacityTokens: number;
+  /** Hashes of the prefix blocks held, when asked for and known. */
+  prefixBlocks: string[];
+  blockTokens: number;
 }
 
 /** A serving status of the standard health protocol. */
@@ -208,7 +228,20 @@ export class WorkerClient {
    * Runs a batch on the worker. Resolves with one result per request, in order (each ok or
    * its own error); rejects with a {@link WorkerCallError} when the call as a whole fails.
    */
-  infer(batch: WorkerBatch, opts: WorkerCallOptions = {}): Promise<WorkerBatchResult> {
+  async infer(batch: WorkerBatch, opts: WorkerCallOptions = {}): Promise<WorkerBatchResult> {
+    const parts = splitByBytes(batch.requests, WORKER_CLIENT_MAX_BATCH_BYTES);
+    if (parts.length <= 1) return this.inferPart(batch, opts);
+    // One part after the other: the worker runs one batch per slot, as the pool counts it.
+    const out: WorkerBatchResult = { results: [], engine_ms: 0 };
+    for (const requests of parts) {
+      const r = await this.inferPart({ ...batch, requests }, opts);
+      out.results.push(...r.results);
+      out.engine_ms += r.engine_ms;
+    }
+    return out;
+  }
+
+  private inferPart(batch: WorkerBatch, opts: WorkerCallOptions): Promise<WorkerBatchResult> {
     let message: IInferBatch;
     try {
       message = { model: batch.model, version: batch.version, requests: batch.requests.map(toWireRequest) };
@@ -252,6 +285,34 @@ export class WorkerClient {
       return statusName(r.status);
     } catch (err) {
       if (err instanceof WorkerCallError && err.grpcCode === (grpc.status.NOT_FOUND as number)) return "SERVICE_UNKNOWN";
+      throw err;
+    }
+  }
+
+  /**
+   * Asks the worker for its load. Resolves `undefined` when the worker does not report one (it
+   * answers UNIMPLEMENTED: older workers, engines without load); rejects with a
+   * {@link WorkerCallError} when the worker cannot be reached.
+   */
+  async load(opts: { prefixBlocks?: boolean; signal?: AbortSignal; timeoutMs?: number } = {}): Promise<WorkerLoadReport | undefined> {
+    try {
+      const r = await this.unary(
+        WorkerServiceDefinition.GetLoad,
+        { include_prefix_blocks: opts.prefixBlocks === true },
+        opts.signal ? { signal: opts.signal } : {},
+        Date.now() + (opts.timeoutMs ?? this.healthCheckTimeoutMs),
+      );
+      const kvUsage = Number.isFinite(r.kv_usage) ? Math.min(1, Math.max(0, r.kv_usage)) : 0;
+      return {
+        waiting: r.waiting,
+        running: r.running,
+        kvUsage,
+        kvCapacityTokens: r.kv_capacity_tokens,
+        prefixBlocks: [...r.prefix_blocks],
+        blockTokens: r.block_tokens,
+      };
+    } catch (err) {
+      if (err instanceof WorkerCallError && err.grpcCode === (grpc.status.UNIMPLEMENTED as number)) return undefined;
       throw err;
     }
   }
@@ -474,5 +535,35 @@ function statusName(status: ServingStatus | null | undefined): HealthStatus {
       return "SERVICE_UNKNOWN";
     default:
       return "UNKNOWN";
+  }
+}
+
+/** Consecutive parts of `requests` with at most `maxBytes` of inputs each (a larger request alone). */
+function splitByBytes(requests: readonly WorkerRequest[], maxBytes: number): WorkerRequest[][] {
+  const parts: WorkerRequest[][] = [];
+  let part: WorkerRequest[] = [];
+  let bytes = 0;
+  for (const r of requests) {
+    // Characters, not UTF-8 bytes: a cheap bound that is exact for ASCII and within 3x otherwise.
+    const size = (r.prompt?.length ?? 0) + (r.inputs === undefined ? 0 : approxJsonLength(r.inputs));
+    if (part.length > 0 && bytes + size > maxBytes) {
+      parts.push(part);
+      part = [];
+      bytes = 0;
+    }
+    part.push(r);
+    bytes += size;
+  }
+  if (part.length > 0) parts.push(part);
+  return parts;
+}
+
+/** Length of a JSON value's text; 0 when it has none (the encoder reports that later). */
+function approxJsonLength(v: unknown): number {
+  if (typeof v === "string") return v.length;
+  try {
+    return JSON.stringify(v)?.length ?? 0;
+  } catch {
+    return 0;
   }
 }

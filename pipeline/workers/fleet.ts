@@ -61,6 +61,7 @@ export async function openFleet(nc: NatsConnection, o: FleetOptions): Promise<Fl
     const pool = new WorkerPool({
       batchesPerWorker: config.pipeline.batchesPerWorker,
       timeoutMs: (model) => table.timeoutMs(model),
+      routing: (model) => table.routing(model),
       connect: o.connectWorker ?? ((endpoint) => new WorkerClient(endpoint)),
       healthIntervalMs: config.pipeline.healthIntervalMs,
       ...(o.tracing ? { tracing: o.tracing } : {}),

@@ -1,7 +1,12 @@
 /**
  * The workers of each model@version and the choice of one for each batch.
  *
- * - **Least loaded**: items in flight against the worker's advertised capacity.
+ * - **Routing policy** per model (pipeline/workers/routing-policy.ts): `prefix` (the prompt tokens
+ *   a worker would have to prefill plus its load, bounded; default for generative models),
+ *   `least-loaded` (items in flight against capacity; default otherwise) or `round-robin`. The
+ *   pool keeps its own index of the prompt blocks it sent where, and asks workers for their load
+ *   (`GetLoad`) every `loadIntervalMs`; a worker that does not report is routed by what the pool
+ *   knows of it.
  * - **Health-checked**: each worker is asked `grpc.health.v1.Health/Check` every
  *   `healthIntervalMs`; one that is not SERVING (or does not answer) gets no traffic until it is.
  * - **Circuit breaker**: after `ejectAfterFailures` consecutive failed calls a worker is ejected
@@ -20,7 +25,11 @@ import type { Batch, RoutedJob } from "../../operators/types.js";
 import type { ErrorCode, Priority } from "../../proto/wire.js";
 import type { BatchTrace, Tracing } from "../telemetry/types.js";
 import type { Chunk, GenerationReply, Generator } from "../../operators/generate-each.js";
-import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerRequest } from "./client.js";
+import type { HealthStatus, WorkerBatch, WorkerChunk, WorkerGenerateRequest, WorkerLoadReport, WorkerRequest } from "./client.js";
+import { BLOCK_TOKENS, estimateTokens, prefixBlockHashes } from "../../proto/prefix-blocks.js";
+import { stableHash } from "../routing/registry.js";
+import { PrefixIndex } from "./prefix-index.js";
+import { chooseWorker, type Candidate, type RoutingPolicyName, type RoutingTunables } from "./routing-policy.js";
 import { backoffMs } from "../../operators/support/backoff.js";
 import { sleep } from "../../operators/support/sleep.js";
 import { Breaker, type BreakerState } from "./breaker.js";
@@ -35,6 +44,8 @@ export interface WorkerConnection {
     batch: WorkerBatch,
     opts: { deadlineMs?: number; traceparent?: string; tracestate?: string },
   ): Promise<{ results: ItemReply[]; engine_ms?: number }>;
+  /** Load report (`GetLoad`); undefined when the worker has none. */
+  load?(opts: { prefixBlocks?: boolean }): Promise<WorkerLoadReport | undefined>;
   /** Standard health check; rejects when the worker cannot be reached. */
   check?(): Promise<HealthStatus>;
   close(): void | Promise<void>;
@@ -63,6 +74,14 @@ export interface WorkerPoolOptions {
   onEvent?: (e: PoolEvent) => void;
   /** Batch and gRPC client spans. */
   tracing?: Tracing;
+  /** Routing policy per model; default `least-loaded`. */
+  routing?: (model: string) => RoutingPolicyName;
+  /** Period of the load reports asked of workers; 0 turns them off. */
+  loadIntervalMs?: number;
+  /** How long a prompt block sent to a worker is assumed cached there. */
+  prefixTtlMs?: number;
+  /** Weights of the `prefix` policy. */
+  routingTunables?: RoutingTunables;
   /** Hears each finished batch call (for metrics). Must not throw. */
   onBatch?: (b: { model: string; version: string; size: number; workerSeconds: number; ok: boolean }) => void;
 }
@@ -86,6 +105,11 @@ export const DEFAULT_RETRY_BACKOFF_MS = 25;
 const MAX_RETRY_BACKOFF_MS = 1_000;
 /** Capacity assumed for a worker that does not advertise one. */
 export const DEFAULT_WORKER_CAPACITY = 64;
+export const DEFAULT_LOAD_INTERVAL_MS = 500;
+/** A load report older than this many intervals is no longer used. */
+export const LOAD_REPORT_STALE_INTERVALS = 4;
+/** A worker that answered UNIMPLEMENTED is asked again after this. */
+export const LOAD_REPORT_RETRY_MS = 60_000;
 
 interface Worker {
   readonly endpoint: string;
@@ -100,6 +124,19 @@ interface Worker {
   /** Removed from every key: finish what is in flight, then close. */
   draining: boolean;
   readonly keys: Set<string>;
+  /** Its last load report and when it came. */
+  report?: { load: WorkerLoadReport; atMs: number };
+  /** It answered UNIMPLEMENTED: not asked again before this time. */
+  noReportUntil: number;
+  loadPending: boolean;
+}
+
+/** What routing needs of a request (or of a batch's first request). */
+interface RouteOf {
+  readonly model: string;
+  readonly promptTokens: number;
+  readonly hashes: string[];
+  readonly session?: string;
 }
 
 export interface WorkerSnapshot {
@@ -111,6 +148,8 @@ export interface WorkerSnapshot {
   failures: number;
   healthy: boolean;
   breaker: BreakerState;
+  /** The worker's last load report, when it sends them. */
+  load?: { waiting: number; running: number; kvUsage: number };
 }
 
 const keyOf = (model: string, version: string): string => `${model}@${version}`;
@@ -121,6 +160,10 @@ export class WorkerPool implements BatchDispatcher, Generator {
   private readonly byKey = new Map<string, Set<Worker>>();
   private readonly freed = new Subject<string>();
   private healthTimer: NodeJS.Timeout | undefined;
+  private loadTimer: NodeJS.Timeout | undefined;
+  private readonly prefixes: PrefixIndex;
+  /** Choices made per key, for round-robin. */
+  private readonly turns = new Map<string, number>();
   private stopped = false;
   /** Retry budget: a sliding count of calls and retries over the last 10 s. */
   private budget = { since: Date.now(), calls: 0, retries: 0 };
@@ -135,6 +178,12 @@ export class WorkerPool implements BatchDispatcher, Generator {
     if (every > 0) {
       this.healthTimer = setInterval(() => void this.checkHealth(), every);
       this.healthTimer.unref();
+    }
+    this.prefixes = new PrefixIndex(opts.prefixTtlMs !== undefined ? { ttlMs: opts.prefixTtlMs } : {});
+    const loadEvery = opts.loadIntervalMs ?? DEFAULT_LOAD_INTERVAL_MS;
+    if (loadEvery > 0) {
+      this.loadTimer = setInterval(() => void this.pollLoad(), loadEvery);
+      this.loadTimer.unref();
     }
   }
 
@@ -207,6 +256,8 @@ export class WorkerPool implements BatchDispatcher, Generator {
         healthy: true,
         draining: false,
         keys: new Set(),
+        noReportUntil: 0,
+        loadPending: false,
       };
       this.workers.set(endpoint, w);
     }
@@ -234,6 +285,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
     if (w.keys.size === 0) {
       w.draining = true;
       this.workers.delete(endpoint);
+      this.prefixes.forget(endpoint);
       if (w.batches === 0) this.close(w);
     }
   }
@@ -289,6 +341,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
       failures: w.breaker.failures,
       healthy: w.healthy,
       breaker: w.breaker.state,
+      ...(w.report ? { load: { waiting: w.report.load.waiting, running: w.report.load.running, kvUsage: w.report.load.kvUsage } } : {}),
     }));
   }
 
@@ -316,6 +369,94 @@ export class WorkerPool implements BatchDispatcher, Generator {
       }
     }
     return best;
+  }
+
+  /** The route facts of a request: its prompt's blocks, its session. */
+  private routeOf(job: RoutedJob): RouteOf {
+    const prompt = job.prompt ?? (job.inputs !== undefined ? JSON.stringify(job.inputs) : "");
+    return {
+      model: job.model,
+      promptTokens: estimateTokens(prompt),
+      hashes: this.policyOf(job.model) === "prefix" ? prefixBlockHashes(prompt) : [],
+      ...(job.session !== undefined ? { session: job.session } : {}),
+    };
+  }
+
+  private policyOf(model: string): RoutingPolicyName {
+    try {
+      return this.opts.routing?.(model) ?? "least-loaded";
+    } catch {
+      return "least-loaded";
+    }
+  }
+
+  /**
+   * Chooses among `workers` (all usable and free) by the model's policy, and notes where the
+   * prompt's blocks and session went.
+   */
+  private choose(key: string, workers: readonly Worker[], route: RouteOf): Worker | undefined {
+    if (workers.length === 0) return undefined;
+    const policy = this.policyOf(route.model);
+    const now = Date.now();
+    const stale = (this.opts.loadIntervalMs ?? DEFAULT_LOAD_INTERVAL_MS) * LOAD_REPORT_STALE_INTERVALS;
+    const sessionWorker = route.session !== undefined ? this.prefixes.sessionWorker(route.session) : undefined;
+    const salt = route.hashes[0] ?? "";
+    const candidates: Candidate[] = workers.map((w) => {
+      const fresh = w.report && now - w.report.atMs <= stale ? w.report.load : undefined;
+      return {
+        inflight: w.items,
+        capacity: w.capacity,
+        ...(fresh ? { reported: fresh } : {}),
+        cachedBlocks: route.hashes.length > 0 ? this.prefixes.matched(w.endpoint, route.hashes) : 0,
+        sessionMatch: sessionWorker === w.endpoint,
+        tiebreak: stableHash(salt + w.endpoint),
+      };
+    });
+    const turn = this.turns.get(key) ?? 0;
+    this.turns.set(key, turn + 1);
+    const i = chooseWorker(policy, candidates, { promptTokens: route.promptTokens, blockTokens: BLOCK_TOKENS, turn }, this.opts.routingTunables);
+    const w = i === undefined ? undefined : workers[i];
+    if (w && (route.hashes.length > 0 || route.session !== undefined)) this.prefixes.record(w.endpoint, route.hashes, route.session);
+    return w;
+  }
+
+  /** One round of load reports (run on a timer; exposed for tests). */
+  async pollLoad(): Promise<void> {
+    const now = Date.now();
+    await Promise.all(
+      [...this.workers.values()].map(async (w) => {
+        if (!w.conn.load || w.draining || w.loadPending || now < w.noReportUntil) return;
+        w.loadPending = true;
+        const askedAtMs = Date.now();
+        try {
+          const report = await w.conn.load({ prefixBlocks: true });
+          if (!report) {
+            // An older worker, or an engine without load: routed by what the pool knows.
+            w.report = undefined;
+            w.noReportUntil = Date.now() + LOAD_REPORT_RETRY_MS;
+            return;
+          }
+          w.report = { load: report, atMs: Date.now() };
+          if (report.blockTokens === BLOCK_TOKENS && !w.draining) this.prefixes.replace(w.endpoint, report.prefixBlocks, askedAtMs);
+        } catch {
+          // No answer this time: the last report stands until it is stale.
+        } finally {
+          w.loadPending = false;
+        }
+      }),
+    );
+  }
+
+  /** The worker for a batch: by the model's policy among the free ones, else the least busy. */
+  private pickFor(batch: Batch, exclude: Set<Worker>): Worker | undefined {
+    const first = batch.jobs[0];
+    if (first && this.policyOf(batch.model) !== "least-loaded") {
+      const now = Date.now();
+      const free = [...(this.byKey.get(batch.key) ?? [])].filter((w) => !exclude.has(w) && this.usable(w, now) && w.batches < this.opts.batchesPerWorker);
+      const chosen = this.choose(batch.key, free, this.routeOf(first));
+      if (chosen) return chosen;
+    }
+    return this.pick(batch.key, exclude);
   }
 
   private takeRetry(key: string): boolean {
@@ -379,7 +520,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
       }
       if (this.stopped) throw new DispatchError("the pipeline is stopping", "UNAVAILABLE", true, { noWorker: true });
       deadlineMs = batchDeadline(batch, this.opts.timeoutMs(batch.model));
-      const w = this.pick(batch.key, tried);
+      const w = this.pickFor(batch, tried);
       if (!w) {
         if (lastErr) throw lastErr;
         throw new DispatchError(`no healthy worker serves ${batch.key}`, "UNAVAILABLE", true, { noWorker: true });
@@ -430,9 +571,10 @@ export class WorkerPool implements BatchDispatcher, Generator {
     const cancel = this.signalFor(job);
     const tried = new Set<Worker>();
     let lastErr: DispatchError | undefined;
+    const route = this.routeOf(job);
     try {
       for (let attempt = 0; ; attempt++) {
-        const w = await this.acquireSlot(key, tried, deadlineMs, cancel.signal, PRIORITY_RANK[job.priority]);
+        const w = await this.acquireSlot(key, tried, deadlineMs, cancel.signal, PRIORITY_RANK[job.priority], route);
         if (!w) {
           if (lastErr) throw lastErr;
           throw new DispatchError(`no healthy worker serves ${key}`, "UNAVAILABLE", true, { noWorker: true });
@@ -494,20 +636,20 @@ export class WorkerPool implements BatchDispatcher, Generator {
   }
 
   /** Waits for a usable worker of the key with a free slot; undefined when the key has none. */
-  private async acquireSlot(key: string, exclude: Set<Worker>, deadlineMs: number, signal: AbortSignal, rank: number): Promise<Worker | undefined> {
+  private async acquireSlot(key: string, exclude: Set<Worker>, deadlineMs: number, signal: AbortSignal, rank: number, route: RouteOf): Promise<Worker | undefined> {
     for (;;) {
       if (signal.aborted) throw new DispatchError("cancelled by the client", "CANCELLED", false);
       if (this.stopped) return undefined;
       const set = this.byKey.get(key);
       const now = Date.now();
-      let best: Worker | undefined;
+      const free: Worker[] = [];
       let anyUsable = false;
       for (const w of set ?? []) {
         if (exclude.has(w) || !this.usable(w, now)) continue;
         anyUsable = true;
-        if (w.items >= w.capacity) continue;
-        if (!best || w.items / w.capacity < best.items / best.capacity) best = w;
+        if (w.items < w.capacity) free.push(w);
       }
+      const best = this.choose(key, free, route);
       if (best) {
         best.items++;
         best.batches++;
@@ -571,6 +713,8 @@ export class WorkerPool implements BatchDispatcher, Generator {
     if (this.stopped) return;
     this.stopped = true;
     if (this.healthTimer) clearInterval(this.healthTimer);
+    if (this.loadTimer) clearInterval(this.loadTimer);
+    this.prefixes.clear();
     // Calls waiting for a slot see `stopped` and end (their requests go back to the queue).
     for (const key of [...this.slotWaiters.keys()]) this.wake(key);
     this.freed.complete();

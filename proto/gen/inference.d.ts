@@ -240,6 +240,48 @@ export namespace infer {
             public toJSON(): { [k: string]: any };
             public static getTypeUrl(typeUrlPrefix?: string): string;
         }
+
+        interface ILoadRequest {
+            include_prefix_blocks?: (boolean|null);
+        }
+
+        class LoadRequest implements ILoadRequest {
+            constructor(properties?: inferV1.ILoadRequest);
+            public include_prefix_blocks: boolean;
+            public static encode(message: inferV1.ILoadRequest, writer?: $protobuf.Writer): $protobuf.Writer;
+            public static decode(reader: ($protobuf.Reader|Uint8Array), length?: number): inferV1.LoadRequest;
+            public static verify(message: { [k: string]: any }): (string|null);
+            public static fromObject(object: { [k: string]: any }): inferV1.LoadRequest;
+            public static toObject(message: inferV1.LoadRequest, options?: $protobuf.IConversionOptions): { [k: string]: any };
+            public toJSON(): { [k: string]: any };
+            public static getTypeUrl(typeUrlPrefix?: string): string;
+        }
+
+        interface IWorkerLoad {
+            waiting?: (number|null);
+            running?: (number|null);
+            kv_usage?: (number|null);
+            kv_capacity_tokens?: (number|null);
+            prefix_blocks?: (string[]|null);
+            block_tokens?: (number|null);
+        }
+
+        class WorkerLoad implements IWorkerLoad {
+            constructor(properties?: inferV1.IWorkerLoad);
+            public waiting: number;
+            public running: number;
+            public kv_usage: number;
+            public kv_capacity_tokens: number;
+            public prefix_blocks: string[];
+            public block_tokens: number;
+            public static encode(message: inferV1.IWorkerLoad, writer?: $protobuf.Writer): $protobuf.Writer;
+            public static decode(reader: ($protobuf.Reader|Uint8Array), length?: number): inferV1.WorkerLoad;
+            public static verify(message: { [k: string]: any }): (string|null);
+            public static fromObject(object: { [k: string]: any }): inferV1.WorkerLoad;
+            public static toObject(message: inferV1.WorkerLoad, options?: $protobuf.IConversionOptions): { [k: string]: any };
+            public toJSON(): { [k: string]: any };
+            public static getTypeUrl(typeUrlPrefix?: string): string;
+        }
     }
 }
 

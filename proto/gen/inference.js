@@ -3057,6 +3057,541 @@ export const infer = $root.infer = (() => {
             return InferResult;
         })();
 
+        v1.LoadRequest = (function() {
+
+            /**
+             * Properties of a LoadRequest.
+             * @memberof infer.v1
+             * @interface ILoadRequest
+             * @property {boolean|null} [include_prefix_blocks] LoadRequest include_prefix_blocks
+             */
+
+            /**
+             * Constructs a new LoadRequest.
+             * @memberof infer.v1
+             * @classdesc Represents a LoadRequest.
+             * @implements ILoadRequest
+             * @constructor
+             * @param {infer.v1.ILoadRequest=} [properties] Properties to set
+             */
+            function LoadRequest(properties) {
+                if (properties)
+                    for (let keys = Object.keys(properties), i = 0; i < keys.length; ++i)
+                        if (properties[keys[i]] != null && keys[i] !== "__proto__")
+                            this[keys[i]] = properties[keys[i]];
+            }
+
+            /**
+             * LoadRequest include_prefix_blocks.
+             * @member {boolean} include_prefix_blocks
+             * @memberof infer.v1.LoadRequest
+             * @instance
+             */
+            LoadRequest.prototype.include_prefix_blocks = false;
+
+            /**
+             * Encodes the specified LoadRequest message. Does not implicitly {@link infer.v1.LoadRequest.verify|verify} messages.
+             * @function encode
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {infer.v1.ILoadRequest} message LoadRequest message or plain object to encode
+             * @param {$protobuf.Writer} [writer] Writer to encode to
+             * @returns {$protobuf.Writer} Writer
+             */
+            LoadRequest.encode = function encode(message, writer, q) {
+                if (!writer)
+                    writer = $Writer.create();
+                if (q === undefined)
+                    q = 0;
+                if (q > $util.recursionLimit)
+                    throw Error("max depth exceeded");
+                if (message.include_prefix_blocks != null && Object.hasOwnProperty.call(message, "include_prefix_blocks"))
+                    writer.uint32(/* id 1, wireType 0 =*/8).bool(message.include_prefix_blocks);
+                return writer;
+            };
+
+            /**
+             * Decodes a LoadRequest message from the specified reader or buffer.
+             * @function decode
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {$protobuf.Reader|Uint8Array} reader Reader or buffer to decode from
+             * @param {number} [length] Message length if known beforehand
+             * @returns {infer.v1.LoadRequest} LoadRequest
+             * @throws {Error} If the payload is not a reader or valid buffer
+             * @throws {$protobuf.util.ProtocolError} If required fields are missing
+             */
+            LoadRequest.decode = function decode(reader, length, error, long) {
+                if (!(reader instanceof $Reader))
+                    reader = $Reader.create(reader);
+                if (long === undefined)
+                    long = 0;
+                if (long > $Reader.recursionLimit)
+                    throw Error("maximum nesting depth exceeded");
+                let end, message;
+                if (length === undefined)
+                    end = reader.len;
+                else {
+                    end = reader.pos + length;
+                    if (end > reader.len)
+                        throw RangeError("index out of range");
+                    length = reader.len;
+                    reader.len = end;
+                }
+                message = new $root.infer.v1.LoadRequest();
+                while (reader.pos < end) {
+                    let tag = reader.uint32();
+                    if (tag === error)
+                        break;
+                    switch (tag >>> 3) {
+                    case 1: {
+                            message.include_prefix_blocks = reader.bool();
+                            break;
+                        }
+                    default:
+                        reader.skipType(tag & 7, long);
+                        break;
+                    }
+                }
+                if (length !== undefined) {
+                    if (reader.pos !== end)
+                        throw RangeError("index out of range");
+                    reader.len = length;
+                }
+                return message;
+            };
+
+            /**
+             * Verifies a LoadRequest message.
+             * @function verify
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {Object.<string,*>} message Plain object to verify
+             * @returns {string|null} `null` if valid, otherwise the reason why it is not
+             */
+            LoadRequest.verify = function verify(message, long) {
+                if (typeof message !== "object" || message === null)
+                    return "object expected";
+                if (long === undefined)
+                    long = 0;
+                if (long > $util.recursionLimit)
+                    return "maximum nesting depth exceeded";
+                if (message.include_prefix_blocks != null && Object.hasOwnProperty.call(message, "include_prefix_blocks"))
+                    if (typeof message.include_prefix_blocks !== "boolean")
+                        return "include_prefix_blocks: boolean expected";
+                return null;
+            };
+
+            /**
+             * Creates a LoadRequest message from a plain object. Also converts values to their respective internal types.
+             * @function fromObject
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {Object.<string,*>} object Plain object
+             * @returns {infer.v1.LoadRequest} LoadRequest
+             */
+            LoadRequest.fromObject = function fromObject(object, long) {
+                if (object instanceof $root.infer.v1.LoadRequest)
+                    return object;
+                if (!$util.isObject(object))
+                    throw TypeError(".infer.v1.LoadRequest: object expected");
+                if (long === undefined)
+                    long = 0;
+                if (long > $util.recursionLimit)
+                    throw Error("maximum nesting depth exceeded");
+                let message = new $root.infer.v1.LoadRequest();
+                if (object.include_prefix_blocks != null)
+                    message.include_prefix_blocks = Boolean(object.include_prefix_blocks);
+                return message;
+            };
+
+            /**
+             * Creates a plain object from a LoadRequest message. Also converts values to other types if specified.
+             * @function toObject
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {infer.v1.LoadRequest} message LoadRequest
+             * @param {$protobuf.IConversionOptions} [options] Conversion options
+             * @returns {Object.<string,*>} Plain object
+             */
+            LoadRequest.toObject = function toObject(message, options, q) {
+                if (!options)
+                    options = {};
+                if (q === undefined)
+                    q = 0;
+                if (q > $util.recursionLimit)
+                    throw Error("max depth exceeded");
+                let object = {};
+                if (options.defaults)
+                    object.include_prefix_blocks = false;
+                if (message.include_prefix_blocks != null && Object.hasOwnProperty.call(message, "include_prefix_blocks"))
+                    object.include_prefix_blocks = message.include_prefix_blocks;
+                return object;
+            };
+
+            /**
+             * Converts this LoadRequest to JSON.
+             * @function toJSON
+             * @memberof infer.v1.LoadRequest
+             * @instance
+             * @returns {Object.<string,*>} JSON object
+             */
+            LoadRequest.prototype.toJSON = function toJSON() {
+                return this.constructor.toObject(this, $protobuf.util.toJSONOptions);
+            };
+
+            /**
+             * Gets the default type url for LoadRequest
+             * @function getTypeUrl
+             * @memberof infer.v1.LoadRequest
+             * @static
+             * @param {string} [typeUrlPrefix] your custom typeUrlPrefix(default "type.googleapis.com")
+             * @returns {string} The default type url
+             */
+            LoadRequest.getTypeUrl = function getTypeUrl(typeUrlPrefix) {
+                if (typeUrlPrefix === undefined) {
+                    typeUrlPrefix = "type.googleapis.com";
+                }
+                return typeUrlPrefix + "/infer.v1.LoadRequest";
+            };
+
+            return LoadRequest;
+        })();
+
+        v1.WorkerLoad = (function() {
+
+            /**
+             * Properties of a WorkerLoad.
+             * @memberof infer.v1
+             * @interface IWorkerLoad
+             * @property {number|null} [waiting] WorkerLoad waiting
+             * @property {number|null} [running] WorkerLoad running
+             * @property {number|null} [kv_usage] WorkerLoad kv_usage
+             * @property {number|null} [kv_capacity_tokens] WorkerLoad kv_capacity_tokens
+             * @property {Array.<string>|null} [prefix_blocks] WorkerLoad prefix_blocks
+             * @property {number|null} [block_tokens] WorkerLoad block_tokens
+             */
+
+            /**
+             * Constructs a new WorkerLoad.
+             * @memberof infer.v1
+             * @classdesc Represents a WorkerLoad.
+             * @implements IWorkerLoad
+             * @constructor
+             * @param {infer.v1.IWorkerLoad=} [properties] Properties to set
+             */
+            function WorkerLoad(properties) {
+                this.prefix_blocks = [];
+                if (properties)
+                    for (let keys = Object.keys(properties), i = 0; i < keys.length; ++i)
+                        if (properties[keys[i]] != null && keys[i] !== "__proto__")
+                            this[keys[i]] = properties[keys[i]];
+            }
+
+            /**
+             * WorkerLoad waiting.
+             * @member {number} waiting
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.waiting = 0;
+
+            /**
+             * WorkerLoad running.
+             * @member {number} running
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.running = 0;
+
+            /**
+             * WorkerLoad kv_usage.
+             * @member {number} kv_usage
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.kv_usage = 0;
+
+            /**
+             * WorkerLoad kv_capacity_tokens.
+             * @member {number} kv_capacity_tokens
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.kv_capacity_tokens = 0;
+
+            /**
+             * WorkerLoad prefix_blocks.
+             * @member {Array.<string>} prefix_blocks
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.prefix_blocks = $util.emptyArray;
+
+            /**
+             * WorkerLoad block_tokens.
+             * @member {number} block_tokens
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             */
+            WorkerLoad.prototype.block_tokens = 0;
+
+            /**
+             * Encodes the specified WorkerLoad message. Does not implicitly {@link infer.v1.WorkerLoad.verify|verify} messages.
+             * @function encode
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {infer.v1.IWorkerLoad} message WorkerLoad message or plain object to encode
+             * @param {$protobuf.Writer} [writer] Writer to encode to
+             * @returns {$protobuf.Writer} Writer
+             */
+            WorkerLoad.encode = function encode(message, writer, q) {
+                if (!writer)
+                    writer = $Writer.create();
+                if (q === undefined)
+                    q = 0;
+                if (q > $util.recursionLimit)
+                    throw Error("max depth exceeded");
+                if (message.waiting != null && Object.hasOwnProperty.call(message, "waiting"))
+                    writer.uint32(/* id 1, wireType 0 =*/8).uint32(message.waiting);
+                if (message.running != null && Object.hasOwnProperty.call(message, "running"))
+                    writer.uint32(/* id 2, wireType 0 =*/16).uint32(message.running);
+                if (message.kv_usage != null && Object.hasOwnProperty.call(message, "kv_usage"))
+                    writer.uint32(/* id 3, wireType 1 =*/25).double(message.kv_usage);
+                if (message.kv_capacity_tokens != null && Object.hasOwnProperty.call(message, "kv_capacity_tokens"))
+                    writer.uint32(/* id 4, wireType 0 =*/32).uint32(message.kv_capacity_tokens);
+                if (message.prefix_blocks != null && message.prefix_blocks.length)
+                    for (let i = 0; i < message.prefix_blocks.length; ++i)
+                        writer.uint32(/* id 5, wireType 2 =*/42).string(message.prefix_blocks[i]);
+                if (message.block_tokens != null && Object.hasOwnProperty.call(message, "block_tokens"))
+                    writer.uint32(/* id 6, wireType 0 =*/48).uint32(message.block_tokens);
+                return writer;
+            };
+
+            /**
+             * Decodes a WorkerLoad message from the specified reader or buffer.
+             * @function decode
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {$protobuf.Reader|Uint8Array} reader Reader or buffer to decode from
+             * @param {number} [length] Message length if known beforehand
+             * @returns {infer.v1.WorkerLoad} WorkerLoad
+             * @throws {Error} If the payload is not a reader or valid buffer
+             * @throws {$protobuf.util.ProtocolError} If required fields are missing
+             */
+            WorkerLoad.decode = function decode(reader, length, error, long) {
+                if (!(reader instanceof $Reader))
+                    reader = $Reader.create(reader);
+                if (long === undefined)
+                    long = 0;
+                if (long > $Reader.recursionLimit)
+                    throw Error("maximum nesting depth exceeded");
+                let end, message;
+                if (length === undefined)
+                    end = reader.len;
+                else {
+                    end = reader.pos + length;
+                    if (end > reader.len)
+                        throw RangeError("index out of range");
+                    length = reader.len;
+                    reader.len = end;
+                }
+                message = new $root.infer.v1.WorkerLoad();
+                while (reader.pos < end) {
+                    let tag = reader.uint32();
+                    if (tag === error)
+                        break;
+                    switch (tag >>> 3) {
+                    case 1: {
+                            message.waiting = reader.uint32();
+                            break;
+                        }
+                    case 2: {
+                            message.running = reader.uint32();
+                            break;
+                        }
+                    case 3: {
+                            message.kv_usage = reader.double();
+                            break;
+                        }
+                    case 4: {
+                            message.kv_capacity_tokens = reader.uint32();
+                            break;
+                        }
+                    case 5: {
+                            if (!(message.prefix_blocks && message.prefix_blocks.length))
+                                message.prefix_blocks = [];
+                            message.prefix_blocks.push(reader.string());
+                            break;
+                        }
+                    case 6: {
+                            message.block_tokens = reader.uint32();
+                            break;
+                        }
+                    default:
+                        reader.skipType(tag & 7, long);
+                        break;
+                    }
+                }
+                if (length !== undefined) {
+                    if (reader.pos !== end)
+                        throw RangeError("index out of range");
+                    reader.len = length;
+                }
+                return message;
+            };
+
+            /**
+             * Verifies a WorkerLoad message.
+             * @function verify
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {Object.<string,*>} message Plain object to verify
+             * @returns {string|null} `null` if valid, otherwise the reason why it is not
+             */
+            WorkerLoad.verify = function verify(message, long) {
+                if (typeof message !== "object" || message === null)
+                    return "object expected";
+                if (long === undefined)
+                    long = 0;
+                if (long > $util.recursionLimit)
+                    return "maximum nesting depth exceeded";
+                if (message.waiting != null && Object.hasOwnProperty.call(message, "waiting"))
+                    if (!$util.isInteger(message.waiting))
+                        return "waiting: integer expected";
+                if (message.running != null && Object.hasOwnProperty.call(message, "running"))
+                    if (!$util.isInteger(message.running))
+                        return "running: integer expected";
+                if (message.kv_usage != null && Object.hasOwnProperty.call(message, "kv_usage"))
+                    if (typeof message.kv_usage !== "number")
+                        return "kv_usage: number expected";
+                if (message.kv_capacity_tokens != null && Object.hasOwnProperty.call(message, "kv_capacity_tokens"))
+                    if (!$util.isInteger(message.kv_capacity_tokens))
+                        return "kv_capacity_tokens: integer expected";
+                if (message.prefix_blocks != null && Object.hasOwnProperty.call(message, "prefix_blocks")) {
+                    if (!Array.isArray(message.prefix_blocks))
+                        return "prefix_blocks: array expected";
+                    for (let i = 0; i < message.prefix_blocks.length; ++i)
+                        if (!$util.isString(message.prefix_blocks[i]))
+                            return "prefix_blocks: string[] expected";
+                }
+                if (message.block_tokens != null && Object.hasOwnProperty.call(message, "block_tokens"))
+                    if (!$util.isInteger(message.block_tokens))
+                        return "block_tokens: integer expected";
+                return null;
+            };
+
+            /**
+             * Creates a WorkerLoad message from a plain object. Also converts values to their respective internal types.
+             * @function fromObject
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {Object.<string,*>} object Plain object
+             * @returns {infer.v1.WorkerLoad} WorkerLoad
+             */
+            WorkerLoad.fromObject = function fromObject(object, long) {
+                if (object instanceof $root.infer.v1.WorkerLoad)
+                    return object;
+                if (!$util.isObject(object))
+                    throw TypeError(".infer.v1.WorkerLoad: object expected");
+                if (long === undefined)
+                    long = 0;
+                if (long > $util.recursionLimit)
+                    throw Error("maximum nesting depth exceeded");
+                let message = new $root.infer.v1.WorkerLoad();
+                if (object.waiting != null)
+                    message.waiting = object.waiting >>> 0;
+                if (object.running != null)
+                    message.running = object.running >>> 0;
+                if (object.kv_usage != null)
+                    message.kv_usage = Number(object.kv_usage);
+                if (object.kv_capacity_tokens != null)
+                    message.kv_capacity_tokens = object.kv_capacity_tokens >>> 0;
+                if (object.prefix_blocks) {
+                    if (!Array.isArray(object.prefix_blocks))
+                        throw TypeError(".infer.v1.WorkerLoad.prefix_blocks: array expected");
+                    message.prefix_blocks = [];
+                    for (let i = 0; i < object.prefix_blocks.length; ++i)
+                        message.prefix_blocks[i] = String(object.prefix_blocks[i]);
+                }
+                if (object.block_tokens != null)
+                    message.block_tokens = object.block_tokens >>> 0;
+                return message;
+            };
+
+            /**
+             * Creates a plain object from a WorkerLoad message. Also converts values to other types if specified.
+             * @function toObject
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {infer.v1.WorkerLoad} message WorkerLoad
+             * @param {$protobuf.IConversionOptions} [options] Conversion options
+             * @returns {Object.<string,*>} Plain object
+             */
+            WorkerLoad.toObject = function toObject(message, options, q) {
+                if (!options)
+                    options = {};
+                if (q === undefined)
+                    q = 0;
+                if (q > $util.recursionLimit)
+                    throw Error("max depth exceeded");
+                let object = {};
+                if (options.arrays || options.defaults)
+                    object.prefix_blocks = [];
+                if (options.defaults) {
+                    object.waiting = 0;
+                    object.running = 0;
+                    object.kv_usage = 0;
+                    object.kv_capacity_tokens = 0;
+                    object.block_tokens = 0;
+                }
+                if (message.waiting != null && Object.hasOwnProperty.call(message, "waiting"))
+                    object.waiting = message.waiting;
+                if (message.running != null && Object.hasOwnProperty.call(message, "running"))
+                    object.running = message.running;
+                if (message.kv_usage != null && Object.hasOwnProperty.call(message, "kv_usage"))
+                    object.kv_usage = options.json && !isFinite(message.kv_usage) ? String(message.kv_usage) : message.kv_usage;
+                if (message.kv_capacity_tokens != null && Object.hasOwnProperty.call(message, "kv_capacity_tokens"))
+                    object.kv_capacity_tokens = message.kv_capacity_tokens;
+                if (message.prefix_blocks && message.prefix_blocks.length) {
+                    object.prefix_blocks = [];
+                    for (let j = 0; j < message.prefix_blocks.length; ++j)
+                        object.prefix_blocks[j] = message.prefix_blocks[j];
+                }
+                if (message.block_tokens != null && Object.hasOwnProperty.call(message, "block_tokens"))
+                    object.block_tokens = message.block_tokens;
+                return object;
+            };
+
+            /**
+             * Converts this WorkerLoad to JSON.
+             * @function toJSON
+             * @memberof infer.v1.WorkerLoad
+             * @instance
+             * @returns {Object.<string,*>} JSON object
+             */
+            WorkerLoad.prototype.toJSON = function toJSON() {
+                return this.constructor.toObject(this, $protobuf.util.toJSONOptions);
+            };
+
+            /**
+             * Gets the default type url for WorkerLoad
+             * @function getTypeUrl
+             * @memberof infer.v1.WorkerLoad
+             * @static
+             * @param {string} [typeUrlPrefix] your custom typeUrlPrefix(default "type.googleapis.com")
+             * @returns {string} The default type url
+             */
+            WorkerLoad.getTypeUrl = function getTypeUrl(typeUrlPrefix) {
+                if (typeUrlPrefix === undefined) {
+                    typeUrlPrefix = "type.googleapis.com";
+                }
+                return typeUrlPrefix + "/infer.v1.WorkerLoad";
+            };
+
+            return WorkerLoad;
+        })();
+
         return v1;
     })();
 

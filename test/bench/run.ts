@@ -29,8 +29,11 @@ import {
   type Plan,
   type Scenario,
 } from "./scenarios.js";
+import { runPayloadsBench } from "./payloads.js";
 import { SYSTEMS, type BenchSystem, type RunningSystem, type SystemContext } from "./systems.js";
+import { EXTRA_SCENARIOS } from "./llm-fairness.js";
 import { probeWorker, type WorkerTimes } from "./worker-probe.js";
+import { CHAT_PREFIX_SCENARIO, CHAT_PREFIX_SYSTEMS, chatPrefixSummary, runChatPrefix, type ChatPrefixRow } from "./chat-prefix.js";
 import { cpuMs, idleCpuPercent, requestConsumers } from "./intake-probe.js";
 
 const TENANT = "bench";
@@ -77,7 +80,10 @@ function usage(): string {
     "",
     "scenarios:",
     ...SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description}${s.skipInQuick ? " (not with --quick)" : ""}`),
+    `  ${CHAT_PREFIX_SCENARIO.padEnd(12)} multi-turn chats sharing system prompts on 4 llm-sim workers: routing prefix vs least-loaded vs round-robin (systems ${CHAT_PREFIX_SYSTEMS.map((s) => s.name).join(", ")})`,
+    `  ${"payloads".padEnd(12)} 1, 4 and 16 MB bodies through the object store vs the store's own put/get; pipeline peak RSS (only alone)`,
     `  ${HTTP_SCENARIO.name.padEnd(12)} ${HTTP_SCENARIO.description} (sluice only; --system does not apply)`,
+    ...EXTRA_SCENARIOS.map((s) => `  ${s.name.padEnd(12)} ${s.description} (sluice only)`),
     "systems:",
     ...SYSTEMS.map((s) => `  ${s.name.padEnd(14)} ${s.description}`),
   ].join("\n");
@@ -471,9 +477,13 @@ async function main(): Promise<number> {
   const quick = values.quick === true;
   const requests = values.requests !== undefined ? Number(values.requests) : undefined;
   if (requests !== undefined && (!Number.isInteger(requests) || requests < 1)) throw new Error(`--requests must be a positive integer, got '${values.requests}'`);
-  const unknown = (values.scenario ?? []).filter((n) => n !== HTTP_SCENARIO.name && !SCENARIOS.some((s) => s.name === n));
+  // Scenario `payloads` (large bodies through the object store) runs on its own: test/bench/payloads.ts.
+  if (values.scenario?.length === 1 && values.scenario[0] === "payloads") {
+    return runPayloadsBench({ quick, outDir: values.out ?? join(ROOT, "bench", "results"), log });
+  }
+  const unknown = (values.scenario ?? []).filter((n) => n !== CHAT_PREFIX_SCENARIO && n !== HTTP_SCENARIO.name && !EXTRA_SCENARIOS.some((s) => s.name === n) && !SCENARIOS.some((s) => s.name === n));
   if (unknown.length > 0) throw new Error(`unknown scenario(s) ${unknown.join(", ")}\n${usage()}`);
-  const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n));
+  const unknownSys = (values.system ?? []).filter((n) => !SYSTEMS.some((s) => s.name === n) && !CHAT_PREFIX_SYSTEMS.some((s) => s.name === n));
   if (unknownSys.length > 0) throw new Error(`unknown system(s) ${unknownSys.join(", ")}\n${usage()}`);
   const maxMinutes = Number(values["max-minutes"] ?? (quick ? QUICK_MAX_MINUTES : DEFAULT_MAX_MINUTES));
   const outDir = values.out ?? join(ROOT, "bench", "results");
@@ -538,6 +548,17 @@ async function main(): Promise<number> {
       }
     }
   }
+  // chat-prefix compares routing policies inside sluice on simulated LLM workers (chat-prefix.ts).
+  let chatRows: ChatPrefixRow[] = [];
+  if (explicit ? values.scenario!.includes(CHAT_PREFIX_SCENARIO) : true) {
+    log(CHAT_PREFIX_SCENARIO);
+    try {
+      chatRows = await runChatPrefix({ quick, ...(values.system ? { systems: values.system } : {}), log });
+    } catch (err) {
+      log(`${CHAT_PREFIX_SCENARIO} failed: ${(err as Error)?.message ?? String(err)}`);
+      failures.push({ scenario: CHAT_PREFIX_SCENARIO, system: "*", error: (err as Error)?.message ?? String(err) });
+    }
+  }
   let http: HttpBenchResult | undefined;
   if (!explicit || values.scenario!.includes(HTTP_SCENARIO.name)) {
     log(`${HTTP_SCENARIO.name} / sluice: gateway against the NATS client`);
@@ -548,13 +569,32 @@ async function main(): Promise<number> {
       failures.push({ scenario: HTTP_SCENARIO.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
     }
   }
+  // Scenarios that measure sluice against itself (cache, token-fair): when sluice is selected.
+  const extraSummary: Record<string, unknown> = {};
+  const extraLines: string[] = [];
+  if (systems.some((s) => s.name === "sluice")) {
+    for (const scenario of EXTRA_SCENARIOS.filter((s) => !explicit || values.scenario!.includes(s.name))) {
+      log(`${scenario.name} / sluice`);
+      try {
+        const r = await scenario.run({ quick, log });
+        rows.push(...r.rows);
+        extraSummary[scenario.name] = r.summary;
+        extraLines.push(...r.lines);
+      } catch (err) {
+        log(`${scenario.name} failed: ${(err as Error)?.stack ?? String(err)}`);
+        failures.push({ scenario: scenario.name, system: "sluice", error: (err as Error)?.message ?? String(err) });
+      }
+    }
+  }
   const elapsedS = (Date.now() - startedAt) / 1_000;
 
   console.log("");
   console.log(renderTable(rows));
   console.log("");
   const { summary, lines } = summarize(rows);
-  console.log(lines.join("\n"));
+  console.log([...lines, ...extraLines].join("\n"));
+  const chatLines = chatPrefixSummary(chatRows);
+  if (chatLines.length > 0) console.log(chatLines.join("\n"));
   if (http)
     console.log(
       `http: gateway p50 at low load ${http.low_load.http_p50_ms} ms vs NATS client ${http.low_load.nats_p50_ms} ms (+${http.low_load.http_minus_nats_p50_ms} ms); ` +
@@ -581,8 +621,8 @@ async function main(): Promise<number> {
       batch: { max_size: s.batch.maxSize, max_delay_ms: s.batch.maxDelayMs },
     })),
     systems: systems.map((s) => ({ name: s.name, description: s.description })),
-    rows,
-    summary,
+    rows: [...rows, ...chatRows],
+    summary: { ...summary, ...extraSummary, ...(chatLines.length > 0 ? { chat_prefix: chatLines } : {}) },
     ...(http ? { http } : {}),
     skipped,
     failures,

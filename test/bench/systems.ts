@@ -40,6 +40,10 @@ export interface SystemContext {
   readonly priorities: boolean;
   readonly version: string;
   readonly batch: { readonly maxSize: number; readonly maxDelayMs: number };
+  /** Extra registry fields of every model (e.g. `cache`), for the systems that have them. */
+  readonly modelExtras?: Record<string, unknown>;
+  /** Extra `pipeline` settings of sluice's configuration (e.g. `fairShare`). */
+  readonly pipelineSettings?: Record<string, unknown>;
 }
 
 export interface RunningSystem {
@@ -108,10 +112,11 @@ export const sluiceSystem: BenchSystem = {
           models: Object.fromEntries(
             ctx.models.map((m) => [
               m,
-              { versions: { [ctx.version]: { weight: 100 } }, batch: { max_size: ctx.batch.maxSize, max_delay_ms: ctx.batch.maxDelayMs }, timeout_ms: 30_000 },
+              { versions: { [ctx.version]: { weight: 100 } }, batch: { max_size: ctx.batch.maxSize, max_delay_ms: ctx.batch.maxDelayMs }, timeout_ms: 30_000, ...ctx.modelExtras },
             ]),
           ),
           workers: ctx.models.map((m) => ({ model: m, version: ctx.version, endpoint: ctx.workerEndpoint })),
+          ...(ctx.pipelineSettings ? { pipeline: ctx.pipelineSettings } : {}),
         },
         null,
         2,

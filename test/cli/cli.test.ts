@@ -76,12 +76,14 @@ describe("sluice CLI: usage mistakes are one line and exit 2", function () {
   it("bad JSON in 'models set', an engine without its URL, a server where nothing listens (named)", async () => {
     const port = await deadPort();
     const url = `nats://127.0.0.1:${port}`;
-    const [json, vllm, publish, models] = await Promise.all([
+    const [json, vllm, publish, models, llmSim] = await Promise.all([
       sluice(["models", "set", "m", "{bad", "--server", url]),
       sluice(["worker", "--engine", "vllm"]),
       sluice(["publish", "--server", url, "--tenant", "t", "--model", "echo", "--prompt", "hi"]),
       sluice(["models", "list"], { NATS_URL: url }),
+      sluice(["worker", "--engine", "llm-sim", "--kv-tokens", "8"]),
     ]);
+    expectOneLine(llmSim, 2, "sluice worker:", "kv_tokens must be an integer >= 16, got 8");
     expectOneLine(json, 2, "sluice models: the value for 'm' is not JSON");
     expectOneLine(vllm, 2, "sluice worker:", "needs 'url'", "--engine-url");
     expectOneLine(publish, 1, `cannot connect to NATS at ${url}`, "--server");
@@ -160,14 +162,14 @@ describe("sluice CLI against 'sluice dev'", function () {
     expectOneLine(get, 1, "no model 'gone'");
   });
 
-  it("a request over the size limit is INVALID_ARGUMENT naming its size and the limit, and is not sent", async () => {
+  it("a 2 MB prompt (over the 256 KiB message limit) is sent through the object store and answered whole", async () => {
     const file = join(tmpdir(), `sluice-cli-${process.pid}.jsonl`);
     writeFileSync(file, `${JSON.stringify({ model: "echo", prompt: "a".repeat(2_000_000) })}\n${JSON.stringify({ model: "echo", prompt: "small" })}\n`);
     const r = await sluice(["publish", "--server", url, "--tenant", "demo", "--file", file, "--concurrency", "1"]);
-    expect(r.code).to.equal(1);
-    const [big, small] = r.stdout.trimEnd().split("\n").map((l) => JSON.parse(l) as { status: string; error?: { code: string; message: string } });
-    expect(big!.error!.code).to.equal("INVALID_ARGUMENT");
-    expect(big!.error!.message).to.contain("2000013 bytes").and.to.contain("262144 bytes");
+    expect(r.code, r.stderr).to.equal(0);
+    const [big, small] = r.stdout.trimEnd().split("\n").map((l) => JSON.parse(l) as { status: string; output?: { text: string } });
+    expect(big!.status).to.equal("ok");
+    expect(big!.output!.text).to.equal("a".repeat(2_000_000));
     expect(small!.status).to.equal("ok");
   });
 

@@ -66,22 +66,26 @@ describe("client: checks before sending, and duplicate request ids", function ()
     expect(await queued()).to.equal(before);
   });
 
-  it("refuses a 2 MB prompt as INVALID_ARGUMENT naming its size and the 256 KiB limit; a raised limit meets the server's max_payload", async () => {
+  it("with the claim check off, refuses a 2 MB prompt as INVALID_ARGUMENT naming its size and the 256 KiB limit; a raised limit meets the server's max_payload", async () => {
     const before = await queued();
     const big = { prompt: "a".repeat(2_000_000) };
-    const e = await refusal(client.infer("m", big));
+    const inline = new InferenceClient(nats.nc, TENANT, false, undefined, undefined, { thresholdBytes: Infinity });
+    const e = await refusal(inline.infer("m", big));
     expect(e.code).to.equal("INVALID_ARGUMENT");
     expect(e.message).to.equal("request body of 2000013 bytes is over the request size limit of 262144 bytes (256 KiB)");
 
     const maxPayload = nats.nc.info!.max_payload;
-    const lenient = new InferenceClient(nats.nc, TENANT, false, undefined, 8 * 1024 * 1024);
+    const lenient = new InferenceClient(nats.nc, TENANT, false, undefined, 8 * 1024 * 1024, { thresholdBytes: Infinity });
     const s = await refusal(lenient.publish("m", big));
     expect(s.code).to.equal("INVALID_ARGUMENT");
-    expect(s.message).to.contain("2000013 bytes").and.to.contain(`max_payload of ${maxPayload} bytes`);
+    expect(s.message).to.contain("2000013 bytes").and.to.contain(`max_payload of ${maxPayload} bytes`).and.to.contain("object store");
+    // With the claim check (the default) the same prompt is sent, as a reference to its object.
+    const claimed = await client.publish("m", big);
+    expect(claimed.duplicate).to.equal(false);
     // Just under the limit goes through.
     const fits = await client.publish("m", { prompt: "a".repeat(262_144 - 13) });
     expect(fits.duplicate).to.equal(false);
-    expect(await queued()).to.equal(before + 1);
+    expect(await queued()).to.equal(before + 2);
   });
 
   it("a reused id: the receipt says duplicate, and the stored result is the answer, at once", async () => {

@@ -56,3 +56,29 @@ describe("sluice dev", function () {
     }
   });
 });
+
+describe("sluice dev with the llm-sim engine", function () {
+  this.timeout(90_000);
+
+  it("serves llm-sim on its own llm-sim worker, which reports its load and prefix blocks", async () => {
+    const { DevStack } = await import("../../pipeline/dev/dev.js");
+    const { InferenceClient } = await import("../../pipeline/client/client.js");
+    const { connectNats } = await import("../../pipeline/connection.js");
+    const dev = await DevStack.start({ llmSim: { kv_tokens: 4096 }, config: { telemetry: { metricsPort: -1 } } });
+    const nc = await connectNats(dev.url, "dev-llm-test");
+    try {
+      const client = new InferenceClient(nc, "demo");
+      const prompt = "a shared system prompt ".repeat(20);
+      const r = await client.infer("llm-sim", { prompt, parameters: { max_tokens: 3 } });
+      expect(r.output?.text).to.equal(" t0 t1 t2");
+      expect(dev.llmWorker?.engine.log.map((x) => x.id)).to.deep.equal([r.id]);
+      // The simulated worker did not serve it.
+      expect(dev.engine.calls.some((c) => c.ids.includes(r.id))).to.equal(false);
+      const load = await dev.llmWorker!.engine.load({ prefixBlocks: true });
+      expect(load.prefixBlocks?.length).to.equal(Math.floor(prompt.length / 64));
+    } finally {
+      await nc.close();
+      await dev.stop();
+    }
+  });
+});

@@ -108,7 +108,7 @@ describe("spine: publish → pipeline → worker → result", function () {
   });
 
   it("answers an over-size payload with INVALID_ARGUMENT naming the limit", async () => {
-    // Any NATS client may send one (the sluice client refuses it before sending).
+    // Any NATS client may send one (the sluice client sends such a body through the object store).
     const id = `big-${nuid.next()}`;
     const waiting = client.result(id, { timeoutMs: 10_000 });
     await jetstream(nats.nc).publish("infer.req.normal.acme.echo", enc.encode(JSON.stringify({ prompt: "x".repeat(300 * 1024) })), { msgID: id });
@@ -116,6 +116,8 @@ describe("spine: publish → pipeline → worker → result", function () {
     expect(r.status).to.equal("error");
     expect(r.error?.code).to.equal("INVALID_ARGUMENT");
     expect(r.error?.message).to.match(/limit/);
+    const claimed = await client.request("echo", { prompt: "x".repeat(300 * 1024) });
+    expect(claimed.status).to.equal("ok");
   });
 
   it("sends a request without an id to the DLQ with the reason, and keeps serving", async () => {

@@ -781,7 +781,7 @@ describe("apportion", () => {
 
 describe("createEngine", () => {
   it("names the engines it makes", () => {
-    expect(ENGINE_NAMES).to.deep.equal(["simulated", "vllm", "deepspeed-mii"]);
+    expect(ENGINE_NAMES).to.deep.equal(["simulated", "llm-sim", "vllm", "deepspeed-mii"]);
   });
 
   it("makes each engine from its options", async () => {
@@ -805,7 +805,7 @@ describe("createEngine", () => {
   });
 
   const bad: Array<[string, unknown, string, RegExp]> = [
-    ["an unknown engine", { engine: "tgi" }, "UNKNOWN_ENGINE", /unknown engine "tgi": use one of simulated, vllm, deepspeed-mii/],
+    ["an unknown engine", { engine: "tgi" }, "UNKNOWN_ENGINE", /unknown engine "tgi": use one of simulated, llm-sim, vllm, deepspeed-mii/],
     ["vllm without url", { engine: "vllm" }, "MISSING_OPTION", /engine 'vllm' needs 'url'/],
     ["deepspeed-mii without model", { engine: "deepspeed-mii", url: "http://h:1" }, "MISSING_OPTION", /needs 'model': the deployment_name/],
     ["an option of another engine", { engine: "simulated", url: "http://h:1" }, "INVALID_OPTION", /option 'url' does not apply to engine 'simulated'/],

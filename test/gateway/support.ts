@@ -4,7 +4,7 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { hashApiKey } from "../../pipeline/gateway/auth.js";
 import type { GatewaySettings } from "../../pipeline/gateway/config.js";
 import { Gateway } from "../../pipeline/gateway/server.js";
-import type { Tracing } from "../../pipeline/telemetry/types.js";
+import type { Tracing } from "../../pipeline/telemetry/mod.js";
 
 export const KEYS = { acme: "sk-test-acme", other: "sk-test-other", limited: "sk-test-limited" } as const;
 export const CALLBACK_SECRET = "test-callback-secret";

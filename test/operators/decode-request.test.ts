@@ -164,6 +164,11 @@ describe("decodeDelivery", () => {
       expect(job.stream).to.equal(true);
     });
 
+    it("reads Infer-Session onto the job, absent when not sent", () => {
+      expect(expectJob(decodeDelivery(fakeDelivery({ headers: h({ "Infer-Session": "user-42:chat.7@acme" }) }))).session).to.equal("user-42:chat.7@acme");
+      expect(expectJob(decodeDelivery(fakeDelivery({}))).session).to.equal(undefined);
+    });
+
     it("reads Infer-Stream 0 as not streaming", () => {
       expect(expectJob(decodeDelivery(fakeDelivery({ headers: h({ "Infer-Stream": "0" }) }))).stream).to.equal(false);
     });
@@ -311,6 +316,9 @@ describe("decodeDelivery", () => {
       { name: "Infer-Deadline fractional", init: json({ prompt: "x" }, { "Infer-Deadline": "1700000000000.5" }), message: /Infer-Deadline/ },
       { name: "Infer-Deadline in exponent form", init: json({ prompt: "x" }, { "Infer-Deadline": "1e12" }), message: /Infer-Deadline/ },
       { name: "Infer-Deadline beyond safe integers", init: json({ prompt: "x" }, { "Infer-Deadline": "99999999999999999999" }), message: /Infer-Deadline/ },
+      { name: "Infer-Session empty", init: json({ prompt: "x" }, { "Infer-Session": "" }), message: /Infer-Session ""/ },
+      { name: "Infer-Session with a space", init: json({ prompt: "x" }, { "Infer-Session": "a b" }), message: /Infer-Session "a b" does not match/ },
+      { name: "Infer-Session too long", init: json({ prompt: "x" }, { "Infer-Session": "s".repeat(129) }), message: /Infer-Session/ },
       { name: "Infer-Stream true", init: json({ prompt: "x" }, { "Infer-Stream": "true" }), message: /Infer-Stream "true"/ },
       { name: "Infer-Stream empty", init: json({ prompt: "x" }, { "Infer-Stream": "" }), message: /Infer-Stream ""/ },
       { name: "max_tokens zero", init: json({ prompt: "x", parameters: { max_tokens: 0 } }), message: /max_tokens" 0 is not an integer in 1\.\.1000000/ },

@@ -111,8 +111,8 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
     worker = await startWorker({ base_ms: 1 });
     pipelineConn = await UserConnection.open(secured, "pipeline");
     const config = testConfig(secured.server.url, {
-      models: models(["echo", "upper"]),
-      workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
+      models: { ...models(["echo", "upper"]), cached: { versions: { v1: { weight: 100 } }, cache: { ttl_ms: 60_000 } } },
+      workers: ["echo", "cached"].map((model) => ({ model, version: "v1", endpoint: worker.server.endpoint })),
     });
     pipeline = await PipelineService.start(config, { nc: pipelineConn.nc, logger: capturingLogger(pipelineLog) });
     acme = await UserConnection.open(secured, "tenant-acme");
@@ -150,6 +150,15 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       sub.unsubscribe();
       expect(acmeSeen.filter((s) => s.includes(id))).to.deep.equal([]);
       expect(globex.denied).to.deep.equal([]);
+    });
+
+    it("acme's repeated request is answered from the result cache (the pipeline reads and writes infer_cache)", async () => {
+      const first = await acmeClient.infer("cached", { prompt: "once" }, { timeoutMs: 20_000 });
+      const again = await acmeClient.infer("cached", { prompt: "once" }, { timeoutMs: 20_000 });
+      const other = await globexClient.infer("cached", { prompt: "once" }, { timeoutMs: 20_000 });
+      expect([first, again, other].map((r) => r.timing?.cache)).to.deep.equal(["miss", "hit", "miss"]);
+      expect(again.output).to.deep.equal(first.output);
+      expect(acme.denied).to.deep.equal([]);
     });
 
     it("acme may cancel its own requests (publish infer.cancel.acme.<id>)", async () => {
@@ -269,6 +278,13 @@ describe("security: tenant isolation with infra/nats/accounts.conf", function ()
       await publishDenied(acme, "$KV.infer_models.echo", JSON.stringify({ versions: { evil: { weight: 100 } } }));
       await publishDenied(acme, "$KV.infer_workers.echo.v1.evil", JSON.stringify({ endpoint: "127.0.0.1:1" }));
       await publishDenied(acme, "$JS.API.STREAM.DELETE.INFER_REQ");
+    });
+
+    it("acme cannot read or write the result cache (its own answers reach it on infer.res only)", async () => {
+      await publishDenied(acme, "$KV.infer_cache.tenant.globex.cached.x", JSON.stringify({ output: { text: "forged" } }));
+      await publishDenied(acme, "$KV.infer_cache.tenant.acme.cached.x", JSON.stringify({ output: { text: "forged" } }));
+      await publishDenied(acme, "$JS.API.DIRECT.GET.KV_infer_cache.$KV.infer_cache.tenant.globex.cached.x");
+      await publishDenied(acme, "$JS.API.STREAM.MSG.GET.KV_infer_cache");
     });
 
     it("a tenant that keeps the default inbox prefix gets no PubAck: its _INBOX.> subscription is denied", async () => {

@@ -49,12 +49,13 @@
  *   chunks, not the whole generation, which may rightly take long.
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
-import { EngineClosedError, EngineError, type Engine, type EngineBatch, type EngineItemError, type EngineItemResult, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
+import { EngineClosedError, EngineError, type Engine, type EngineBatch, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
 import { integerParameter, numberParameter, stringsParameter, booleanParameter, ONE_ANSWER, mapParameters, parameterKey, type ParameterRule } from "../http/parameters.js";
 import { type HttpGeneration, generationOnce } from "../http/generation.js";
 import { HttpEngineClient, DEFAULT_REQUEST_TIMEOUT_MS, parseJson } from "../http/client.js";
 import { type BatchCalls, runBatch, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
 import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors.js";
+import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
 /** Items in flight to the server at once, by default. */
 export const DEFAULT_VLLM_CAPACITY = 64;
@@ -167,6 +168,21 @@ export class VllmEngine implements Engine {
 
   generate(request: EngineRequest, signal: AbortSignal): VllmGeneration {
     return generationOnce((usage, state) => this.stream(request, signal, usage, state));
+  }
+
+  /**
+   * The server's load from its Prometheus endpoint (`GET /metrics`): requests waiting and
+   * running, KV cache usage. Rejects with an {@link EngineError} (UNAVAILABLE) when the page
+   * cannot be read or lacks those metrics. vLLM's block hashes are its own: no prefix blocks.
+   */
+  async load(_options: { prefixBlocks: boolean }, signal: AbortSignal): Promise<EngineLoad> {
+    const { status, body } = await this.http.get("/metrics", { signal });
+    if (status !== 200) throw new EngineError("UNAVAILABLE", `vLLM GET /metrics answered ${status}`);
+    try {
+      return vllmLoadFromMetrics(body, this.servedModel);
+    } catch (err) {
+      throw new EngineError("UNAVAILABLE", err instanceof Error ? err.message : String(err), { cause: err });
+    }
   }
 
   /** Whether `GET /health` answers 200 (false too when the server cannot be reached). */

@@ -1,0 +1,26 @@
+/** Typed errors of the claim check, with the protocol's error codes. */
+
+export type PayloadErrorCode = "INVALID_ARGUMENT" | "UNAVAILABLE" | "RESOURCE_EXHAUSTED";
+
+/**
+ * A body that could not be written or read through the object store. `INVALID_ARGUMENT`: the
+ * reference is bad (missing, corrupt, not the sender's, too large), retrying cannot help.
+ * `UNAVAILABLE`: the object store did not answer; the same operation may work later.
+ */
+export class PayloadError extends Error {
+  override readonly name = "PayloadError";
+  constructor(
+    readonly code: PayloadErrorCode,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
+}
+
+/** Whether an object store failure is the store being away (retry) rather than the object being bad. */
+export function storeUnavailable(err: unknown): boolean {
+  const name = (err as Error)?.name ?? "";
+  const msg = (err as Error)?.message ?? String(err);
+  return /timeout|no responders|503|closed|disconnect|connection|not enabled|jetstream.*unavailable|insufficient resources/i.test(`${name} ${msg}`);
+}
