@@ -12,7 +12,7 @@ import { headers as natsHeaders, InvalidArgumentError, nuid, type MsgHdrs, type 
 import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { InferResult } from "../../operators/types.js";
 import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
-import { getStoredResultDirect } from "../intake/jetstream.js";
+import { getStoredResultDirect } from "../settle/stored-result.js";
 import type { TraceCarrier, Tracing } from "../telemetry/types.js";
 import { connectNats } from "../connection.js";
 import { PayloadError } from "../payloads/errors.js";

@@ -13,7 +13,7 @@
 import { DeliverPolicy, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { ObjectInfo } from "@nats-io/obj";
 import { PRIORITIES, STREAM_REQUESTS } from "../../proto/wire.js";
-import { getStoredResult } from "../intake/jetstream.js";
+import { getStoredResult } from "../settle/stored-result.js";
 import { parsePayloadKey, tenantOfBucket } from "./names.js";
 import type { PayloadStore } from "./store.js";
 

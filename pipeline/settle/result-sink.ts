@@ -3,7 +3,7 @@ import { JetStreamApiError, type JetStreamClient, type JetStreamManager } from "
 import { ClosedConnectionError, DrainingConnectionError, headers as natsHeaders, InvalidArgumentError } from "@nats-io/transport-node";
 import { ResultNotStoredError, ResultTooLargeError, type DeadLetter, type ResultSink } from "../../operators/settle-outcome.js";
 import type { InferJob, InferResult } from "../../operators/types.js";
-import { getStoredResult } from "../intake/jetstream.js";
+import { getStoredResult } from "./stored-result.js";
 import { STREAM_RESULTS, H, subjects } from "../../proto/wire.js";
 import type { Tracing } from "../telemetry/types.js";
 import { deadLetterHeaders, deadLetterTokens } from "./dead-letter.js";

@@ -32,7 +32,7 @@
 import { headers as natsHeaders, type MsgHdrs, type NatsConnection } from "@nats-io/transport-node";
 import { DeliverPolicy, jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager, type PubAck, type StoredMsg } from "@nats-io/jetstream";
 import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, subjects, TOKEN_RE, REQUEST_SUBJECT_RE } from "../../proto/wire.js";
-import { findStoredResult } from "../intake/jetstream.js";
+import { findStoredResult } from "../settle/stored-result.js";
 import { headerValue } from "../support/headers.js";
 import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 

@@ -49,7 +49,7 @@ import type { Delivery, ErrorInfo, InferJob, InferResult } from "../../operators
 import { PRIORITIES, type Priority, STREAM_REQUESTS, H, ID_RE, TOKEN_RE, WORKERS_BUCKET, VERSION_RE, DEADLINE_RE, replaySubjects, REPLAY_HEADERS, SESSION_RE } from "../../proto/wire.js";
 import { inferencePipeline } from "../request-path.js";
 import { defaultConfig, type SluiceConfig } from "../config.js";
-import { getStoredResult } from "../intake/jetstream.js";
+import { getStoredResult } from "../settle/stored-result.js";
 import type { ModelTable } from "../routing/registry.js";
 import { silentLogger, type PipelineLogger } from "../support/logger.js";
 import type { WorkerDirectory } from "../workers/directory.js";

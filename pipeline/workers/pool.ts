@@ -32,6 +32,7 @@ import { PrefixIndex } from "./prefix-index.js";
 import { chooseWorker, type Candidate, type RoutingPolicyName, type RoutingTunables } from "./routing-policy.js";
 import { backoffMs } from "../../operators/support/backoff.js";
 import { sleep } from "../../operators/support/sleep.js";
+import { Breaker, type BreakerState } from "./breaker.js";
 
 /** What the pool needs of a connection to one worker. */
 export interface WorkerConnection {
@@ -110,8 +111,6 @@ export const LOAD_REPORT_STALE_INTERVALS = 4;
 /** A worker that answered UNIMPLEMENTED is asked again after this. */
 export const LOAD_REPORT_RETRY_MS = 60_000;
 
-type BreakerState = "closed" | "open" | "half-open";
-
 interface Worker {
   readonly endpoint: string;
   readonly conn: WorkerConnection;
@@ -119,10 +118,7 @@ interface Worker {
   /** Batches and items in flight. */
   batches: number;
   items: number;
-  failures: number;
-  breaker: BreakerState;
-  openUntil: number;
-  ejections: number;
+  readonly breaker: Breaker;
   /** Health as last checked; a worker starts healthy so traffic flows before the first check. */
   healthy: boolean;
   /** Removed from every key: finish what is in flight, then close. */
@@ -252,10 +248,11 @@ export class WorkerPool implements BatchDispatcher, Generator {
         capacity,
         batches: 0,
         items: 0,
-        failures: 0,
-        breaker: "closed",
-        openUntil: 0,
-        ejections: 0,
+        breaker: new Breaker({
+          ejectAfterFailures: this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES,
+          ejectForMs: this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS,
+          maxEjectForMs: this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS,
+        }),
         healthy: true,
         draining: false,
         keys: new Set(),
@@ -306,9 +303,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
 
   private usable(w: Worker, now: number): boolean {
     if (w.draining || !w.healthy) return false;
-    if (w.breaker === "open") return now >= w.openUntil; // time for a probe
-    if (w.breaker === "half-open") return w.batches === 0; // one probe at a time
-    return true;
+    return w.breaker.allows(now, w.batches);
   }
 
   /**
@@ -343,9 +338,9 @@ export class WorkerPool implements BatchDispatcher, Generator {
       capacity: w.capacity,
       inflightBatches: w.batches,
       inflightItems: w.items,
-      failures: w.failures,
+      failures: w.breaker.failures,
       healthy: w.healthy,
-      breaker: w.breaker,
+      breaker: w.breaker.state,
       ...(w.report ? { load: { waiting: w.report.load.waiting, running: w.report.load.running, kvUsage: w.report.load.kvUsage } } : {}),
     }));
   }
@@ -531,7 +526,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         throw new DispatchError(`no healthy worker serves ${batch.key}`, "UNAVAILABLE", true, { noWorker: true });
       }
       tried.add(w);
-      if (w.breaker === "open") w.breaker = "half-open";
+      w.breaker.calling();
       w.batches++;
       w.items += batch.jobs.length;
       const t0 = performance.now();
@@ -547,7 +542,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
         call?.end(e.code, e);
         if (!e.retriable) {
           // The worker answered (a bad batch, a deadline): not the worker's fault.
-          if (w.breaker === "half-open") this.succeeded(w);
+          if (w.breaker.probing) this.succeeded(w);
           throw e;
         }
         this.failed(w);
@@ -585,7 +580,7 @@ export class WorkerPool implements BatchDispatcher, Generator {
           throw new DispatchError(`no healthy worker serves ${key}`, "UNAVAILABLE", true, { noWorker: true });
         }
         tried.add(w);
-        if (w.breaker === "open") w.breaker = "half-open";
+        w.breaker.calling();
         const call = this.opts.tracing?.requestOf(job.delivery)?.startWorkerCall(w.endpoint, "Generate");
         const trace = call?.carrier.traceparent ? call.carrier : job.traceparent ? { traceparent: job.traceparent, ...(job.tracestate ? { tracestate: job.tracestate } : {}) } : {};
         const t0 = performance.now();
@@ -675,30 +670,18 @@ export class WorkerPool implements BatchDispatcher, Generator {
   }
 
   private succeeded(w: Worker): void {
-    w.failures = 0;
-    if (w.breaker !== "closed") {
-      w.breaker = "closed";
-      w.ejections = 0;
-      this.emit({ type: "restored", endpoint: w.endpoint });
-    }
+    if (w.breaker.succeeded()) this.emit({ type: "restored", endpoint: w.endpoint });
   }
 
   private failed(w: Worker): void {
-    w.failures++;
-    const threshold = this.opts.ejectAfterFailures ?? DEFAULT_EJECT_AFTER_FAILURES;
-    if (w.breaker === "half-open" || w.failures >= threshold) {
-      const base = this.opts.ejectForMs ?? DEFAULT_EJECT_FOR_MS;
-      const forMs = backoffMs(w.ejections, { baseMs: base, maxMs: this.opts.maxEjectForMs ?? DEFAULT_MAX_EJECT_FOR_MS });
-      w.ejections++;
-      w.breaker = "open";
-      w.openUntil = Date.now() + forMs;
-      this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
-      // Let the batcher know when the probe may go.
-      const t = setTimeout(() => {
-        if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
-      }, forMs);
-      t.unref();
-    }
+    const forMs = w.breaker.failed(Date.now());
+    if (forMs === undefined) return;
+    this.emit({ type: "ejected", endpoint: w.endpoint, forMs });
+    // Let the batcher know when the probe may go.
+    const t = setTimeout(() => {
+      if (!this.stopped) for (const k of w.keys) this.notifyFreed(k);
+    }, forMs);
+    t.unref();
   }
 
   /** One round of health checks (run on a timer; exposed for tests). */

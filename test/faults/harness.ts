@@ -14,7 +14,7 @@ import { createServer } from "node:net";
 import { setTimeout as delay } from "node:timers/promises";
 import { connect, headers as natsHeaders, type NatsConnection, type Subscription } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { getStoredResult } from "../../pipeline/intake/jetstream.js";
+import { getStoredResult } from "../../pipeline/settle/stored-result.js";
 import { NatsServer } from "../../pipeline/dev/nats-server.js";
 
 const enc = new TextEncoder();

@@ -9,7 +9,7 @@
 import { expect } from "chai";
 import { setTimeout as delay } from "node:timers/promises";
 import { jetstreamManager } from "@nats-io/jetstream";
-import { getStoredResult } from "../../pipeline/intake/jetstream.js";
+import { getStoredResult } from "../../pipeline/settle/stored-result.js";
 import { STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats } from "../support/nats.js";
