@@ -24,6 +24,11 @@ export interface Delivery {
   readonly storedAtMs: number;
   /** When the pipeline pulled it (epoch ms). */
   readonly pulledAtMs: number;
+  /**
+   * Messages left for the consumer after this one when it was delivered, when the queue says
+   * (JetStream: `num_pending`); 0 means the consumer had drained.
+   */
+  readonly pending?: number;
   readonly settled: boolean;
   ack(): void;
   nak(delayMs?: number): void;

@@ -40,7 +40,8 @@ export interface GateLane {
 
 /** Adds and removes lanes while the gate runs, and tells it what it cannot see itself. */
 export interface GateControl {
-  add(lane: GateLane): void;
+  /** Adds lanes; several given at once are scheduled together (none takes every credit first). */
+  add(lane: GateLane | readonly GateLane[]): void;
   /** Stops pulling from a lane; it leaves once what it delivered is settled. */
   remove(key: string): void;
   /** The lane is known to have work waiting (or not). */
@@ -255,6 +256,9 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
           }
           p.got++;
           r.requested--;
+          // The last message the consumer had: the lane has no backlog, even while this pull
+          // stays open.
+          if (m.pending === 0) r.backlog = false;
           if (closed || draining || subscriber.closed || r.removed) {
             // Not ours to process any more: let the queue give it to someone else at once.
             m.nak();
@@ -283,7 +287,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
     };
     const control: GateControl = {
       add: (lane) => {
-        add(lane);
+        for (const l of Array.isArray(lane) ? (lane as readonly GateLane[]) : [lane as GateLane]) add(l);
         pump();
       },
       remove: (key) => {

@@ -156,6 +156,10 @@ export class JsDelivery implements Delivery {
   get seq(): number {
     return this.msg.seq;
   }
+  get pending(): number {
+    return this.msg.info.pending;
+  }
+
   get deliveryCount(): number {
     return this.msg.info.deliveryCount;
   }

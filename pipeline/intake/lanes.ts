@@ -410,6 +410,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       });
       await o.nc.flush();
       await loadLanes();
+      // The shared consumers of every priority join the gate together, so the first schedule
+      // shares the credits between them by weight.
+      const sharedLanes: GateLane[] = [];
       for (const p of o.priorities) {
         if (closed) return;
         const consumer = await o.js.consumers.get(STREAM_REQUESTS, durableName(c, p));
@@ -417,8 +420,9 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         const fair = o.fairShare;
         const shared = { key: p, priority: p, cost: SHARED_COST, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) };
         const laned = (): Set<string> => new Set([...inGate].filter((k) => k.startsWith(`${p}/`)).map((k) => k.slice(p.length + 1)));
-        ctl?.add(fair ? Object.defineProperty(shared, "cost", { get: () => SHARED_COST * fair.expectedCostExcept(laned()), enumerable: true }) : shared);
+        sharedLanes.push(fair ? Object.defineProperty(shared, "cost", { get: () => SHARED_COST * fair.expectedCostExcept(laned()), enumerable: true }) : shared);
       }
+      ctl?.add(sharedLanes);
     };
     const loadLanes = async (): Promise<void> => {
       for await (const ci of o.jsm.consumers.list(STREAM_REQUESTS)) {

@@ -222,3 +222,34 @@ describe("credit gate in virtual time", () => {
     });
   });
 });
+
+describe("credit gate: lanes that join together", () => {
+  /** A source that records what it is asked for and never answers. */
+  const silent = (pulls: number[]): PullSource => ({
+    pull: (n: number) =>
+      new Observable<Delivery>(() => {
+        pulls.push(n);
+      }),
+  });
+
+  it("shares the first schedule between lanes added at once by weight, instead of giving the first all the credits", () => {
+    const high: number[] = [];
+    const normal: number[] = [];
+    const low: number[] = [];
+    const lanes: GateLane[] = [
+      { key: "high", priority: "high", source: silent(high) },
+      { key: "normal", priority: "normal", source: silent(normal) },
+      { key: "low", priority: "low", source: silent(low) },
+    ];
+    const sub = creditGate({ maxUnsettled: 130, weights: { high: 8, normal: 4, low: 1 }, control: (ctl) => ctl.add(lanes) }).subscribe();
+    sub.unsubscribe();
+    expect([high[0], normal[0], low[0]]).to.deep.equal([80, 40, 10]);
+  });
+
+  it("gives one lane added alone every credit (the same lanes added one by one would not share)", () => {
+    const only: number[] = [];
+    const sub = creditGate({ maxUnsettled: 130, control: (ctl) => ctl.add({ key: "high", priority: "high", source: silent(only) }) }).subscribe();
+    sub.unsubscribe();
+    expect(only).to.deep.equal([130]);
+  });
+});
