@@ -41,6 +41,8 @@ export interface PipelineSteps {
   generator?: Generator;
   /** Publishes a chunk of a streamed request on `infer.tok.<tenant>.<id>`. */
   publishChunk?: (job: RoutedJob, chunk: Chunk) => Promise<void> | void;
+  /** Generation timings (time to first token, time per output token); none when omitted. Must not throw. */
+  generations?: { chunkPublished(job: RoutedJob): void; generationSettled(s: Settled): void };
   /** Per-tenant rate, token and concurrency limits. */
   tenantLimits?: TenantLimiter;
   tenantMaxWaitMs?: number;
@@ -85,6 +87,16 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         ...(steps.shadow.onSkipped ? { onSkipped: steps.shadow.onSkipped } : {}),
       })
     : (x) => x;
+  // A chunk of a streamed request goes to its client; any generation's chunk (shadow copies
+  // aside) is timed once it is out.
+  const publishChunk = (job: RoutedJob, c: Chunk): Promise<void> | void => {
+    if (job.shadow) return;
+    const sent = job.stream ? steps.publishChunk?.(job, c) : undefined;
+    const g = steps.generations;
+    if (!g) return sent;
+    if (sent instanceof Promise) return sent.then(() => g.chunkPublished(job));
+    g.chunkPublished(job);
+  };
   return (deliveries) => {
     // (Two pipes: RxJS types at most nine operators in one.)
     const admitted$ = deliveries.pipe(
@@ -141,7 +153,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
                   retryBaseMs: steps.retryBaseMs,
                   retryMaxMs: steps.retryMaxMs,
                   waitForWorkerMs: (model) => table.timeoutMs(model),
-                  publishChunk: (job, c) => (job.stream && !job.shadow ? steps.publishChunk?.(job, c) : undefined),
+                  publishChunk: (job, c) => publishChunk(job, c),
                 }),
               ),
             ),
@@ -164,6 +176,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
         steps.tracing?.settle(s);
         steps.tenantLimits?.releasedOutcome(s.outcome);
         steps.fairShare?.settled(s);
+        steps.generations?.generationSettled(s);
       }),
     );
     const shadow = steps.shadow;

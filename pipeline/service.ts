@@ -289,6 +289,7 @@ export class PipelineService {
         publishChunk: (job, c) => {
           this.nc.publish(subjects.tokens(job.tenant, job.id), JSON.stringify({ id: job.id, seq: c.seq, text: c.text }));
         },
+        generations: this.metrics,
         isCancelled: (tenant, id) => this.cancels.isCancelled(tenant, id),
         tenantLimits: this.tenants.limiter,
         tenantMaxWaitMs: pp.tenantMaxWaitMs,

@@ -149,6 +149,8 @@ describe("metrics: PipelineMetrics", function () {
     sluice_batch_size: "histogram",
     sluice_worker_seconds: "histogram",
     sluice_request_seconds: "histogram",
+    sluice_ttft_seconds: "histogram",
+    sluice_tpot_seconds: "histogram",
     sluice_inflight: "gauge",
     sluice_consumer_pending: "gauge",
     sluice_consumer_ack_pending: "gauge",
@@ -341,6 +343,44 @@ describe("metrics: PipelineMetrics", function () {
     stats = { spansDropped: 10, spansFailed: 2 };
     f = parseExposition(await m.exposition());
     expect(sampleValue(f, "sluice_trace_spans_lost_total", "sluice_trace_spans_lost_total", {})).to.equal(12);
+  });
+
+  it("times a generation's first token once, and its tokens after it only for ok results of more than one token", async function () {
+    const m = new PipelineMetrics({ processMetrics: false });
+    const t0 = 1_000_000;
+    const many = { ...job("many", fakeDelivery(t0, t0 + 50)), version: "v1" };
+    const one = { ...job("one", fakeDelivery(t0, t0 + 50)), version: "v1" };
+    const failed = { ...job("failed", fakeDelivery(t0, t0 + 50)), version: "v1" };
+    for (const j of [many, one, failed]) {
+      m.chunkPublished(j, t0 + 100);
+      m.chunkPublished(j, t0 + 150);
+    }
+    const ok = (j: typeof many, tokens: number): Settled => {
+      const result = { id: j.id, status: "ok" as const, usage: { prompt_tokens: 1, completion_tokens: tokens } };
+      return { outcome: { kind: "result", job: j, result }, action: "ack", result, deadLettered: false };
+    };
+    m.generationSettled(ok(many, 5), t0 + 500);
+    m.generationSettled(ok(many, 5), t0 + 900); // settled already: not observed again
+    m.generationSettled(ok(one, 1), t0 + 500);
+    const err = { id: "failed", status: "error" as const, error: { code: "INTERNAL" as const, message: "x" } };
+    m.generationSettled({ outcome: { kind: "result", job: failed, result: err }, action: "ack", result: err, deadLettered: false }, t0 + 500);
+    // A job that never streamed a token, and outcomes without a job, are ignored.
+    m.generationSettled(ok({ ...job("none", fakeDelivery(t0, t0)), version: "v1" }, 3), t0 + 500);
+    m.generationSettled({ outcome: { kind: "dead", delivery: fakeDelivery(t0, t0), error: { code: "INVALID_ARGUMENT", message: "x" } }, action: "term", deadLettered: true });
+    const f = parseExposition(await m.exposition());
+    const labels = { model: "echo", version: "v1" };
+    expect(sampleValue(f, "sluice_ttft_seconds", "sluice_ttft_seconds_count", labels)).to.equal(3);
+    expect(sampleValue(f, "sluice_ttft_seconds", "sluice_ttft_seconds_sum", labels)).to.be.closeTo(0.3, 1e-9);
+    expect(sampleValue(f, "sluice_tpot_seconds", "sluice_tpot_seconds_count", labels)).to.equal(1);
+    expect(sampleValue(f, "sluice_tpot_seconds", "sluice_tpot_seconds_sum", labels)).to.be.closeTo(0.1, 1e-9);
+  });
+
+  it("never throws from generation timings, whatever it is handed", function () {
+    const m = new PipelineMetrics({ processMetrics: false });
+    expect(() => m.chunkPublished({} as never)).not.to.throw();
+    expect(() => m.chunkPublished(null as never)).not.to.throw();
+    expect(() => m.generationSettled({} as never)).not.to.throw();
+    expect(() => m.generationSettled(null as never)).not.to.throw();
   });
 });
 

@@ -19,6 +19,7 @@ import { createServer, type IncomingMessage, type Server, type ServerResponse } 
 import type { AddressInfo } from "node:net";
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Settled } from "../../operators/settle-outcome.js";
+import type { Delivery, RoutedJob } from "../../operators/types.js";
 import { UNKNOWN_TOKEN } from "../../proto/wire.js";
 
 export const DEFAULT_METRICS_PORT = 9464;
@@ -39,6 +40,10 @@ export const QUEUE_SECONDS_BUCKETS: readonly number[] = [0.001, 0.005, 0.01, 0.0
 export const REQUEST_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 /** One worker call. */
 export const WORKER_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+/** Stored (or pulled) to the first token chunk of a generation. */
+export const TTFT_SECONDS_BUCKETS: readonly number[] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+/** Mean time between output tokens of one generation. */
+export const TPOT_SECONDS_BUCKETS: readonly number[] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
 export const BATCH_SIZE_BUCKETS: readonly number[] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 export interface PipelineMetricsOptions {
@@ -101,6 +106,8 @@ export class PipelineMetrics implements MetricsSource {
   readonly requestSeconds: Histogram<"model" | "priority">;
   readonly batchSize: Histogram<"model" | "version">;
   readonly workerSeconds: Histogram<"model" | "version">;
+  readonly ttftSeconds: Histogram<"model" | "version">;
+  readonly tpotSeconds: Histogram<"model" | "version">;
   readonly inflight: Gauge<"priority">;
   readonly consumerPending: Gauge<"priority">;
   readonly consumerAckPending: Gauge<"priority">;
@@ -115,6 +122,8 @@ export class PipelineMetrics implements MetricsSource {
   private readonly collectTimeoutMs: number;
   private traceStats: (() => { spansDropped: number; spansFailed: number }) | undefined;
   private traceLost = 0;
+  /** First-token time of each generation in progress (gone with its delivery). */
+  private readonly firstTokenAt = new WeakMap<Delivery, number>();
 
   constructor(opts: PipelineMetricsOptions = {}) {
     const registers = [(this.registry = opts.registry ?? new Registry())];
@@ -152,6 +161,20 @@ export class PipelineMetrics implements MetricsSource {
       help: "Wall time of one worker call for a batch.",
       labelNames: ["model", "version"],
       buckets: [...WORKER_SECONDS_BUCKETS],
+      registers,
+    });
+    this.ttftSeconds = new Histogram({
+      name: "sluice_ttft_seconds",
+      help: "Time to first token of a generation: from the request being stored (else pulled) to its first token chunk.",
+      labelNames: ["model", "version"],
+      buckets: [...TTFT_SECONDS_BUCKETS],
+      registers,
+    });
+    this.tpotSeconds = new Histogram({
+      name: "sluice_tpot_seconds",
+      help: "Time per output token of a generation of more than one token: (result - first token) / (completion tokens - 1).",
+      labelNames: ["model", "version"],
+      buckets: [...TPOT_SECONDS_BUCKETS],
       registers,
     });
     this.inflight = new Gauge({
@@ -266,6 +289,44 @@ export class PipelineMetrics implements MetricsSource {
     if (info.workerSeconds !== undefined && Number.isFinite(info.workerSeconds)) this.workerSeconds.observe(labels, Math.max(0, info.workerSeconds));
   }
 
+  /**
+   * A generation's chunk went out: the first one of its delivery is its time to first token.
+   * Never throws.
+   */
+  chunkPublished(job: RoutedJob, nowMs: number = Date.now()): void {
+    try {
+      const d = job.delivery;
+      if (this.firstTokenAt.has(d)) return;
+      this.firstTokenAt.set(d, nowMs);
+      const since = Number.isFinite(d.storedAtMs) && d.storedAtMs > 0 ? d.storedAtMs : d.pulledAtMs;
+      if (!Number.isFinite(since)) return;
+      this.ttftSeconds.observe(this.modelVersion(job.model, job.version), Math.max(0, nowMs - since) / 1000);
+    } catch {
+      // Telemetry never throws into the request path.
+    }
+  }
+
+  /**
+   * A request settled: when it was a generation that streamed its first token and ends in an
+   * ok result of more than one completion token, its time per output token. Never throws.
+   */
+  generationSettled(s: Settled, nowMs: number = Date.now()): void {
+    try {
+      const o = s.outcome;
+      if (o.kind === "dead") return;
+      const first = this.firstTokenAt.get(o.job.delivery);
+      if (first === undefined) return;
+      this.firstTokenAt.delete(o.job.delivery);
+      const r = s.result;
+      const tokens = r?.usage?.completion_tokens;
+      if (s.error !== undefined || r?.status !== "ok" || typeof tokens !== "number" || !(tokens > 1)) return;
+      const tpot = (nowMs - first) / (tokens - 1);
+      if (Number.isFinite(tpot)) this.tpotSeconds.observe(this.modelVersion(o.job.model, o.job.version ?? r.version), Math.max(0, tpot) / 1000);
+    } catch {
+      // Telemetry never throws into the request path.
+    }
+  }
+
   setInflight(priority: string, n: number): void {
     this.inflight.set({ priority }, n);
   }
@@ -335,6 +396,10 @@ export class PipelineMetrics implements MetricsSource {
         resolve();
       });
     });
+  }
+
+  private modelVersion(model: string, version: string | undefined): { model: string; version: string } {
+    return { model: this.labels.value("model", model), version: version ? this.labels.value("version", version) : NO_VERSION };
   }
 
   private syncTraceStats(): void {
