@@ -196,6 +196,8 @@ describe("HTTP gateway: async requests and callbacks", function () {
       const cancelled = new Promise<string>((resolve) => {
         const sub = gwNc.subscribe("infer.cancel.acme.held-1", { callback: (_e, m) => (sub.unsubscribe(), resolve(m.subject)) });
       });
+      // The listener is known to the server before the caller leaves (else the cancel can pass unseen).
+      await gwNc.flush();
       ac.abort();
       await held;
       expect(await cancelled).to.equal("infer.cancel.acme.held-1");
