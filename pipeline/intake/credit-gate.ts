@@ -34,6 +34,8 @@ export interface GateLane {
   readonly source: PullSource;
   /** Estimated cost of one of its requests, for the fair share (default 1). */
   cost?: number;
+  /** Its tenant's virtual token counter: the lane shares by counters (see SchedulePolicy). */
+  counter?: number;
   /** Keeps a reserve pull open while idle (default true). */
   readonly reserve?: boolean;
 }
@@ -79,6 +81,8 @@ export interface CreditGateOptions {
   onPullError?: (lane: GateLane, err: unknown) => void;
   /** Unsettled deliveries per priority, at each change. */
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** Whether a lane has a backlog, at each change (and `false` when it is removed). */
+  onBacklogChange?: (lane: GateLane, backlog: boolean) => void;
   scheduler?: SchedulerLike;
   /** Random source of the backoff's jitter, in [0, 1) (tests pass their own). */
   random?: () => number;
@@ -107,6 +111,8 @@ interface LaneRun {
   blocked: Subscription | undefined;
   removed: boolean;
   readonly pulls: Set<OpenPull>;
+  /** The consumer's pending count with the last message it delivered (undefined: not told). */
+  pending: number | undefined;
   /** Stream sequences held: a redelivery of a message still being worked on is dropped. */
   readonly seqs: Set<number>;
 }
@@ -144,6 +150,15 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       for (const r of runs.values()) if (r.requested > 0 || r.unsettled > 0) return;
       subscriber.complete();
     };
+    const setBacklog = (r: LaneRun, backlog: boolean): void => {
+      if (r.backlog === backlog) return;
+      r.backlog = backlog;
+      try {
+        opts.onBacklogChange?.(r.lane, backlog);
+      } catch {
+        // a listener never breaks the flow
+      }
+    };
     const forget = (r: LaneRun): void => {
       if (r.removed && r.requested === 0 && r.unsettled === 0 && runs.get(r.lane.key) === r) runs.delete(r.lane.key);
     };
@@ -177,6 +192,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
               backlog: r.backlog,
               blocked: r.blocked !== undefined,
               ...(r.lane.cost !== undefined ? { cost: r.lane.cost } : {}),
+              ...(r.lane.counter !== undefined ? { counter: r.lane.counter } : {}),
               ...(r.lane.reserve !== undefined ? { reserve: r.lane.reserve } : {}),
             });
           }
@@ -229,8 +245,9 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
         if (!endPull(r, p)) return;
         if (failed === undefined) {
           r.failures = 0;
-          // A full pull means more is waiting; a short one means the lane ran dry.
-          r.backlog = p.got >= n;
+          // The consumer's pending count says whether more is waiting; without one, a full pull
+          // means more is waiting and a short one that the lane ran dry.
+          if (!r.removed) setBacklog(r, p.got > 0 && r.pending !== undefined ? r.pending > 0 : p.got >= n);
         } else if (!closed) {
           r.failures++;
           try {
@@ -256,9 +273,12 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
           }
           p.got++;
           r.requested--;
-          // The last message the consumer had: the lane has no backlog, even while this pull
-          // stays open.
-          if (m.pending === 0) r.backlog = false;
+          // The consumer's own count of what is left: the last message it had ends the lane's
+          // backlog (even while this pull stays open), and one with more behind it starts it.
+          if (typeof m.pending === "number" && !r.removed) {
+            r.pending = m.pending;
+            setBacklog(r, m.pending > 0);
+          }
           if (closed || draining || subscriber.closed || r.removed) {
             // Not ours to process any more: let the queue give it to someone else at once.
             m.nak();
@@ -283,7 +303,9 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       const have = runs.get(lane.key);
       if (have && !have.removed) return;
       if (have) for (const p of [...have.pulls]) closePull(have, p);
-      runs.set(lane.key, { lane, requested: 0, unsettled: 0, backlog: true, failures: 0, blocked: undefined, removed: false, pulls: new Set(), seqs: new Set() });
+      const r: LaneRun = { lane, requested: 0, unsettled: 0, backlog: false, failures: 0, blocked: undefined, removed: false, pulls: new Set(), seqs: new Set(), pending: undefined };
+      runs.set(lane.key, r);
+      setBacklog(r, true);
     };
     const control: GateControl = {
       add: (lane) => {
@@ -293,6 +315,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       remove: (key) => {
         const r = runs.get(key);
         if (!r || r.removed) return;
+        setBacklog(r, false);
         r.removed = true;
         r.blocked?.unsubscribe();
         r.blocked = undefined;
@@ -302,7 +325,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       },
       hint: (key, backlog) => {
         const r = runs.get(key);
-        if (r && !r.removed) r.backlog = backlog;
+        if (r && !r.removed) setBacklog(r, backlog);
       },
       holding: (key) => {
         const r = runs.get(key);

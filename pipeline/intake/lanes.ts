@@ -67,7 +67,20 @@ export interface LaneIntakeOptions {
    * expected to cost; the shared consumer what the requests of the tenants without a lane do
    * (times {@link SHARED_COST}). Without it every request costs the same.
    */
-  fairShare?: { expectedCost(tenant: string): number; expectedCostExcept(tenants: ReadonlySet<string>): number };
+  fairShare?: LaneFairShare;
+}
+
+/**
+ * The token fair share as the intake uses it (TokenFairShare): costs, each tenant's virtual token
+ * counter (its lane gets credits by it), and what keeps a tenant active (a lane with a backlog,
+ * a request held while a lane's stage settles).
+ */
+export interface LaneFairShare {
+  expectedCost(tenant: string): number;
+  expectedCostExcept(tenants: ReadonlySet<string>): number;
+  tokensOf(tenant: string): number;
+  hold(tenant: string): void;
+  release(tenant: string): void;
 }
 
 export const DEFAULT_MAX_LANES = 16;
@@ -169,7 +182,14 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         if (closed || !inGate.has(k)) return;
         const fair = o.fairShare;
         const lane = { key: k, priority: p, source: new ConsumerPullSource(consumer, { termReason: o.termReason === true }) };
-        ctl.add(fair ? Object.defineProperty(lane, "cost", { get: () => fair.expectedCost(tenant), enumerable: true }) : lane);
+        ctl.add(
+          fair
+            ? Object.defineProperties(lane, {
+                cost: { get: () => fair.expectedCost(tenant), enumerable: true },
+                counter: { get: () => fair.tokensOf(tenant), enumerable: true },
+              })
+            : lane,
+        );
       } catch (err) {
         inGate.delete(k);
         pullError(p, err);
@@ -340,7 +360,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
 
     // Requests waiting for a lane's stage to settle (pending, closing): they keep their credit,
     // so the consumer stops pulling instead of deferring request after request.
-    const parked = new Map<string, Array<{ lane: GateLane; d: CreditedDelivery }>>();
+    const parked = new Map<string, Array<{ lane: GateLane; d: CreditedDelivery; tenant: string }>>();
     let emitFn: ((d: CreditedDelivery) => void) | undefined;
 
     const decide = (lane: GateLane, d: CreditedDelivery): void => {
@@ -349,7 +369,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       const tenant = shared ? tenantOf(d.subject) : lane.key.slice(p.length + 1);
       if (shared && Date.now() < quietUntil) {
         // Held (with its credit) until the quiet time after a reconnect is over.
-        park(QUIET_KEY, lane, d);
+        park(QUIET_KEY, lane, d, tenant);
         return;
       }
       const view = viewOf(p, tenant);
@@ -357,12 +377,14 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       if (decision === "serve") {
         if (shared) noteServed(p, d, tenant);
         emitFn?.(d);
-      } else if (decision === "defer") park(keyOf(p, tenant), lane, d);
+      } else if (decision === "defer") park(keyOf(p, tenant), lane, d, tenant);
       else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
     };
-    function park(k: string, lane: GateLane, d: CreditedDelivery): void {
+    // A held request keeps its tenant active for the fair share (it waits, as a backlog does).
+    function park(k: string, lane: GateLane, d: CreditedDelivery, tenant: string): void {
+      o.fairShare?.hold(tenant);
       const list = parked.get(k) ?? [];
-      list.push({ lane, d });
+      list.push({ lane, d, tenant });
       parked.set(k, list);
       ensureCheck();
     }
@@ -371,7 +393,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       const list = parked.get(k);
       if (!list) return;
       parked.delete(k);
-      for (const { lane, d } of list) if (!d.settled) decide(lane, d);
+      for (const { lane, d, tenant } of list) {
+        if (!d.settled) decide(lane, d);
+        o.fairShare?.release(tenant);
+      }
+    };
+    const laneBacklog = (lane: GateLane, backlog: boolean): void => {
+      if (lane.key === lane.priority) return; // the shared consumer stands for no one tenant
+      const tenant = lane.key.slice(lane.priority.length + 1);
+      if (backlog) o.fairShare?.hold(tenant);
+      else o.fairShare?.release(tenant);
     };
     const admit = (lane: GateLane, d: CreditedDelivery, emit: (d: CreditedDelivery) => void): void => {
       emitFn = emit;
@@ -390,10 +421,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       ...(o.drain ? { drain: o.drain } : {}),
       onPullError: (lane, err) => pullError(lane.priority, err),
       ...(o.onUnsettledChange ? { onUnsettledChange: o.onUnsettledChange } : {}),
+      // A tenant's lane with a backlog keeps the tenant active for the fair share.
+      ...(o.fairShare ? { onBacklogChange: (lane: GateLane, backlog: boolean) => laneBacklog(lane, backlog) } : {}),
     });
     const inner = gate.subscribe(subscriber);
     const drainSub = o.drain?.subscribe(() => {
-      for (const list of parked.values()) for (const { d } of list) d.nak();
+      for (const list of parked.values())
+        for (const { d, tenant } of list) {
+          d.nak();
+          o.fairShare?.release(tenant);
+        }
       parked.clear();
     });
 

@@ -11,11 +11,15 @@
  * 2. **Lanes of one priority** (one per tenant, or one shared lane) share the priority's credits
  *    equally *by cost*: a lane whose requests cost more (an estimated token count, say) gets
  *    proportionally fewer of them. The cost of a request is 1 unless the caller says otherwise.
+ *    Lanes that carry their tenant's virtual token counter share their part instead by the
+ *    counters: each credit to the lane whose tenant was given the fewest tokens (token-order.ts),
+ *    so the tokens *given* even out, however long each lane's requests take to finish.
  *
  * No lane with a backlog is starved: each gets at least one credit once any are free, and
  * credits nobody's share can use are lent to the busy lane furthest below its share.
  */
 import type { Priority } from "../../proto/wire.js";
+import { byLowestCounter } from "./token-order.js";
 
 /** What the gate knows of one lane when it asks for a schedule. */
 export interface LaneState {
@@ -33,6 +37,12 @@ export interface LaneState {
   readonly cost?: number;
   /** Keeps a reserve pull open while it has no backlog (default true). */
   readonly reserve?: boolean;
+  /**
+   * Tokens its tenant was given so far (a virtual token counter). Lanes of a priority that have
+   * one share their part of its credits by the counters, lowest first (token-order.ts), instead
+   * of equally by cost.
+   */
+  readonly counter?: number;
 }
 
 export interface SchedulePolicy {
@@ -63,6 +73,7 @@ export const DEFAULT_RESERVE_FRACTION = 1 / 8;
 export const DEFAULT_MIN_PULL_FRACTION = 1 / 4;
 
 const held = (l: LaneState): number => l.requested + l.unsettled;
+const hasCounter = (l: LaneState): boolean => l.counter !== undefined && Number.isFinite(l.counter);
 const costOf = (l: LaneState): number => (l.cost !== undefined && l.cost > 0 && Number.isFinite(l.cost) ? l.cost : 1);
 
 /** The pulls to open now; empty when no credit is free or no lane can use one. */
@@ -117,22 +128,66 @@ export function schedule(lanes: readonly LaneState[], policy: SchedulePolicy): P
     const inv = mine.reduce((a, l) => a + 1 / costOf(l), 0);
     for (const l of mine) targets.set(l.key, (share * (1 / costOf(l))) / inv);
   }
-  const deficits = busy.map((l) => ({ l, target: targets.get(l.key)!, deficit: targets.get(l.key)! - held(l) })).sort((a, b) => b.deficit - a.deficit);
-  for (const { l, target, deficit } of deficits) {
+  // Lanes with a token counter share their part of the priority's share by the counters (see
+  // token-order.ts): the one whose tenant was given the fewest tokens first. The others (the
+  // shared consumer) keep their share by cost.
+  type Claim = { l: LaneState; target: number; deficit: number };
+  type Group = { lanes: LaneState[]; deficit: number };
+  const claims: Claim[] = busy.filter((l) => !hasCounter(l)).map((l) => ({ l, target: targets.get(l.key)!, deficit: targets.get(l.key)! - held(l) }));
+  const groups: Group[] = [];
+  for (const p of busyPriorities) {
+    const vtc = busy.filter((l) => l.priority === p && hasCounter(l));
+    if (vtc.length > 0) groups.push({ lanes: vtc, deficit: vtc.reduce((a, l) => a + targets.get(l.key)! - held(l), 0) });
+  }
+  const order = [...claims.map((c) => ({ deficit: c.deficit, c, g: undefined })), ...groups.map((g) => ({ deficit: g.deficit, c: undefined, g }))].sort((a, b) => b.deficit - a.deficit);
+  const minPull = (l: LaneState): number => Math.max(1, Math.floor(targets.get(l.key)! * minPullFraction));
+  const givenNow = new Map<string, number>();
+  /**
+   * Hands `credits` to a group by its counters. A lane with a pull open takes its part only when
+   * it makes a pull worth opening; otherwise its part stays free (not given to a lane whose
+   * tenant is ahead of it): it is taken once its pull ends.
+   */
+  const byCounters = (g: Group, credits: number): void => {
+    const given = byLowestCounter(
+      g.lanes.map((l) => ({ key: l.key, counter: l.counter!, cost: costOf(l), requested: l.requested + (givenNow.get(l.key) ?? 0) })),
+      credits,
+    );
+    g.lanes.forEach((l, i) => {
+      const n = given[i]!;
+      if (n <= 0 || (l.requested > 0 && n < minPull(l))) return;
+      open(l, n, true);
+      givenNow.set(l.key, (givenNow.get(l.key) ?? 0) + n);
+    });
+  };
+  for (const { c, g } of order) {
     if (free <= 0) break;
-    const n = Math.max(held(l) === 0 ? 1 : 0, Math.floor(deficit));
-    if (n <= 0) continue;
-    if (l.requested > 0 && n < Math.max(1, Math.floor(target * minPullFraction))) continue;
-    open(l, n, true);
+    if (c) {
+      const { l, deficit } = c;
+      const n = Math.max(held(l) === 0 ? 1 : 0, Math.floor(deficit));
+      if (n > 0 && !(l.requested > 0 && n < minPull(l))) open(l, n, true);
+    } else {
+      // A group with a lane holding nothing asks for a credit at least (as a lane does above).
+      const n = Math.min(free, Math.max(g.lanes.some((l) => held(l) === 0) ? 1 : 0, Math.floor(g.deficit)));
+      if (n > 0) byCounters(g, n);
+    }
   }
 
   // 3. Leftovers (rounding, or shares a lane cannot use yet): lend them to the busy lane with the
   //    largest deficit that has no pull of its own open, so no credit idles under a backlog; a
-  //    lane with a pull open takes them only when they make a pull worth opening.
+  //    lane with a pull open takes them only when they make a pull worth opening. A group with
+  //    token counters takes them by its counters.
   if (free > 0) {
-    const worth = (d: (typeof deficits)[number]): boolean => free >= Math.max(1, Math.floor(max / 8), Math.floor(d.target * minPullFraction));
-    const lend = deficits.find(({ l }) => l.requested === 0 && !pulled.has(l.key)) ?? deficits.find((d) => !pulled.has(d.l.key) && worth(d));
-    if (lend) open(lend.l, free, true);
+    const worth = (d: Claim): boolean => free >= Math.max(1, Math.floor(max / 8), Math.floor(d.target * minPullFraction));
+    if (groups.length === 0) {
+      const lend = claims.find(({ l }) => l.requested === 0 && !pulled.has(l.key)) ?? claims.find((d) => !pulled.has(d.l.key) && worth(d));
+      if (lend) open(lend.l, free, true);
+    } else {
+      for (const { c, g } of order) {
+        if (free <= 0) break;
+        if (g) byCounters(g, free);
+        else if (!pulled.has(c.l.key) && (c.l.requested === 0 || worth(c))) open(c.l, free, true);
+      }
+    }
   }
   return mergeOrders(out);
 }

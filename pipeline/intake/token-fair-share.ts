@@ -6,10 +6,15 @@
  *
  * ```ts
  * const fair = new TokenFairShare();
- * tenantLaneSource({ ..., fairShare: fair });           // credits by token counters
+ * laneIntake({ ..., fairShare: fair });                 // lanes get credits by token counters
  * decoded$.pipe(tap((job) => fair.admitted(job)));      // charge
  * settled$.pipe(tap((s) => fair.settled(s)));           // correct
  * ```
+ *
+ * A tenant is active (its counter is not raised when it asks again) while it has a request
+ * admitted and not settled, a lane with a backlog, or a request held by the intake (see
+ * {@link TokenFairShare.hold}): counts, never time, so a backlogged tenant stays active however
+ * slow the machine is.
  */
 import type { Settled } from "../../operators/settle-outcome.js";
 import type { Delivery, InferJob } from "../../operators/types.js";
@@ -28,6 +33,21 @@ export class TokenFairShare {
   /** See {@link VirtualTokenCounter.expectedCost}. */
   expectedCost(tenant: string): number {
     return this.counter.expectedCost(tenant);
+  }
+
+  /** Tokens given to a tenant so far (see {@link VirtualTokenCounter.counter}). */
+  tokensOf(tenant: string): number {
+    return this.counter.counter(tenant);
+  }
+
+  /** See {@link VirtualTokenCounter.hold}: something of the tenant waits (a lane's backlog, a held request). */
+  hold(tenant: string): void {
+    this.counter.hold(tenant);
+  }
+
+  /** See {@link VirtualTokenCounter.release}. */
+  release(tenant: string): void {
+    this.counter.release(tenant);
   }
 
   /** See {@link VirtualTokenCounter.expectedCostExcept}. */
@@ -50,6 +70,7 @@ export class TokenFairShare {
     if (job.shadow === true || this.charged.has(job.delivery)) return;
     try {
       const tokens = estimateTokens(job);
+      this.counter.hold(job.tenant);
       this.counter.charge(job.tenant, tokens);
       this.charged.set(job.delivery, { tenant: job.tenant, tokens });
     } catch {
@@ -66,5 +87,6 @@ export class TokenFairShare {
     const o = s.outcome;
     const ran = s.action !== "nak" && o.kind === "result" && o.alreadyStored !== true ? usedTokens(s.result ?? o.result) : 0;
     this.counter.correct(c.tenant, c.tokens, ran ?? c.tokens);
+    this.counter.release(c.tenant);
   }
 }

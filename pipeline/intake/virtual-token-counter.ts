@@ -71,6 +71,8 @@ export class VirtualTokenCounter {
   private readonly counts = new Map<string, TenantCount>();
   /** Tenants with work at the last allocation. */
   private active = new Set<string>();
+  /** What keeps each tenant active, for {@link hold} and {@link release}. */
+  private readonly holds = new Map<string, number>();
   private readonly defaultTokens: number;
   private readonly meanWeight: number;
   private readonly maxIdle: number;
@@ -175,6 +177,41 @@ export class VirtualTokenCounter {
     }
     this.active = now;
     this.prune();
+  }
+
+  /**
+   * Something of `tenant` waits or is worked on (a request admitted, a lane with a backlog): the
+   * incremental form of {@link setActive}, one reason at a time. A tenant that had none is raised
+   * to the lowest counter of the active tenants (none active: it keeps its own), so it does not
+   * come back with a share saved up while it was idle. Use this or `setActive`, not both.
+   */
+  hold(tenant: string): void {
+    const n = this.holds.get(tenant) ?? 0;
+    this.holds.set(tenant, n + 1);
+    if (n > 0) return;
+    let floor = Number.POSITIVE_INFINITY;
+    for (const t of this.active) floor = Math.min(floor, this.counter(t));
+    const c = this.entry(tenant);
+    if (floor !== Number.POSITIVE_INFINITY && c.tokens < floor) c.tokens = floor;
+    this.active.add(tenant);
+  }
+
+  /** One reason given to {@link hold} is gone; with none left the tenant is idle. */
+  release(tenant: string): void {
+    const n = this.holds.get(tenant) ?? 0;
+    if (n > 1) {
+      this.holds.set(tenant, n - 1);
+      return;
+    }
+    if (n === 0) return;
+    this.holds.delete(tenant);
+    this.active.delete(tenant);
+    this.prune();
+  }
+
+  /** Whether the tenant has work (see {@link hold}). */
+  isActive(tenant: string): boolean {
+    return this.active.has(tenant);
   }
 
   private entry(tenant: string): TenantCount {

@@ -112,6 +112,31 @@ describe("VirtualTokenCounter", () => {
     expect(vtc.counter("b")).to.equal(500);
   });
 
+  it("hold/release: raises a tenant only when it comes back from having nothing held, to the lowest active counter", () => {
+    const vtc = new VirtualTokenCounter();
+    vtc.hold("a"); // nobody else active: it keeps its own
+    vtc.charge("a", 1_000);
+    vtc.hold("b"); // comes while a is active: raised to a's 1,000
+    expect(vtc.counter("b")).to.equal(1_000);
+    vtc.charge("b", 100);
+    vtc.charge("a", 5_000);
+    // b stays active while anything of it is held (two reasons, one gone): never raised.
+    vtc.hold("b");
+    vtc.release("b");
+    vtc.hold("b");
+    expect(vtc.counter("b")).to.equal(1_100);
+    expect(vtc.isActive("b")).to.equal(true);
+    // Both reasons gone: idle; back, it is raised to a's 6,000 (no share saved up while idle).
+    vtc.release("b");
+    vtc.release("b");
+    expect(vtc.isActive("b")).to.equal(false);
+    vtc.hold("b");
+    expect(vtc.counter("b")).to.equal(6_000);
+    // A release without a hold changes nothing.
+    vtc.release("c");
+    expect(vtc.isActive("c")).to.equal(false);
+  });
+
   it("gives a tenant whose cost is not known yet only its first credits, outstanding ones included", () => {
     const vtc = new VirtualTokenCounter({ firstCredits: 3 });
     vtc.charge("known", 10);
