@@ -35,6 +35,12 @@ export interface BatchByModelVersionOptions {
    * `capacityFreed$`.
    */
   holdWhileBusy?: boolean;
+  /**
+   * What a job costs the device (its estimated tokens, say): with it, "in turn" is by cost, the
+   * tenant with the least taken into the batch so far goes next, so a tenant whose jobs cost ten
+   * times more gets a tenth of the places. Without it every job costs the same.
+   */
+  cost?: (job: RoutedJob) => number;
 }
 
 /**
@@ -108,7 +114,7 @@ export function batchByModelVersion(opts: BatchByModelVersionOptions): OperatorF
         cancelTimers(b);
         if (hold && b.jobs.length > b.maxSize) {
           // More waiting than one batch holds: take a fair share, keep the rest for the next slot.
-          const { taken, rest } = takeFair(b.jobs, b.maxSize);
+          const { taken, rest } = takeFair(b.jobs, b.maxSize, opts.cost);
           b.jobs = rest;
           subscriber.next({ model: b.model, version: b.version, key: b.key, jobs: sortByDeadline(taken), closedAtMs: now() });
           if (idle(b.key)) b.idleFlush = endOfTurn(() => guard(() => flush(b)));
@@ -285,9 +291,10 @@ function urgencyOf(jobs: readonly RoutedJob[]): Urgency {
 
 /**
  * Picks `n` jobs: higher priority first; within a priority, one job per tenant in turn (tenants
- * in the order their oldest job arrived), each tenant's jobs in arrival order.
+ * in the order their oldest job arrived), each tenant's jobs in arrival order. With `cost`, the
+ * turn goes to the tenant with the least cost taken so far (ties: that order).
  */
-export function takeFair(jobs: readonly RoutedJob[], n: number): { taken: RoutedJob[]; rest: RoutedJob[] } {
+export function takeFair(jobs: readonly RoutedJob[], n: number, cost?: (job: RoutedJob) => number): { taken: RoutedJob[]; rest: RoutedJob[] } {
   const byRank = new Map<number, Map<string, RoutedJob[]>>();
   for (const j of jobs) {
     const r = RANK[j.priority] ?? 1;
@@ -300,6 +307,11 @@ export function takeFair(jobs: readonly RoutedJob[], n: number): { taken: Routed
   const chosen = new Set<RoutedJob>();
   for (const r of [...byRank.keys()].sort((a, b) => a - b)) {
     const queues = [...byRank.get(r)!.values()];
+    if (cost) {
+      takeByCost(queues, n, cost, chosen);
+      if (chosen.size >= n) break;
+      continue;
+    }
     for (let i = 0; chosen.size < n && queues.some((q) => i < q.length); i++) {
       for (const q of queues) {
         if (chosen.size >= n) break;
@@ -310,4 +322,22 @@ export function takeFair(jobs: readonly RoutedJob[], n: number): { taken: Routed
     if (chosen.size >= n) break;
   }
   return { taken: jobs.filter((j) => chosen.has(j)), rest: jobs.filter((j) => !chosen.has(j)) };
+}
+
+/** Adds to `chosen` (up to `n` in all) from the queues, each time from the one with the least cost taken. */
+function takeByCost(queues: readonly RoutedJob[][], n: number, cost: (job: RoutedJob) => number, chosen: Set<RoutedJob>): void {
+  const taken = queues.map(() => 0);
+  const next = queues.map(() => 0);
+  const costOf = (j: RoutedJob): number => {
+    const c = cost(j);
+    return Number.isFinite(c) && c > 0 ? c : 1;
+  };
+  while (chosen.size < n) {
+    let best = -1;
+    for (let q = 0; q < queues.length; q++) if (next[q]! < queues[q]!.length && (best < 0 || taken[q]! < taken[best]!)) best = q;
+    if (best < 0) return;
+    const j = queues[best]![next[best]!++]!;
+    chosen.add(j);
+    taken[best]! += costOf(j);
+  }
 }

@@ -27,6 +27,7 @@ import type { ModelTable } from "./routing/registry.js";
 import type { Tracing } from "./telemetry/types.js";
 import type { TenantLimiter } from "./routing/tenant-limits.js";
 import type { TokenFairShare } from "./intake/token-fair-share.js";
+import { estimateTokens } from "./intake/token-cost.js";
 
 export interface Dispatcher extends BatchDispatcher {
   hasIdleCapacity(key: string): boolean;
@@ -139,6 +140,9 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
                   hasIdleCapacity: (key) => steps.dispatcher.hasIdleCapacity(key),
                   capacityFreed$: steps.dispatcher.capacityFreed$,
                   holdWhileBusy: true,
+                  // Shares counted in tokens: a batch's places go by tokens too, so what the
+                  // intake admitted evenly by tokens reaches the device evenly.
+                  ...(steps.fairShare ? { cost: jobTokens } : {}),
                 }),
                 dispatchBatch(steps.dispatcher, {
                   retryBaseMs: steps.retryBaseMs,
@@ -217,4 +221,12 @@ function cancelledOutcome(job: InferJob): Outcome {
 }
 
 /** Stands in when the pipeline has no generator (nothing is routed to it then). */
+/** A job's estimated tokens, worked out once per delivery. */
+const tokensOfDelivery = new WeakMap<Delivery, number>();
+function jobTokens(job: RoutedJob): number {
+  let n = tokensOfDelivery.get(job.delivery);
+  if (n === undefined) tokensOfDelivery.set(job.delivery, (n = estimateTokens(job)));
+  return n;
+}
+
 const noGenerator: Generator = { generate: () => Promise.reject(new Error("this pipeline runs no generations")) };

@@ -1,7 +1,7 @@
 import { expect } from "chai";
 import { Observable, Subject, type SchedulerAction, type SchedulerLike, type Subscription } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
-import { batchByModelVersion, batchKey, type BatchSettings } from "../../operators/batch-by-model-version.js";
+import { batchByModelVersion, batchKey, takeFair, type BatchSettings } from "../../operators/batch-by-model-version.js";
 import type { Batch, Delivery, RoutedJob } from "../../operators/types.js";
 
 const delivery: Delivery = {
@@ -394,5 +394,33 @@ describe("batchByModelVersion", () => {
     let caught: unknown;
     failing.pipe(batchByModelVersion({ settings: fixed({ maxSize: 1, maxDelayMs: 1 }) })).subscribe({ error: (e: unknown) => (caught = e) });
     expect(caught).to.be.instanceOf(Error).with.property("message", "subscribe failed");
+  });
+
+  describe("takeFair (the pick while workers are busy)", () => {
+    const of = (tenant: string, n: number, priority: RoutedJob["priority"] = "normal"): RoutedJob[] =>
+      Array.from({ length: n }, (_, i) => ({ ...job(`${tenant}${i}`), tenant, priority }));
+    const count = (jobs: readonly RoutedJob[], tenant: string): number => jobs.filter((j) => j.tenant === tenant).length;
+
+    it("takes one job per tenant in turn, higher priority first", () => {
+      const { taken, rest } = takeFair([...of("big", 20), ...of("small", 3), ...of("urgent", 2, "high")], 10);
+      expect(count(taken, "urgent")).to.equal(2);
+      expect(count(taken, "small")).to.equal(3);
+      expect(count(taken, "big")).to.equal(5);
+      expect(taken.length + rest.length).to.equal(25);
+    });
+
+    it("with a cost, takes in turn by cost: a tenant whose jobs cost 10x gets a tenth of the places", () => {
+      const jobs = [...of("long", 20), ...of("short", 40)];
+      const cost = (j: RoutedJob): number => (j.tenant === "long" ? 400 : 40);
+      const byCost = takeFair(jobs, 22, cost).taken;
+      expect(count(byCost, "long")).to.equal(2);
+      expect(count(byCost, "short")).to.equal(20);
+      // Without it, as many places each.
+      const byJobs = takeFair(jobs, 22).taken;
+      expect(count(byJobs, "long")).to.equal(11);
+      // Each tenant's jobs in arrival order; a nonsensical cost counts as 1.
+      expect(byCost.filter((j) => j.tenant === "long").map((j) => j.id)).to.deep.equal(["long0", "long1"]);
+      expect(count(takeFair(jobs, 4, () => Number.NaN).taken, "long")).to.equal(2);
+    });
   });
 });
