@@ -253,3 +253,67 @@ describe("credit gate: lanes that join together", () => {
     expect(only).to.deep.equal([130]);
   });
 });
+
+describe("credit gate: a lane's backlog from the consumer's pending count", () => {
+  /** A message that carries the consumer's pending count after it, as JetStream's do. */
+  class Counted extends VMsg {
+    constructor(
+      seq: number,
+      readonly pending: number,
+    ) {
+      super("q", seq);
+    }
+  }
+  /** A source that hands out `stock` at once (up to what is asked) and records each pull. */
+  const stocked = (stock: Counted[], pulls: Array<{ n: number; expiresMs: number }>): PullSource => ({
+    pull: (n, expiresMs) =>
+      new Observable<Delivery>((sub) => {
+        pulls.push({ n, expiresMs });
+        for (const m of stock.splice(0, n)) sub.next(m);
+        if (pulls.length === 1) sub.complete(); // later pulls wait (nothing left)
+      }),
+  });
+
+  it("ends a lane's backlog when its last message says nothing is left, even from a full pull", () => {
+    const pulls: Array<{ n: number; expiresMs: number }> = [];
+    const changes: boolean[] = [];
+    const got: Delivery[] = [];
+    // Exactly as many as asked for, the last one draining the consumer.
+    const stock = [new Counted(1, 3), new Counted(2, 2), new Counted(3, 1), new Counted(4, 0)];
+    const sub = creditGate({
+      maxUnsettled: 4,
+      expiresMs: 5_000,
+      backlogExpiresMs: 1_000,
+      lanes: [{ key: "q", priority: "normal", source: stocked(stock, pulls) }],
+      onBacklogChange: (_l, b) => changes.push(b),
+    }).subscribe((d) => got.push(d));
+    expect(pulls[0]).to.deep.equal({ n: 4, expiresMs: 1_000 });
+    for (const d of got) d.ack();
+    // Added with a backlog (assumed); the full pull did not keep it: the next pull is an idle
+    // lane's (long expiry).
+    expect(changes).to.deep.equal([true, false]);
+    expect(pulls[1]!.expiresMs).to.equal(5_000);
+    sub.unsubscribe();
+  });
+
+  it("tells each change of a lane's backlog once, and false when it is removed", () => {
+    const changes: Array<[string, boolean]> = [];
+    let ctl: { remove(key: string): void } | undefined;
+    const sub = creditGate({
+      maxUnsettled: 4,
+      control: (c) => {
+        ctl = c;
+        c.add({ key: "a", priority: "normal", source: stocked([new Counted(1, 5)], []) });
+      },
+      onBacklogChange: (l, b) => changes.push([l.key, b]),
+    }).subscribe();
+    ctl!.remove("a");
+    // Added with a backlog (assumed); its message (more behind it) and its short pull (the count
+    // says more waits) change nothing; removed.
+    expect(changes).to.deep.equal([
+      ["a", true],
+      ["a", false],
+    ]);
+    sub.unsubscribe();
+  });
+});
