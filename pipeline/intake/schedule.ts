@@ -16,7 +16,9 @@
  *    so the tokens *given* even out, however long each lane's requests take to finish.
  *
  * No lane with a backlog is starved: each gets at least one credit once any are free, and
- * credits nobody's share can use are lent to the busy lane furthest below its share.
+ * credits nobody's share can use are lent to the busy lane furthest below its share. (Lanes with
+ * counters: the lowest counter goes first; credits it cannot take yet, its pull still open, wait
+ * for it rather than go to a tenant ahead of it.)
  */
 import type { Priority } from "../../proto/wire.js";
 import { byLowestCounter } from "./token-order.js";
