@@ -84,6 +84,8 @@ export interface CreditGateOptions {
   onPullError?: (lane: GateLane, err: unknown) => void;
   /** Unsettled deliveries per priority, at each change. */
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** Each delivery as it starts to hold a credit (+1) and as it is settled (-1), by subject. */
+  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
   scheduler?: SchedulerLike;
   /** Random source of the backoff's jitter, in [0, 1) (tests pass their own). */
   random?: () => number;
@@ -157,13 +159,19 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
     };
     const unsettledBy = new Map<Priority, number>();
 
-    const noteUnsettled = (p: Priority, delta: number): void => {
+    const noteUnsettled = (p: Priority, delta: 1 | -1, subject: string): void => {
       const n = (unsettledBy.get(p) ?? 0) + delta;
       unsettledBy.set(p, n);
+      // A listener never breaks the flow.
+      try {
+        opts.onHeldChange?.(p, subject, delta);
+      } catch {
+        // ignore
+      }
       try {
         opts.onUnsettledChange?.(p, n);
       } catch {
-        // a listener never breaks the flow
+        // ignore
       }
     };
     const finishDrain = (): void => {
@@ -232,7 +240,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       held.delete(d);
       r.seqs.delete(d.seq);
       r.unsettled--;
-      noteUnsettled(r.lane.priority, -1);
+      noteUnsettled(r.lane.priority, -1, d.subject);
       forget(r);
       pump();
       finishDrain();
@@ -263,7 +271,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       held.add(d);
       r.seqs.add(m.seq);
       r.unsettled++;
-      noteUnsettled(r.lane.priority, +1);
+      noteUnsettled(r.lane.priority, +1, m.subject);
       if (opts.admit) opts.admit(r.lane, d, emit);
       else subscriber.next(d);
     };

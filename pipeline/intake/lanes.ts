@@ -60,6 +60,8 @@ export interface LaneIntakeOptions {
   drain?: Observable<unknown>;
   onPullError?: (priority: Priority, err: unknown) => void;
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** See the credit gate's `onHeldChange`. */
+  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
   /** Hears each lane stage this process announces or hears (tests, logs). */
   onLane?: (p: Priority, a: LaneAnnouncement) => void;
   /**
@@ -395,6 +397,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       ...(o.drain ? { drain: o.drain } : {}),
       onPullError: (lane, err) => pullError(lane.priority, err),
       ...(o.onUnsettledChange ? { onUnsettledChange: o.onUnsettledChange } : {}),
+      ...(o.onHeldChange ? { onHeldChange: o.onHeldChange } : {}),
     });
     const inner = gate.subscribe(subscriber);
     const drainSub = o.drain?.subscribe(() => {
