@@ -10,6 +10,10 @@
  * nothing from the priority yet, or a subject names no model) goes to the model
  * {@link UNATTRIBUTED_MODEL} (`""`).
  *
+ * Exact counts per model would need a consumer per model: the stream's per-subject counts
+ * include consumed requests (limits retention keeps them for replay), and a consumer's
+ * `num_pending` covers its one filter (several filters per consumer came with nats-server 2.10).
+ *
  * What the process does know exactly, it counts: the requests it pulled and has not settled,
  * per model (those hold a credit, see the credit gate's `onHeldChange`).
  *
