@@ -135,7 +135,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     return { outcome, action: "term", result, deadLettered: false, ...extra };
   };
 
-  const publishResult = async (outcome: Outcome, job: InferJob, produced: InferResult, deadLetter: boolean, stop: AbortSignal): Promise<Settled> => {
+  const publishResult = async (outcome: Outcome, job: InferJob, produced: InferResult, deadLetter: boolean, stop: Stop): Promise<Settled> => {
     let result = produced;
     const d = job.delivery;
     try {
@@ -183,7 +183,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       const wait = retryDelayMs(failures, base, max);
       if (stop.aborted || now() + wait > giveUpAt) break;
       d.working();
-      await sleep(wait, stop);
+      await sleep(wait, stop.signal);
       if (stop.aborted) break;
     }
     // The client has its answer, but the results store would not keep it: keep the request and
@@ -202,7 +202,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
     return { outcome, action: "nak", deadLettered: false, error: lastError, publishFailures: failures };
   };
 
-  const settle = async (o: Outcome, stop: AbortSignal): Promise<Settled> => {
+  const settle = async (o: Outcome, stop: Stop): Promise<Settled> => {
     switch (o.kind) {
       case "result":
         if (o.alreadyStored === true) {
@@ -248,8 +248,8 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       new Observable<Settled>((subscriber) => {
         // Unsubscribing ends the retries of a failed publish (the delivery is naked); a publish
         // under way still settles its delivery.
-        const stop = new AbortController();
-        settle(o, stop.signal)
+        const stop = new Stop();
+        settle(o, stop)
           .catch((error: unknown): Settled => ({ outcome: o, action: "nak", deadLettered: false, error }))
           .then(
             (s) => {
@@ -262,6 +262,30 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       }),
     concurrency,
   );
+}
+
+/**
+ * Ends one settlement's publish retries when its subscriber leaves. Almost every settlement ends
+ * without waiting, so the AbortSignal (and the AbortError an abort creates) exists only once a
+ * retry has to sleep.
+ */
+class Stop {
+  aborted = false;
+  #controller: AbortController | undefined;
+
+  get signal(): AbortSignal {
+    if (!this.#controller) {
+      this.#controller = new AbortController();
+      if (this.aborted) this.#controller.abort();
+    }
+    return this.#controller.signal;
+  }
+
+  abort(): void {
+    if (this.aborted) return;
+    this.aborted = true;
+    this.#controller?.abort();
+  }
 }
 
 /** What the service's results store is called in reasons (the operator knows no streams). */

@@ -13,6 +13,7 @@ import type { Priority } from "../proto/wire.js";
 import { STREAM_REQUESTS, subjects } from "../proto/wire.js";
 import { inferencePipeline } from "./request-path.js";
 import { MetricsServer, PipelineMetrics } from "./telemetry/metrics.js";
+import { ModelBacklog } from "./telemetry/model-backlog.js";
 import { SERVICE_PIPELINE, type Tracing } from "./telemetry/types.js";
 import { startTracing } from "./telemetry/export.js";
 import type { SluiceConfig } from "./config.js";
@@ -78,6 +79,8 @@ export class PipelineService {
   readonly stats: PipelineStats = { unsettled: {}, maxUnsettled: {}, settled: 0, byAction: {}, byStatus: {}, pullErrors: 0, shadowPublished: 0, shadowSkipped: 0 };
   private readonly settledSubject = new Subject<Settled>();
   private readonly drainSignal = new Subject<void>();
+  /** Requests pulled per model: splits the consumers' pending, counts what is in flight. */
+  private readonly backlog = new ModelBacklog();
   private readonly drained = new Subject<void>();
   private subscription: Subscription | undefined;
   private stopping: Promise<void> | undefined;
@@ -251,6 +254,7 @@ export class PipelineService {
           workingIntervalMs,
           onPullError,
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
+          onHeldChange: (priority, subject, delta) => this.backlog.held(priority, subject, delta),
           drain: this.drainSignal,
           ...(fairShare ? { fairShare } : {}),
         })
@@ -262,6 +266,7 @@ export class PipelineService {
           workingIntervalMs,
           onPullError: (lane, err) => onPullError(lane.priority, err),
           onUnsettledChange: (priority, n) => this.noteUnsettled(priority, n),
+          onHeldChange: (priority, subject, delta) => this.backlog.held(priority, subject, delta),
           drain: this.drainSignal,
         });
     const { pipeline: pp } = this.config;
@@ -310,7 +315,8 @@ export class PipelineService {
       error: (err: unknown) => this.log.error(`pipeline stopped on an error: ${(err as Error)?.stack ?? err}`),
       complete: () => this.drained.next(),
     });
-    // Backlog per priority: the work consumers' pending and ack-pending (the tenant lanes' sums).
+    // Backlog per priority: the work consumers' pending and ack-pending (the tenant lanes' sums);
+    // the pending split by model by this process's recent mix, and its exact in-flight per model.
     this.metrics.onCollect(async () => {
       this.metrics.setWorkers(this.pool.snapshot());
       const sums = new Map<Priority, { pending: number; ackPending: number }>(p.priorities.map((pr) => [pr, { pending: 0, ackPending: 0 }]));
@@ -323,7 +329,8 @@ export class PipelineService {
           sum.ackPending += ci.num_ack_pending;
         }
       }
-      for (const [pr, sum] of sums) this.metrics.setConsumerState(pr, sum.pending, sum.ackPending);
+      for (const [pr, sum] of sums) this.metrics.setConsumerState(pr, sum.pending, sum.ackPending, this.backlog.pendingByModel(pr, sum.pending));
+      this.metrics.setModelInflight(this.backlog.inflightByModel());
     });
     this.running = true;
     this.log.info(

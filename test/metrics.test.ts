@@ -154,6 +154,7 @@ describe("metrics: PipelineMetrics", function () {
     sluice_inflight: "gauge",
     sluice_consumer_pending: "gauge",
     sluice_consumer_ack_pending: "gauge",
+    sluice_model_inflight: "gauge",
     sluice_dlq_total: "counter",
     sluice_worker_healthy: "gauge",
     sluice_worker_breaker_open: "gauge",
@@ -203,7 +204,7 @@ describe("metrics: PipelineMetrics", function () {
     expect(sampleValue(f, "sluice_queue_seconds", "sluice_queue_seconds_sum", { priority: "high" })).to.be.closeTo(0.007, 1e-9);
     expect(sampleValue(f, "sluice_request_seconds", "sluice_request_seconds_sum", { model: "echo", priority: "high" })).to.be.closeTo(0.05, 1e-9);
     expect(sampleValue(f, "sluice_inflight", "sluice_inflight", { priority: "high" })).to.equal(12);
-    expect(sampleValue(f, "sluice_consumer_pending", "sluice_consumer_pending", { priority: "high" })).to.equal(340);
+    expect(sampleValue(f, "sluice_consumer_pending", "sluice_consumer_pending", { priority: "high", model: "" })).to.equal(340);
     expect(sampleValue(f, "sluice_consumer_ack_pending", "sluice_consumer_ack_pending", { priority: "high" })).to.equal(17);
     expect(sampleValue(f, "sluice_pull_errors_total", "sluice_pull_errors_total", { priority: "normal" })).to.equal(2);
     expect(sampleValue(f, "sluice_batch_size", "sluice_batch_size_sum", { model: "echo", version: "v1" })).to.equal(12);
@@ -307,6 +308,40 @@ describe("metrics: PipelineMetrics", function () {
     expect(sampleValue(f, "sluice_worker_breaker_open", "sluice_worker_breaker_open", { endpoint: "w1:1" })).to.equal(0);
   });
 
+  it("splits a priority's pending by model (shares that sum to it), and drops a model no longer in the split", async function () {
+    const m = new PipelineMetrics({ processMetrics: false, maxLabelValues: 2 });
+    m.setConsumerState("normal", 30, 4, new Map([["echo", 20], ["upper", 6], ["", 4]]));
+    m.setConsumerState("high", 5, 0);
+    let f = parseExposition(await m.exposition());
+    const pending = (priority: string, model: string): number | undefined => sampleValue(f, "sluice_consumer_pending", "sluice_consumer_pending", { priority, model });
+    expect(pending("normal", "echo")).to.equal(20);
+    expect(pending("normal", "upper")).to.equal(6);
+    expect(pending("normal", "")).to.equal(4);
+    expect(pending("high", "")).to.equal(5);
+    const normal = f.get("sluice_consumer_pending")!.samples.filter((x) => x.labels.priority === "normal");
+    expect(normal.reduce((s, x) => s + x.value, 0), "sum by (priority) is the consumer's pending").to.equal(30);
+    // A third model is beyond the label cap: its share is added to `_other`, the sum holds.
+    m.setConsumerState("normal", 12, 4, new Map([["echo", 7], ["llm", 5]]));
+    f = parseExposition(await m.exposition());
+    expect(pending("normal", "echo")).to.equal(7);
+    expect(pending("normal", OTHER_LABEL_VALUE)).to.equal(5);
+    expect(pending("normal", "upper"), "gone from the split, gone from the metric").to.equal(undefined);
+    expect(pending("normal", "")).to.equal(undefined);
+    expect(sampleValue(f, "sluice_consumer_ack_pending", "sluice_consumer_ack_pending", { priority: "normal" })).to.equal(4);
+  });
+
+  it("exports the requests in flight per model, replacing the previous counts", async function () {
+    const m = new PipelineMetrics({ processMetrics: false });
+    m.setModelInflight(new Map([["echo", 3], ["upper", 0]]));
+    let f = parseExposition(await m.exposition());
+    expect(sampleValue(f, "sluice_model_inflight", "sluice_model_inflight", { model: "echo" })).to.equal(3);
+    expect(sampleValue(f, "sluice_model_inflight", "sluice_model_inflight", { model: "upper" })).to.equal(0);
+    m.setModelInflight(new Map([["upper", 2]]));
+    f = parseExposition(await m.exposition());
+    expect(sampleValue(f, "sluice_model_inflight", "sluice_model_inflight", { model: "echo" })).to.equal(undefined);
+    expect(sampleValue(f, "sluice_model_inflight", "sluice_model_inflight", { model: "upper" })).to.equal(2);
+  });
+
   it("runs collect hooks before a scrape, within a time bound, ignoring their failures", async function () {
     const m = new PipelineMetrics({ processMetrics: false, collectTimeoutMs: 100 });
     let calls = 0;
@@ -327,7 +362,7 @@ describe("metrics: PipelineMetrics", function () {
     // would end the test), and it waited for the hook that does end.
     let f = parseExposition(await m.exposition());
     expect(hanging).to.equal(1);
-    expect(sampleValue(f, "sluice_consumer_pending", "sluice_consumer_pending", { priority: "normal" })).to.equal(10);
+    expect(sampleValue(f, "sluice_consumer_pending", "sluice_consumer_pending", { priority: "normal", model: "" })).to.equal(10);
     remove();
     f = parseExposition(await m.exposition());
     expect(hanging, "the hanging hook was removed").to.equal(1);

@@ -12,6 +12,11 @@
  * output:  a1 a2 b1 (a1 acked) a3 (a2 acked) b2 …
  * ```
  *
+ * A pull opened for a backlog hands its unused credits back as soon as a message says its
+ * consumer has nothing more pending (`Delivery.pending` 0); it stays open until it expires, and a
+ * message it still gets takes a credit another pull of its lane holds, or a free one, or waits
+ * for one (never naked: it is not delivered again).
+ *
  * A pull is an Observable (subscribe opens it, unsubscribe closes it), and every timer runs on
  * the given scheduler, so the gate runs in virtual time under RxJS's TestScheduler. A failed pull
  * blocks its lane for a backoff; the gate itself never errors. When `drain` emits, open pulls are
@@ -81,6 +86,8 @@ export interface CreditGateOptions {
   onPullError?: (lane: GateLane, err: unknown) => void;
   /** Unsettled deliveries per priority, at each change. */
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** Each delivery as it starts to hold a credit (+1) and as it is settled (-1), by subject. */
+  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
   /** Whether a lane has a backlog, at each change (and `false` when it is removed). */
   onBacklogChange?: (lane: GateLane, backlog: boolean) => void;
   scheduler?: SchedulerLike;
@@ -97,10 +104,17 @@ const EQUAL_WEIGHTS: Readonly<Record<Priority, number>> = { high: 1, normal: 1, 
 
 interface OpenPull {
   readonly n: number;
+  /** Opened for a backlog: its unused credits come back as soon as its lane reports it ran dry. */
+  readonly backlog: boolean;
   got: number;
+  /** Credits handed back before it ended (its lane ran dry while it stayed open). */
+  given: number;
   ended: boolean;
   sub: Subscription | undefined;
 }
+
+/** Credits a pull still holds: what it may yet deliver, less what it handed back. */
+const charge = (p: OpenPull): number => Math.max(0, p.n - p.got - p.given);
 
 interface LaneRun {
   readonly lane: GateLane;
@@ -134,15 +148,36 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
     let draining = false;
     const runs = new Map<string, LaneRun>();
     const held = new Set<CreditedDelivery>();
+    // Messages a pull delivered beyond the credits it still held (it handed them back when its
+    // lane ran dry, and the server filled it later): each waits, unsettled and not yet seen by
+    // anyone, for a free credit; none is naked, so none is delivered again.
+    const overflow: Array<{ r: LaneRun; m: Delivery }> = [];
+    const used = (): number => {
+      let n = 0;
+      for (const r of runs.values()) n += r.requested + r.unsettled;
+      return n;
+    };
+    const nakOverflow = (of?: LaneRun): void => {
+      for (let i = overflow.length - 1; i >= 0; i--) {
+        if (of !== undefined && overflow[i]!.r !== of) continue;
+        overflow.splice(i, 1)[0]!.m.nak();
+      }
+    };
     const unsettledBy = new Map<Priority, number>();
 
-    const noteUnsettled = (p: Priority, delta: number): void => {
+    const noteUnsettled = (p: Priority, delta: 1 | -1, subject: string): void => {
       const n = (unsettledBy.get(p) ?? 0) + delta;
       unsettledBy.set(p, n);
+      // A listener never breaks the flow.
+      try {
+        opts.onHeldChange?.(p, subject, delta);
+      } catch {
+        // ignore
+      }
       try {
         opts.onUnsettledChange?.(p, n);
       } catch {
-        // a listener never breaks the flow
+        // ignore
       }
     };
     const finishDrain = (): void => {
@@ -177,10 +212,13 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
         do {
           again = false;
           if (closed || draining) return;
+          // Messages waiting for a credit take the free ones first.
+          while (overflow.length > 0 && used() < max) {
+            const { r, m } = overflow.shift()!;
+            deliver(r, m);
+          }
           // Nothing free: no schedule to build (the common case at saturation).
-          let used = 0;
-          for (const r of runs.values()) used += r.requested + r.unsettled;
-          if (used >= max) return;
+          if (used() >= max) return;
           const states: LaneState[] = [];
           for (const r of runs.values()) {
             if (r.removed) continue;
@@ -202,7 +240,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
           const orders = schedule(states, { ...policy, maxUnsettled: max - removedHeld });
           for (const o of orders) {
             const r = runs.get(o.key);
-            if (r) pullOnce(r, o.n, o.backlog ? backlogExpiresMs : expiresMs);
+            if (r) pullOnce(r, o.n, o.backlog);
           }
         } while (again);
       } finally {
@@ -218,7 +256,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       held.delete(d);
       r.seqs.delete(d.seq);
       r.unsettled--;
-      noteUnsettled(r.lane.priority, -1);
+      noteUnsettled(r.lane.priority, -1, d.subject);
       forget(r);
       pump();
       finishDrain();
@@ -227,8 +265,8 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
     /** Ends a pull's bookkeeping once: its unused credits come back. */
     const endPull = (r: LaneRun, p: OpenPull): boolean => {
       if (p.ended) return false;
+      r.requested -= charge(p);
       p.ended = true;
-      r.requested -= p.n - p.got;
       r.pulls.delete(p);
       return true;
     };
@@ -237,9 +275,44 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       if (endPull(r, p)) p.sub?.unsubscribe();
     };
 
-    const pullOnce = (r: LaneRun, n: number, wait: number): void => {
+    /** Hands a message that holds a credit to `admit` (or on), or naks it when it is not ours. */
+    const deliver = (r: LaneRun, m: Delivery): void => {
+      if (closed || draining || subscriber.closed || r.removed) {
+        // Not ours to process any more: let the queue give it to someone else at once.
+        m.nak();
+        return;
+      }
+      if (r.seqs.has(m.seq)) return;
+      const d = new CreditedDelivery(m, (x) => release(r, x));
+      held.add(d);
+      r.seqs.add(m.seq);
+      r.unsettled++;
+      noteUnsettled(r.lane.priority, +1, m.subject);
+      if (opts.admit) opts.admit(r.lane, d, emit);
+      else subscriber.next(d);
+    };
+
+    /**
+     * A message beyond its pull's credits: it takes one another pull of its lane still holds (the
+     * server fills the older pull first), else a free one, else it waits for one.
+     */
+    const uncharged = (r: LaneRun, m: Delivery): boolean => {
+      if (closed || draining || subscriber.closed || r.removed) return true; // naked at once
+      for (const q of r.pulls) {
+        if (charge(q) === 0) continue;
+        q.given++;
+        r.requested--;
+        return true;
+      }
+      if (used() < max) return true;
+      overflow.push({ r, m });
+      return false;
+    };
+
+    const pullOnce = (r: LaneRun, n: number, backlog: boolean): void => {
+      const wait = backlog ? backlogExpiresMs : expiresMs;
       r.requested += n;
-      const p: OpenPull = { n, got: 0, ended: false, sub: undefined };
+      const p: OpenPull = { n, backlog, got: 0, given: 0, ended: false, sub: undefined };
       r.pulls.add(p);
       const end = (failed: unknown): void => {
         if (!endPull(r, p)) return;
@@ -271,27 +344,27 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
             m.nak();
             return;
           }
+          const charged = charge(p) > 0;
           p.got++;
-          r.requested--;
+          if (charged) r.requested--;
           // The consumer's own count of what is left: the last message it had ends the lane's
-          // backlog (even while this pull stays open), and one with more behind it starts it.
+          // backlog (even while this pull stays open), and one with more behind it starts it. A
+          // pull opened for a backlog hands its unused credits back once nothing is left (it
+          // stays open until it expires: a message the server gives it meanwhile is kept).
           if (typeof m.pending === "number" && !r.removed) {
             r.pending = m.pending;
             setBacklog(r, m.pending > 0);
           }
-          if (closed || draining || subscriber.closed || r.removed) {
-            // Not ours to process any more: let the queue give it to someone else at once.
-            m.nak();
-            return;
+          let gaveBack = false;
+          if (m.pending === 0) {
+            if (p.backlog && charge(p) > 0) {
+              r.requested -= charge(p);
+              p.given += charge(p);
+              gaveBack = true;
+            }
           }
-          if (r.seqs.has(m.seq)) return;
-          const d = new CreditedDelivery(m, (x) => release(r, x));
-          held.add(d);
-          r.seqs.add(m.seq);
-          r.unsettled++;
-          noteUnsettled(r.lane.priority, +1);
-          if (opts.admit) opts.admit(r.lane, d, emit);
-          else subscriber.next(d);
+          if (charged || uncharged(r, m)) deliver(r, m);
+          if (gaveBack) pump();
         },
         error: (err: unknown) => end(err ?? new Error("pull failed")),
         complete: () => end(undefined),
@@ -319,6 +392,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
         r.removed = true;
         r.blocked?.unsubscribe();
         r.blocked = undefined;
+        nakOverflow(r);
         for (const p of [...r.pulls]) closePull(r, p);
         forget(r);
         pump();
@@ -341,6 +415,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       working = scheduler.schedule(function (this: { schedule(state?: unknown, delay?: number): void }) {
         const cutoff = scheduler.now() - workingIntervalMs;
         for (const d of held) if (d.pulledAtMs <= cutoff) d.working();
+        for (const { m } of overflow) if (m.pulledAtMs <= cutoff) m.working();
         this.schedule(undefined, workingIntervalMs);
       }, workingIntervalMs);
     }
@@ -348,6 +423,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
     const drainSub = opts.drain?.subscribe(() => {
       if (draining) return;
       draining = true;
+      nakOverflow();
       for (const r of runs.values()) {
         r.blocked?.unsubscribe();
         r.blocked = undefined;
@@ -362,6 +438,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
 
     return () => {
       closed = true;
+      nakOverflow();
       drainSub?.unsubscribe();
       working?.unsubscribe();
       if (typeof stopControl === "function") stopControl();

@@ -60,6 +60,8 @@ export interface LaneIntakeOptions {
   drain?: Observable<unknown>;
   onPullError?: (priority: Priority, err: unknown) => void;
   onUnsettledChange?: (priority: Priority, unsettled: number) => void;
+  /** See the credit gate's `onHeldChange`. */
+  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
   /** Hears each lane stage this process announces or hears (tests, logs). */
   onLane?: (p: Priority, a: LaneAnnouncement) => void;
   /**
@@ -166,11 +168,16 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         max_ack_pending: c.maxAckPending,
       }) as ConsumerConfig;
 
-    /** Serves (or stops serving) a lane in the gate to match what is known of it. */
+    /**
+     * Serves (or stops serving) a lane in the gate to match what is known of it. A closing lane
+     * keeps its pull open (it defers what it delivers until its end is known): a pull closed then
+     * would lose a request the server was handing to it, which the lane's end covers and the
+     * shared consumer therefore skips, until the lane's ack wait brought it back.
+     */
     const syncGate = async (p: Priority, tenant: string): Promise<void> => {
       const k = keyOf(p, tenant);
       const v = views.get(k);
-      const serve = v !== undefined && (v.stage === "open" || v.stage === "closed");
+      const serve = v !== undefined && (v.stage === "open" || v.stage === "closing" || v.stage === "closed");
       if (!serve) {
         if (inGate.delete(k)) ctl?.remove(k);
         return;
@@ -421,6 +428,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       ...(o.drain ? { drain: o.drain } : {}),
       onPullError: (lane, err) => pullError(lane.priority, err),
       ...(o.onUnsettledChange ? { onUnsettledChange: o.onUnsettledChange } : {}),
+      ...(o.onHeldChange ? { onHeldChange: o.onHeldChange } : {}),
       // A tenant's lane with a backlog keeps the tenant active for the fair share.
       ...(o.fairShare ? { onBacklogChange: (lane: GateLane, backlog: boolean) => laneBacklog(lane, backlog) } : {}),
     });

@@ -109,7 +109,8 @@ export class PipelineMetrics implements MetricsSource {
   readonly ttftSeconds: Histogram<"model" | "version">;
   readonly tpotSeconds: Histogram<"model" | "version">;
   readonly inflight: Gauge<"priority">;
-  readonly consumerPending: Gauge<"priority">;
+  readonly consumerPending: Gauge<"priority" | "model">;
+  readonly modelInflight: Gauge<"model">;
   readonly consumerAckPending: Gauge<"priority">;
   readonly deadLetters: Counter<"code">;
   readonly workerHealthy: Gauge<"endpoint">;
@@ -122,6 +123,8 @@ export class PipelineMetrics implements MetricsSource {
   private readonly collectTimeoutMs: number;
   private traceStats: (() => { spansDropped: number; spansFailed: number }) | undefined;
   private traceLost = 0;
+  /** The `model` labels of `sluice_consumer_pending` set last, per priority. */
+  private readonly pendingModels = new Map<string, string[]>();
   /** First-token time of each generation in progress (gone with its delivery). */
   private readonly firstTokenAt = new WeakMap<Delivery, number>();
 
@@ -185,8 +188,14 @@ export class PipelineMetrics implements MetricsSource {
     });
     this.consumerPending = new Gauge({
       name: "sluice_consumer_pending",
-      help: "Requests in the stream not yet delivered to the priority's consumer.",
-      labelNames: ["priority"],
+      help: "Requests in the stream not yet delivered to the priority's consumer. Exact per priority (sum over model); split by model in proportion to the models this process recently pulled from the priority (an estimate), model=\"\" for what it cannot attribute.",
+      labelNames: ["priority", "model"],
+      registers,
+    });
+    this.modelInflight = new Gauge({
+      name: "sluice_model_inflight",
+      help: "Requests pulled by this process and not yet settled, per model.",
+      labelNames: ["model"],
       registers,
     });
     this.consumerAckPending = new Gauge({
@@ -331,10 +340,26 @@ export class PipelineMetrics implements MetricsSource {
     this.inflight.set({ priority }, n);
   }
 
-  /** The consumer's `num_pending` and `num_ack_pending` (from its info). */
-  setConsumerState(priority: string, pending: number, ackPending: number): void {
-    this.consumerPending.set({ priority }, pending);
+  /**
+   * The consumer's `num_pending` and `num_ack_pending` (from its info), and `pending` split by
+   * model (shares that add up to `pending`; all of it under model `""` without a split).
+   */
+  setConsumerState(priority: string, pending: number, ackPending: number, pendingByModel?: ReadonlyMap<string, number>): void {
+    const split = new Map<string, number>();
+    for (const [model, n] of pendingByModel ?? [["", pending] as const]) {
+      const label = model === "" ? "" : this.labels.value("model", model);
+      split.set(label, (split.get(label) ?? 0) + n);
+    }
+    for (const model of this.pendingModels.get(priority) ?? []) if (!split.has(model)) this.consumerPending.remove({ priority, model });
+    for (const [model, n] of split) this.consumerPending.set({ priority, model }, n);
+    this.pendingModels.set(priority, [...split.keys()]);
     this.consumerAckPending.set({ priority }, ackPending);
+  }
+
+  /** Requests pulled and not yet settled, per model: replaces the previous counts. */
+  setModelInflight(byModel: ReadonlyMap<string, number>): void {
+    this.modelInflight.reset();
+    for (const [model, n] of byModel) this.modelInflight.inc({ model: model === "" ? "" : this.labels.value("model", model) }, n);
   }
 
   deadLettered(code: string): void {

@@ -413,8 +413,11 @@ function safeHeader(delivery: DeliveryInfo, name: string): string | undefined {
 
 /** `infer.req`, `infer.res`, ...: the low-cardinality part of a subject, for span names. */
 function destinationOf(subject: string): string {
-  const parts = subject.split(".");
-  return parts.length >= 2 ? `${parts[0]}.${parts[1]}` : subject;
+  // The first two tokens, without splitting the whole subject (once per request).
+  const first = subject.indexOf(".");
+  if (first < 0) return subject;
+  const second = subject.indexOf(".", first + 1);
+  return second < 0 ? subject : subject.slice(0, second);
 }
 
 /** `host:port`, `[v6]:port` or a bare host. */

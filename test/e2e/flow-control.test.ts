@@ -156,7 +156,7 @@ function expectOvertakes(
   seq: Sequence,
   favoured: readonly string[],
   others: readonly string[],
-  opts: { batchesPerWorker: number; maxBatch: number; transitionBatches?: number; stragglers?: number },
+  opts: { batchesPerWorker: number; maxBatch: number; transitionBatches?: number },
 ): Overtaking[] {
   const all = favoured.map((id) => seq.overtaking(id, others));
   const show = JSON.stringify(all);
@@ -165,7 +165,6 @@ function expectOvertakes(
   // rides the first batch after that; at least half ride the first batch after their arrival.
   const allowance = opts.transitionBatches ?? 0;
   const rodeFirst = all.filter((o) => o.batchesBetween === 0).length;
-  const stragglers: string[] = [];
   expect(rodeFirst, `favoured requests that rode the first batch after their arrival; all: ${show}`).to.be.at.least(allowance === 0 ? all.length : all.length / 2);
   for (const o of all) {
     expect(o.batchesBetween, `${o.id}: batches that left between its arrival in the pipeline and its own; all: ${show}`).to.be.at.most(allowance);
@@ -173,10 +172,6 @@ function expectOvertakes(
     expect(o.waitingInPipeline - o.passedInPipeline, `${o.id}: requests queued ahead of it in the pipeline that did not go after it; all: ${show}`).to.be.at.most(
       opts.maxBatch * (1 + o.batchesBetween) - 1,
     );
-    if (o.waitingAtPublish >= 1_000 && o.passedOnTheWay < o.waitingAtPublish / 2 && stragglers.length < (opts.stragglers ?? 0)) {
-      stragglers.push(o.id);
-      continue;
-    }
     if (o.waitingAtPublish >= 1_000) {
       expect(o.passedOnTheWay, `${o.id}: of ${o.waitingAtPublish} still in the stream at its publish, reached the pipeline after it; all: ${show}`).to.be.at.least(
         o.waitingAtPublish / 2,
@@ -253,11 +248,7 @@ describe("flow control under saturation", function () {
     // Each steady request rode the first batch after it reached the pipeline, passed burst
     // requests that were waiting there, and reached the pipeline ahead of the burst queued in
     // the stream before it (its own lane): it did not wait behind the burst (about 11 s of work).
-    // A lane stage holds the steady tenant for one gate (50 ms, about 3 batches of this device);
-    // the burst is about 600 batches of work. Known limit (README, "Known limits"): now and then
-    // one request that arrives at a lane transition reaches the pipeline only behind the burst;
-    // at most one of the 30 may.
-    expectOvertakes(seq, steadyIds, burstIds, { batchesPerWorker: pipeline.config.pipeline.batchesPerWorker, maxBatch: 16, transitionBatches: 4, stragglers: 1 });
+    expectOvertakes(seq, steadyIds, burstIds, { batchesPerWorker: pipeline.config.pipeline.batchesPerWorker, maxBatch: 16 });
     await b.close();
   });
 

@@ -3,10 +3,12 @@
  * their spans over OTLP to a test receiver; the metrics endpoint counts what was sent.
  */
 import { expect } from "chai";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { InferenceClient } from "../../pipeline/client/client.js";
+import { STREAM_REQUESTS } from "../../proto/wire.js";
 import { SERVICE_CLIENT, type Tracing } from "../../pipeline/telemetry/types.js";
 import { startTracing } from "../../pipeline/telemetry/export.js";
 import { useNats } from "../support/nats.js";
@@ -198,5 +200,101 @@ describe("observability: traces and metrics across processes", function () {
     expect(down.child.exitCode).to.equal(null);
     expect(down.output()).to.not.match(/Unhandled|uncaught|TypeError/i);
     await dc.close();
+  });
+});
+
+describe("observability: the backlog per model on /metrics", function () {
+  this.timeout(120_000);
+  const nats = useNats();
+  const procs: CliProcess[] = [];
+  let dir: string;
+  /** Requests in flight at most (the normal priority's share of them ends up held by the slow model). */
+  const MAX_IN_FLIGHT = 4;
+
+  after(async () => {
+    for (const p of procs) p.kill("SIGTERM");
+    await Promise.all(procs.map((p) => p.exited));
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it("splits a priority's pending between the two models of its backlog, and the shares sum to the consumer's pending", async () => {
+    // `echo` on a worker that holds each batch for a minute, `upper` on one that answers at once:
+    // the pipeline ends up holding MAX_IN_FLIGHT echo requests and pulls no more.
+    const slow = runCli(["worker", "--base-ms", "60000", "--per-item-ms", "0", "--id", "w-slow"]);
+    const fast = runCli(["worker", "--base-ms", "1", "--per-item-ms", "0", "--id", "w-fast"]);
+    procs.push(slow, fast);
+    const slowAt = (await slow.waitFor(/ready: (\S+:\d+)/))[1]!;
+    const fastAt = (await fast.waitFor(/ready: (\S+:\d+)/))[1]!;
+    dir = await mkdtemp(join(tmpdir(), "sluice-backlog-"));
+    const config = join(dir, "sluice.json");
+    await writeFile(
+      config,
+      JSON.stringify({
+        models: models(["echo", "upper"], { batch: { max_size: 32, max_delay_ms: 2 }, timeout_ms: 120_000 }),
+        workers: [
+          { model: "echo", version: "v1", endpoint: slowAt },
+          { model: "upper", version: "v1", endpoint: fastAt },
+        ],
+        consumer: { durablePrefix: "bl" },
+        pipeline: { maxInFlight: MAX_IN_FLIGHT, pullExpiresMs: 1_000 },
+      }),
+    );
+    const pipeline = runCli(["serve", "--config", config, "--server", nats.url, "--metrics-port", "0"]);
+    procs.push(pipeline);
+    await pipeline.waitFor(/ready/);
+    const url = `http://127.0.0.1:${(await pipeline.waitFor(/metrics on http:\/\/[^:]+:(\d+)\/metrics/))[1]!}/metrics`;
+    const scrape = async (): Promise<Array<{ name: string; labels: string; value: number }>> => {
+      const text = await (await fetch(url)).text();
+      return text
+        .split("\n")
+        .map((line) => /^(sluice_consumer_pending|sluice_model_inflight|sluice_inflight)\{([^}]*)\} (\S+)$/.exec(line))
+        .filter((m): m is RegExpExecArray => m !== null)
+        .map((m) => ({ name: m[1]!, labels: m[2]!, value: Number(m[3]) }));
+    };
+    const value = (samples: Awaited<ReturnType<typeof scrape>>, name: string, labels: string): number | undefined => samples.find((s) => s.name === name && s.labels === labels)?.value;
+
+    const client = new InferenceClient(nats.nc, "backlog");
+    const N = 200;
+    // A few upper requests first (they are pulled, and answered, before any echo request), then both.
+    for (let i = 0; i < N; i++) await client.publish(i < 4 || i % 2 === 1 ? "upper" : "echo", { prompt: `b${i}` });
+
+    // Until the pipeline holds only echo requests (its share of the credits): it then pulls no more.
+    const heldEcho = (): number | undefined => value(samples, "sluice_model_inflight", 'model="echo"');
+    const stuck = (): boolean => (heldEcho() ?? 0) > 0 && heldEcho() === value(samples, "sluice_inflight", 'priority="normal"');
+    let samples = await scrape();
+    for (let i = 0; i < 400 && !stuck(); i++) {
+      await new Promise((r) => setTimeout(r, 50));
+      samples = await scrape();
+    }
+    expect(stuck(), JSON.stringify(samples)).to.equal(true);
+    expect(heldEcho()).to.be.at.most(MAX_IN_FLIGHT);
+    expect(value(samples, "sluice_model_inflight", 'model="upper"')).to.equal(0);
+
+    // The consumers' pending as the server says, the same before and after the scrape.
+    const jsm = await jetstreamManager(nats.nc);
+    const serverPending = async (): Promise<number> => {
+      let n = 0;
+      for await (const ci of jsm.consumers.list(STREAM_REQUESTS)) if (ci.name === "bl-normal" || ci.name.startsWith("bl-normal-lane-")) n += ci.num_pending;
+      return n;
+    };
+    let before = await serverPending();
+    samples = await scrape();
+    let after = await serverPending();
+    for (let i = 0; i < 20 && before !== after; i++) {
+      before = after;
+      samples = await scrape();
+      after = await serverPending();
+    }
+    expect(after, "the backlog stands still").to.equal(before);
+    const normal = samples.filter((s) => s.name === "sluice_consumer_pending" && s.labels.includes('priority="normal"'));
+    const share = (model: string): number | undefined => normal.find((s) => s.labels.includes(`model="${model}"`))?.value;
+    expect(after).to.be.greaterThan(N / 2);
+    expect(normal.reduce((a, s) => a + s.value, 0), "the shares sum to the consumer's pending").to.equal(after);
+    // Both models were pulled, so all of the backlog is attributed, to both of them.
+    expect(share("echo")).to.be.greaterThan(0);
+    expect(share("upper")).to.be.greaterThan(0);
+    expect(share("")).to.equal(0);
+    expect(share("echo")! + share("upper")!).to.equal(after);
+    await client.close();
   });
 });

@@ -25,6 +25,7 @@ interface PullWithCreditsOptions {
   onPullError?: (err: unknown) => void;
   drain?: Observable<unknown>;
   onUnsettledChange?: (unsettled: number) => void;
+  onHeldChange?: (subject: string, delta: 1 | -1) => void;
 }
 
 /** The gate with one lane: pulls all its free credits at once, again from minPull free. */
@@ -41,6 +42,7 @@ function pullWithCredits(source: PullSource, o: PullWithCreditsOptions) {
     ...(o.drain ? { drain: o.drain } : {}),
     onPullError: (_lane, err) => o.onPullError?.(err),
     onUnsettledChange: (_p, n) => o.onUnsettledChange?.(n),
+    ...(o.onHeldChange ? { onHeldChange: (_p: string, subject: string, delta: 1 | -1) => o.onHeldChange?.(subject, delta) } : {}),
   });
 }
 
@@ -297,10 +299,18 @@ describe("credit gate (one lane)", () => {
         let maxUnsettled = 0;
         const problems: string[] = [];
         const opts: PullWithCreditsOptions = { maxUnsettled: max, expiresMs: 1_000, ...(minPull === undefined ? {} : { minPull }) };
+        // Each delivery is told held (+1) once and released (-1) once, with its subject: their sum
+        // is the unsettled count at every change.
+        let heldSum = 0;
         const sub = pullWithCredits(src, {
           ...opts,
+          onHeldChange: (subject, delta) => {
+            heldSum += delta;
+            if (subject !== "infer.req.normal.acme.m") problems.push(`onHeldChange(${subject})`);
+          },
           onUnsettledChange: (n) => {
             if (n > max || n < 0) problems.push(`onUnsettledChange(${n})`);
+            if (heldSum !== n) problems.push(`held deltas sum to ${heldSum}, unsettled ${n}`);
           },
         }).subscribe((d) => {
           unsettled++;
