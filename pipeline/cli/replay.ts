@@ -19,7 +19,7 @@ import {
   type ReplayReport,
   type ReplaySelection,
   type SelectedRequest,
-} from "../tools/replay.js";
+} from "../tools/replay/mod.js";
 import { CliError, connectCli, EXIT_USAGE, serverOption, serversOf, UsageError } from "./common.js";
 import { main, type CliContext } from "./program.js";
 

@@ -10,7 +10,7 @@ import { InferenceClient } from "../../pipeline/client/client.js";
 import { listDeadLetters, requeueDeadLetters } from "../../pipeline/tools/dlq.js";
 import { STREAM_DLQ } from "../../proto/wire.js";
 import { BODY_REF_HEADER } from "../../pipeline/payloads/names.js";
-import { replay } from "../../pipeline/tools/replay.js";
+import { replay } from "../../pipeline/tools/replay/mod.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { EngineError, type Engine, type EngineBatch, type EngineGeneration, type EngineItemResult, type EngineRequest } from "../../worker/engine.js";
