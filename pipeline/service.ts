@@ -25,7 +25,7 @@ import { laneConsumerPrefix } from "./intake/lane-protocol.js";
 import { TenantRegistry } from "./routing/tenant-limits.js";
 import type { WorkerDirectory } from "./workers/directory.js";
 import { openFleet } from "./workers/fleet.js";
-import type { WorkerPool, WorkerConnection } from "./workers/pool.js";
+import type { WorkerPool, WorkerConnection } from "./workers/mod.js";
 import { consoleLogger, type PipelineLogger } from "./support/logger.js";
 import { Teardowns } from "./support/teardown.js";
 import { connectNats } from "./connection.js";

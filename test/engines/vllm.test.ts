@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
-import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/client.js";
+import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/mod.js";
 import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
 import { createEngine, ENGINE_NAMES, EngineSpecError } from "../../worker/engines.js";
 import { DeepSpeedMiiEngine } from "../../worker/engines/deepspeed-mii.js";

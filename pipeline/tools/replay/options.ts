@@ -2,7 +2,7 @@
 import { type SluiceConfig } from "../../config.js";
 import type { ModelTable } from "../../routing/registry.js";
 import { type PipelineLogger } from "../../support/logger.js";
-import type { WorkerConnection } from "../../workers/pool.js";
+import type { WorkerConnection } from "../../workers/mod.js";
 import { type Similarity } from "../text-compare.js";
 import type { ResultView, Verdict } from "./compare.js";
 import type { ReplaySelection, SelectedRequest, SelectionCount } from "./selection.js";
