@@ -41,15 +41,15 @@ export {
   type LlmSimOptions,
   type LlmSequenceRecord,
 } from "./engines/llm-sim.js";
+export { WorkerServer } from "./server.js";
 export {
   DEFAULT_STOP_GRACE_MS,
   DEFAULT_WORKER_HOST,
   WORKER_KEEPALIVE_TIME_MS,
   WORKER_KEEPALIVE_TIMEOUT_MS,
   WORKER_MAX_MESSAGE_BYTES,
-  WorkerServer,
   WorkerServerError,
   type WorkerCallContext,
   type WorkerServerErrorCode,
   type WorkerServerOptions,
-} from "./server.js";
+} from "./server-options.js";
