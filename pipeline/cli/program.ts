@@ -15,7 +15,7 @@ import { Command, CommanderError } from "commander";
 import { EngineSpecError } from "../../worker/engines.js";
 import { ConfigError } from "../config.js";
 import { ModelSpecError } from "../routing/registry.js";
-import { InferenceError } from "../client/client.js";
+import { InferenceError } from "../client/errors.js";
 import { CliError, EXIT_FAILED, EXIT_USAGE, UsageError } from "./common.js";
 import { addDlqCommand } from "./dlq.js";
 import { addGatewayCommand } from "./gateway.js";

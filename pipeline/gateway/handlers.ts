@@ -5,7 +5,9 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import type { InferResult } from "../../operators/types.js";
-import { InferenceError, type InferBody, type InferenceClient, type InferOptions } from "../client/client.js";
+import type { InferenceClient } from "../client/client.js";
+import { InferenceError } from "../client/errors.js";
+import type { InferBody, InferOptions } from "../client/options.js";
 import type { ModelTable } from "../routing/registry.js";
 import { readJsonObject, field } from "./body.js";
 import { Callbacks, parseCallbackUrl } from "./callbacks.js";

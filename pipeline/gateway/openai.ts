@@ -3,7 +3,7 @@
  * completions, completions, embeddings and the model list. Pure functions; nothing here does I/O.
  */
 import type { InferResult } from "../../operators/types.js";
-import type { InferBody } from "../client/client.js";
+import type { InferBody } from "../client/options.js";
 import type { ChatTemplateName } from "../routing/registry.js";
 import { field } from "./body.js";
 import { badField } from "./errors.js";
