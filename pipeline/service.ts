@@ -9,6 +9,7 @@ import { Subject, tap, type Observable, type Subscription } from "rxjs";
 import { creditGate, type GateLane } from "./intake/credit-gate.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { InferResult, Outcome } from "../operators/types.js";
+import { retryDelays } from "../operators/outcome.js";
 import type { Priority } from "../proto/wire.js";
 import { STREAM_REQUESTS, subjects } from "../proto/wire.js";
 import { inferencePipeline } from "./request-path.js";
@@ -273,7 +274,7 @@ export class PipelineService {
       settings: this.config.payloads,
       streams: this.config.streams,
       maxDeliver: c.maxDeliver,
-      retryDelayMs: (n) => Math.min(pp.retryMaxMs, pp.retryBaseMs * 2 ** Math.max(0, n - 1)),
+      retryDelayMs: retryDelays({ retryBaseMs: pp.retryBaseMs, retryMaxMs: pp.retryMaxMs }),
       onSweepError: (err) => this.log.warn(`payload sweep failed: ${(err as Error)?.message ?? err}`),
     });
     this.payloads = payloads;

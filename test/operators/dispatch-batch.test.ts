@@ -159,7 +159,7 @@ const MAX = 1_000;
 const retryOf = (j: RoutedJob, code: "UNAVAILABLE" | "RESOURCE_EXHAUSTED" | "DEADLINE_EXCEEDED", message: string): Outcome => ({
   kind: "retry",
   job: j,
-  delayMs: retryDelayMs(j.delivery.deliveryCount, BASE, MAX),
+  delayMs: retryDelayMs(j.delivery.deliveryCount, BASE, MAX, 0),
   lastResort: errorResult(j, code, message),
 });
 const resultOf = (j: RoutedJob, code: Parameters<typeof errorResult>[1], message: string): Outcome => ({
@@ -175,7 +175,7 @@ describe("dispatchBatch", () => {
       expect(actual).to.deep.equal(expected);
     });
   });
-  const opts = () => ({ now: () => ts.now(), retryBaseMs: BASE, retryMaxMs: MAX });
+  const opts = () => ({ now: () => ts.now(), retryBaseMs: BASE, retryMaxMs: MAX, retryJitter: 0 });
 
   it("sends a batch once and emits one ok outcome per job, in batch order, when the reply comes", () => {
     ts.run(({ cold, expectObservable, flush }) => {
