@@ -1,6 +1,7 @@
 /** What the gRPC worker is given, its tunables, the context of a call, and its typed error. */
 import * as grpc from "@grpc/grpc-js";
 import { type Engine } from "./engine.js";
+import { CodedError } from "../proto/coded-error.js";
 
 export const DEFAULT_WORKER_HOST = "127.0.0.1";
 /** How long `stop()` lets calls in flight finish before it forces the shutdown. */
@@ -45,13 +46,6 @@ export interface WorkerServerOptions {
 
 export type WorkerServerErrorCode = "BIND_FAILED";
 
-export class WorkerServerError extends Error {
+export class WorkerServerError extends CodedError<WorkerServerErrorCode> {
   override readonly name = "WorkerServerError";
-  constructor(
-    readonly code: WorkerServerErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }

@@ -2,10 +2,17 @@
  * Keeps an in-memory view in step with a NATS KV bucket: the shared watch loop of the model
  * registry and the tenant registry.
  */
-import type { KV, KvWatchEntry } from "@nats-io/kv";
-import type { QueuedIterator } from "@nats-io/transport-node";
+import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
+import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 
 export const INITIAL_LOAD_TIMEOUT_MS = 5_000;
+/** Values kept per key in a registry bucket (the last few, to see what changed). */
+export const REGISTRY_HISTORY = 5;
+
+/** Opens (creating if needed) a registry bucket. */
+export function openRegistryBucket(nc: NatsConnection, bucket: string, replicas: number): Promise<KV> {
+  return new Kvm(nc).create(bucket, { history: REGISTRY_HISTORY, replicas });
+}
 
 export interface BucketHandlers {
   /** A key was written; `value` is its JSON. Throwing marks the value invalid (it is skipped). */

@@ -4,9 +4,9 @@
  * a KV write changes routing on every running pipeline without a restart.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { Kvm, type KV } from "@nats-io/kv";
+import type { KV } from "@nats-io/kv";
 import type { ErrorInfo } from "../../operators/types.js";
-import { watchBucket, type BucketWatch } from "./kv-watch.js";
+import { openRegistryBucket, watchBucket, type BucketWatch } from "./kv-watch.js";
 import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
 import { ROUTING_POLICIES, type RoutingPolicyName } from "../workers/routing-policy.js";
 
@@ -240,7 +240,7 @@ export class ModelRegistry {
   ) {}
 
   static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
-    return new Kvm(nc).create(MODELS_BUCKET, { history: 5, replicas });
+    return openRegistryBucket(nc, MODELS_BUCKET, replicas);
   }
 
   /** Opens (creating if needed) the bucket, seeds it, loads it and starts watching. */

@@ -23,8 +23,8 @@
  * ```
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { Kvm, type KV } from "@nats-io/kv";
-import { watchBucket, type BucketWatch } from "./kv-watch.js";
+import type { KV } from "@nats-io/kv";
+import { openRegistryBucket, watchBucket, type BucketWatch } from "./kv-watch.js";
 import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
 import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
@@ -402,7 +402,7 @@ export class TenantRegistry {
   ) {}
 
   static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
-    return new Kvm(nc).create(TENANTS_BUCKET, { history: 5, replicas });
+    return openRegistryBucket(nc, TENANTS_BUCKET, replicas);
   }
 
   /** The bucket key of a tenant name (`"*"` → `_default`). */

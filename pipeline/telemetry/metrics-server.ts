@@ -10,6 +10,7 @@
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
 import type { AddressInfo } from "node:net";
 import { DEFAULT_METRICS_HOST, DEFAULT_METRICS_PORT, type MetricsSource } from "./metrics.js";
+import { CodedError } from "../../proto/coded-error.js";
 
 export interface MetricsServerOptions {
   /** Default {@link DEFAULT_METRICS_PORT}; 0 picks a free port (see {@link MetricsServer.port}). */
@@ -23,15 +24,8 @@ export interface MetricsServerOptions {
 
 export type MetricsServerErrorCode = "BIND_FAILED";
 
-export class MetricsServerError extends Error {
+export class MetricsServerError extends CodedError<MetricsServerErrorCode> {
   override readonly name = "MetricsServerError";
-  constructor(
-    readonly code: MetricsServerErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }
 
 const PATHS = new Set(["/metrics", "/healthz", "/readyz"]);

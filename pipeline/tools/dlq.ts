@@ -35,6 +35,7 @@ import { ERROR_CODES, STREAM_DLQ, STREAM_REQUESTS, STREAM_RESULTS, H, ID_RE, sub
 import { findStoredResult } from "../settle/stored-result.js";
 import { headerValue } from "../support/headers.js";
 import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
+import { CodedError } from "../../proto/coded-error.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
 export const DLQ_HEADERS = {
@@ -55,15 +56,8 @@ const FETCH_EXPIRES_MS = 1_000;
 const CONSUMER_INACTIVE_MS = 60_000;
 
 /** A DLQ operation that cannot run: `code` is docs/protocol.md's. */
-export class DlqError extends Error {
+export class DlqError extends CodedError<"INVALID_ARGUMENT" | "NOT_FOUND"> {
   override readonly name = "DlqError";
-  constructor(
-    readonly code: "INVALID_ARGUMENT" | "NOT_FOUND",
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }
 
 /** A connection, or JetStream handles made from one. */

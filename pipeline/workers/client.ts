@@ -182,6 +182,12 @@ export class WorkerClient {
     return opts.deadlineMs !== undefined && opts.deadlineMs > 0 ? opts.deadlineMs : undefined;
   }
 
+  /** The arguments every call of a method starts with: the method, the message, metadata, the deadline. */
+  private callArgs<Req, Res>(def: ClientMethod<Req, Res>, message: Req, opts: WorkerCallOptions, deadline: number | undefined) {
+    const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
+    return [def.path, def.requestSerialize, def.responseDeserialize, message, this.metadataOf(opts), callOptions] as const;
+  }
+
   private metadataOf(opts: WorkerCallOptions): grpc.Metadata {
     const md = new grpc.Metadata();
     if (opts.traceparent) md.set("traceparent", opts.traceparent);
@@ -229,17 +235,11 @@ export class WorkerClient {
     const refused = this.refusal(signal);
     if (refused) return Promise.reject(refused);
     return new Promise<Res>((resolve, reject) => {
-      const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
       let call: grpc.ClientUnaryCall;
       try {
         call = this.client.makeUnaryRequest(
-          def.path,
-          def.requestSerialize,
-          def.responseDeserialize,
-          message,
-          this.metadataOf(opts),
-          callOptions,
-          (err, value) => {
+          ...this.callArgs(def, message, opts, deadline),
+          (err: grpc.ServiceError | null, value?: Res) => {
             tie.untie();
             if (err) reject(toWorkerCallError(err, this.endpoint, tie.cancelledByCaller()));
             else if (value === undefined) reject(toWorkerCallError(new Error("empty response"), this.endpoint));
@@ -265,17 +265,9 @@ export class WorkerClient {
     const signal = opts.signal;
     const refused = this.refusal(signal);
     if (refused) throw refused;
-    const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
     let call: grpc.ClientReadableStream<Res>;
     try {
-      call = this.client.makeServerStreamRequest(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        message,
-        this.metadataOf(opts),
-        callOptions,
-      );
+      call = this.client.makeServerStreamRequest(...this.callArgs(def, message, opts, deadline));
     } catch (err) {
       throw toWorkerCallError(err, this.endpoint);
     }

@@ -39,7 +39,6 @@ import {
   EngineClosedError,
   EngineError,
   type Engine,
-  type EngineBatch,
   type EngineItemResult,
   type EngineRequest,
   type EngineToken,
@@ -49,7 +48,8 @@ import { abortReason } from "../http/errors.js";
 import { booleanParameter, integerParameter, mapParameters, numberParameter, ONE_ANSWER, parameterKey, stringsParameter, type ParameterRule } from "../http/parameters.js";
 import { generationOnce, type HttpGeneration } from "../http/generation.js";
 import { DEFAULT_REQUEST_TIMEOUT_MS, HttpEngineClient } from "../http/client.js";
-import { isRecord, runBatch, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
+import { isRecord, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
+import { HttpBatchEngine } from "../http/engine-base.js";
 
 /** Items in flight at once, by default: the gateway's default number of processes. */
 export const DEFAULT_MII_CAPACITY = 32;
@@ -118,15 +118,16 @@ interface MiiAnswer {
   readonly finish: string | undefined;
 }
 
-export class DeepSpeedMiiEngine implements Engine {
+export class DeepSpeedMiiEngine extends HttpBatchEngine<MiiPayload> implements Engine {
   readonly capacity: number;
   readonly deployment: string;
-  private readonly http: HttpEngineClient;
+  protected readonly http: HttpEngineClient;
   private readonly path: string;
   private readonly defaults: Readonly<Record<string, unknown>>;
-  private readonly calls: BatchCalls<MiiPayload>;
+  protected readonly calls: BatchCalls<MiiPayload>;
 
   constructor(opts: DeepSpeedMiiEngineOptions) {
+    super();
     if (typeof opts.deployment !== "string" || opts.deployment.trim() === "") {
       throw new TypeError("deployment (the deployment_name given to mii.serve) is required");
     }
@@ -157,20 +158,6 @@ export class DeepSpeedMiiEngine implements Engine {
     };
   }
 
-  /** Where requests go (the gateway root). */
-  get baseUrl(): string {
-    return this.http.baseUrl;
-  }
-
-  /** Items in flight to the gateway now. */
-  get inFlight(): number {
-    return this.http.inFlight;
-  }
-
-  infer(batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> {
-    return runBatch(batch, signal, this.calls, this.http);
-  }
-
   /** One chunk, the whole text: the gateway does not stream (see the module comment). */
   generate(request: EngineRequest, signal: AbortSignal): DeepSpeedMiiGeneration {
     return generationOnce((usage, state) => this.whole(request, signal, usage, state));
@@ -179,11 +166,6 @@ export class DeepSpeedMiiEngine implements Engine {
   /** Whether `GET /healthz` answers 200 (false too when the gateway cannot be reached). */
   health(signal?: AbortSignal): Promise<boolean> {
     return this.http.healthy("/healthz", signal);
-  }
-
-  /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */
-  async close(): Promise<void> {
-    this.http.close();
   }
 
   private prepare(request: EngineRequest): Preparation<MiiPayload> {

@@ -49,11 +49,12 @@
  *   chunks, not the whole generation, which may rightly take long.
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
-import { EngineClosedError, EngineError, type Engine, type EngineBatch, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
+import { EngineClosedError, EngineError, type Engine, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
 import { integerParameter, numberParameter, stringsParameter, booleanParameter, ONE_ANSWER, mapParameters, parameterKey, type ParameterRule } from "../http/parameters.js";
 import { type HttpGeneration, generationOnce } from "../http/generation.js";
 import { HttpEngineClient, DEFAULT_REQUEST_TIMEOUT_MS, parseJson } from "../http/client.js";
-import { type BatchCalls, runBatch, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
+import { type BatchCalls, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
+import { HttpBatchEngine } from "../http/engine-base.js";
 import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors.js";
 import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
@@ -121,15 +122,16 @@ interface VllmPayload {
   readonly params: Readonly<Record<string, unknown>>;
 }
 
-export class VllmEngine implements Engine {
+export class VllmEngine extends HttpBatchEngine<VllmPayload> implements Engine {
   readonly capacity: number;
   readonly chat: boolean;
-  private readonly http: HttpEngineClient;
+  protected readonly http: HttpEngineClient;
   private readonly servedModel: string | undefined;
   private readonly defaults: Readonly<Record<string, unknown>>;
-  private readonly calls: BatchCalls<VllmPayload>;
+  protected readonly calls: BatchCalls<VllmPayload>;
 
   constructor(opts: VllmEngineOptions) {
+    super();
     const headers: Record<string, string> = {};
     if (opts.apiKey) headers["Authorization"] = `Bearer ${opts.apiKey}`;
     this.http = new HttpEngineClient({
@@ -150,20 +152,6 @@ export class VllmEngine implements Engine {
       maxItemsPerCall: this.chat ? 1 : this.capacity,
       call: (items, signal) => (this.chat ? this.chatCall(items, signal) : this.completionCall(items, signal)),
     };
-  }
-
-  /** Where requests go (the server root). */
-  get baseUrl(): string {
-    return this.http.baseUrl;
-  }
-
-  /** Items in flight to the server now. */
-  get inFlight(): number {
-    return this.http.inFlight;
-  }
-
-  infer(batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> {
-    return runBatch(batch, signal, this.calls, this.http);
   }
 
   generate(request: EngineRequest, signal: AbortSignal): VllmGeneration {
@@ -188,11 +176,6 @@ export class VllmEngine implements Engine {
   /** Whether `GET /health` answers 200 (false too when the server cannot be reached). */
   health(signal?: AbortSignal): Promise<boolean> {
     return this.http.healthy("/health", signal);
-  }
-
-  /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */
-  async close(): Promise<void> {
-    this.http.close();
   }
 
   private prepare(request: EngineRequest): Preparation<VllmPayload> {

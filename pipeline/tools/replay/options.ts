@@ -6,6 +6,7 @@ import type { WorkerConnection } from "../../workers/mod.js";
 import { type Similarity } from "../text-compare.js";
 import type { ResultView, Verdict } from "./compare.js";
 import type { ReplaySelection, SelectedRequest, SelectionCount } from "./selection.js";
+import { CodedError } from "../../../proto/coded-error.js";
 
 /** Re-runs of one request after naks, by default. */
 export const DEFAULT_MAX_RERUNS = 10;
@@ -13,15 +14,8 @@ export const DEFAULT_MAX_RERUNS = 10;
 export const DEFAULT_PROGRESS_INTERVAL_MS = 1_000;
 
 /** A replay that cannot start (bad selection, missing stream): `code` is PROTOCOL.md's. */
-export class ReplayError extends Error {
+export class ReplayError extends CodedError<"INVALID_ARGUMENT" | "NOT_FOUND" | "UNAVAILABLE"> {
   override readonly name = "ReplayError";
-  constructor(
-    readonly code: "INVALID_ARGUMENT" | "NOT_FOUND" | "UNAVAILABLE",
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }
 
 // ---- time and pace ------------------------------------------------------------------------

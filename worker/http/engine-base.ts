@@ -1,0 +1,31 @@
+/**
+ * What the engines over an HTTP server (vLLM, DeepSpeed-MII) share: the server they call, the
+ * items in flight to it, batches through {@link runBatch}, and closing.
+ */
+import type { EngineBatch, EngineItemResult } from "../engine.js";
+import { runBatch, type BatchCalls } from "./batch.js";
+import type { HttpEngineClient } from "./client.js";
+
+export abstract class HttpBatchEngine<P> {
+  protected abstract readonly http: HttpEngineClient;
+  protected abstract readonly calls: BatchCalls<P>;
+
+  /** Where requests go (the server root). */
+  get baseUrl(): string {
+    return this.http.baseUrl;
+  }
+
+  /** Items in flight to the server now. */
+  get inFlight(): number {
+    return this.http.inFlight;
+  }
+
+  infer(batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> {
+    return runBatch(batch, signal, this.calls, this.http);
+  }
+
+  /** Ends every call in flight (they fail with EngineClosedError). Safe to call twice. */
+  async close(): Promise<void> {
+    this.http.close();
+  }
+}
