@@ -6,9 +6,10 @@
  */
 import { readFileSync } from "node:fs";
 import { expect } from "chai";
-import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
+import { EngineClosedError, EngineError } from "../../worker/engine.js";
 import { DEFAULT_MII_CAPACITY, DeepSpeedMiiEngine, type DeepSpeedMiiEngineOptions } from "../../worker/engines/deepspeed-mii.js";
 import { FakeServer, reply, type Handler } from "../support/fake-http.js";
+import { engineRequests, failed, failureOf, ok, rejectionOf, sleep, waitFor } from "../support/engine-checks.js";
 
 function fixture(name: string): string {
   return readFileSync(new URL(`./fixtures/deepspeed-mii/${name}`, import.meta.url), "utf8");
@@ -21,62 +22,7 @@ function miiAnswer(texts: readonly string[], finish = "stop"): string {
   )}\n`;
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
-async function rejectionOf(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  throw new Error("expected a rejection, but it resolved");
-}
-
-async function failureOf(tokens: AsyncIterable<EngineToken>): Promise<{ texts: string[]; error: unknown }> {
-  const texts: string[] = [];
-  try {
-    for await (const t of tokens) texts.push(t.text);
-  } catch (error) {
-    return { texts, error };
-  }
-  throw new Error(`expected the generation to fail, but it yielded ${JSON.stringify(texts)} and ended`);
-}
-
-function request(id: string, prompt: string | undefined, parameters?: Record<string, unknown>, extra: Partial<EngineRequest> = {}): EngineRequest {
-  return {
-    id,
-    tenant: "acme",
-    model: "mistral-7b",
-    version: "v1",
-    ...(prompt !== undefined ? { prompt } : {}),
-    ...(parameters ? { parameters } : {}),
-    ...extra,
-  };
-}
-
-function batchOf(...requests: EngineRequest[]): EngineBatch {
-  return { model: "mistral-7b", version: "v1", requests };
-}
-
-function ok(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: true }> {
-  if (!result?.ok) throw new Error(`expected an ok result, got ${JSON.stringify(result)}`);
-  return result;
-}
-
-function failed(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: false }> {
-  if (!result || result.ok) throw new Error(`expected an error result, got ${JSON.stringify(result)}`);
-  return result;
-}
+const { request, batchOf } = engineRequests("mistral-7b");
 
 const never = new AbortController().signal;
 const cleanups: Array<() => Promise<void> | void> = [];

@@ -8,7 +8,7 @@ import { readFileSync } from "node:fs";
 import type { ServerResponse } from "node:http";
 import { expect } from "chai";
 import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/mod.js";
-import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
+import { EngineClosedError, EngineError } from "../../worker/engine.js";
 import { createEngine, ENGINE_NAMES, EngineSpecError } from "../../worker/engines.js";
 import { DeepSpeedMiiEngine } from "../../worker/engines/deepspeed-mii.js";
 import { WorkerServer } from "../../worker/server.js";
@@ -17,6 +17,7 @@ import { VllmEngine, type VllmEngineOptions } from "../../worker/engines/vllm.js
 import { apportion } from "../../worker/http/batch.js";
 import { SseDecoder } from "../../worker/http/sse.js";
 import { FakeServer, reply, type Handler } from "../support/fake-http.js";
+import { collect, engineRequests, failed, failureOf, ok, rejectionOf, sleep, waitFor } from "../support/engine-checks.js";
 
 /** Writes an SSE body in `pieces`, each its own TCP write after a short pause. */
 async function stream(res: ServerResponse, pieces: ReadonlyArray<string | Uint8Array>, pauseMs = 2): Promise<void> {
@@ -56,69 +57,7 @@ function completionAnswer(texts: readonly string[], finish = "stop"): string {
   });
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
-async function rejectionOf(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  throw new Error("expected a rejection, but it resolved");
-}
-
-async function collect(tokens: AsyncIterable<EngineToken>): Promise<string[]> {
-  const out: string[] = [];
-  for await (const t of tokens) out.push(t.text);
-  return out;
-}
-
-/** Iterates a generation and returns what it yielded and how it failed (it must fail). */
-async function failureOf(tokens: AsyncIterable<EngineToken>): Promise<{ texts: string[]; error: unknown }> {
-  const texts: string[] = [];
-  try {
-    for await (const t of tokens) texts.push(t.text);
-  } catch (error) {
-    return { texts, error };
-  }
-  throw new Error(`expected the generation to fail, but it yielded ${JSON.stringify(texts)} and ended`);
-}
-
-function request(id: string, prompt: string | undefined, parameters?: Record<string, unknown>, extra: Partial<EngineRequest> = {}): EngineRequest {
-  return {
-    id,
-    tenant: "acme",
-    model: "llama3-8b",
-    version: "v1",
-    ...(prompt !== undefined ? { prompt } : {}),
-    ...(parameters ? { parameters } : {}),
-    ...extra,
-  };
-}
-
-function batchOf(...requests: EngineRequest[]): EngineBatch {
-  return { model: "llama3-8b", version: "v1", requests };
-}
-
-function ok(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: true }> {
-  if (!result?.ok) throw new Error(`expected an ok result, got ${JSON.stringify(result)}`);
-  return result;
-}
-
-function failed(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: false }> {
-  if (!result || result.ok) throw new Error(`expected an error result, got ${JSON.stringify(result)}`);
-  return result;
-}
+const { request, batchOf } = engineRequests("llama3-8b");
 
 const never = new AbortController().signal;
 const cleanups: Array<() => Promise<void> | void> = [];
