@@ -287,7 +287,7 @@ function urgencyOf(jobs: readonly RoutedJob[]): Urgency {
  * Picks `n` jobs: higher priority first; within a priority, one job per tenant in turn (tenants
  * in the order their oldest job arrived), each tenant's jobs in arrival order.
  */
-export function takeFair(jobs: readonly RoutedJob[], n: number): { taken: RoutedJob[]; rest: RoutedJob[] } {
+function takeFair(jobs: readonly RoutedJob[], n: number): { taken: RoutedJob[]; rest: RoutedJob[] } {
   const byRank = new Map<number, Map<string, RoutedJob[]>>();
   for (const j of jobs) {
     const r = RANK[j.priority] ?? 1;

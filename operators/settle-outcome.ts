@@ -99,7 +99,7 @@ export interface SettleOutcomesOptions extends RetryDelayOptions {
 }
 
 /** See {@link SettleOutcomesOptions.recheckStoredAfterMs}. */
-export const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
+const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
 
 /**
  * Settles each outcome exactly once, **after** what it owes is stored: the result is published

@@ -56,7 +56,7 @@ const VLLM_OPTIONS = ["url", "model", "apiKey", "chat", "capacity", "requestTime
 const MII_OPTIONS = ["url", "model", "capacity", "requestTimeoutMs", "defaultParameters"] as const;
 
 /** The options each engine takes (besides `engine`). */
-export const ENGINE_OPTIONS: Readonly<Record<EngineName, readonly string[]>> = {
+const ENGINE_OPTIONS: Readonly<Record<EngineName, readonly string[]>> = {
   simulated: SIMULATED_OPTIONS,
   "llm-sim": LLM_SIM_OPTIONS,
   vllm: VLLM_OPTIONS,
@@ -121,7 +121,7 @@ export function createEngine(spec: EngineSpec): Engine {
   }
 }
 
-export function isEngineName(value: unknown): value is EngineName {
+function isEngineName(value: unknown): value is EngineName {
   return typeof value === "string" && (ENGINE_NAMES as readonly string[]).includes(value);
 }
 

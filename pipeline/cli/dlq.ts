@@ -7,7 +7,7 @@ import { DlqError, listDeadLetters, requeueDeadLetters, showDeadLetter, type Dea
 import { CliError, EXIT_USAGE, positive, serverOption, UsageError, withNats, type ServerOpts } from "./common.js";
 import { main, type CliContext } from "./program.js";
 
-export const DEFAULT_LIST_LIMIT = 100;
+const DEFAULT_LIST_LIMIT = 100;
 
 const DLQ_HELP = `
 Dead letters: requests that could not be served (stream INFER_DLQ, subjects infer.dlq.<tenant>.<model>).

@@ -36,7 +36,7 @@ NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_INBOX_PREFIX and NATS_TLS_
 Exit status: 0 done, 1 failed, 2 bad usage.`;
 
 /** Builds a fresh program (commander keeps parse state in it, so one per run). */
-export function buildProgram(ctx: CliContext): Command {
+function buildProgram(ctx: CliContext): Command {
   const program = new Command("sluice")
     .description("a reactive inference pipeline on NATS JetStream")
     .usage("<command> [options]")

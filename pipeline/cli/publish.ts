@@ -13,7 +13,7 @@ import { connectCli, json, positive, serverOption, serversOf, UsageError } from 
 import type { CliContext } from "./program.js";
 
 /** Requests of a `--file` in flight at once, by default. */
-export const DEFAULT_FILE_CONCURRENCY = 64;
+const DEFAULT_FILE_CONCURRENCY = 64;
 
 interface PublishOptions {
   server?: string;

@@ -20,9 +20,9 @@ import { partIds, type AsyncRecord, type AsyncRecords } from "./records.js";
 import { SseWriter } from "./sse.js";
 
 /** How much longer than a request's timeout the gateway waits for the pipeline's own answer. */
-export const RESULT_GRACE_MS = 1_000;
+const RESULT_GRACE_MS = 1_000;
 /** Inputs of one embeddings request (each is one sluice request). */
-export const MAX_EMBEDDING_INPUTS = 2048;
+const MAX_EMBEDDING_INPUTS = 2048;
 
 export interface GatewayContext {
   readonly settings: GatewaySettings;

@@ -85,9 +85,9 @@ export interface CreditGateOptions {
   random?: () => number;
 }
 
-export const DEFAULT_PULL_EXPIRES_MS = 5_000;
+const DEFAULT_PULL_EXPIRES_MS = 5_000;
 /** nats.js refuses pulls that expire in under a second. */
-export const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
+const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
 /** Backoff of a lane whose pull failed (with jitter). */
 export const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
 const EQUAL_WEIGHTS: Readonly<Record<Priority, number>> = { high: 1, normal: 1, low: 1 };

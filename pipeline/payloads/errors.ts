@@ -11,10 +11,3 @@ export type PayloadErrorCode = "INVALID_ARGUMENT" | "UNAVAILABLE" | "RESOURCE_EX
 export class PayloadError extends CodedError<PayloadErrorCode> {
   override readonly name = "PayloadError";
 }
-
-/** Whether an object store failure is the store being away (retry) rather than the object being bad. */
-export function storeUnavailable(err: unknown): boolean {
-  const name = (err as Error)?.name ?? "";
-  const msg = (err as Error)?.message ?? String(err);
-  return /timeout|no responders|503|closed|disconnect|connection|not enabled|jetstream.*unavailable|insufficient resources/i.test(`${name} ${msg}`);
-}

@@ -5,9 +5,9 @@
 import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
 import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 
-export const INITIAL_LOAD_TIMEOUT_MS = 5_000;
+const INITIAL_LOAD_TIMEOUT_MS = 5_000;
 /** Values kept per key in a registry bucket (the last few, to see what changed). */
-export const REGISTRY_HISTORY = 5;
+const REGISTRY_HISTORY = 5;
 
 /** Opens (creating if needed) a registry bucket. */
 export function openRegistryBucket(nc: NatsConnection, bucket: string, replicas: number): Promise<KV> {

@@ -10,8 +10,8 @@ import { openRegistryBucket, watchBucket, type BucketWatch } from "./kv-watch.js
 import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
 import { ROUTING_POLICIES, type RoutingPolicyName } from "../workers/routing-policy.js";
 
-export const DEFAULT_MAX_BATCH = 32;
-export const DEFAULT_MAX_DELAY_MS = 5;
+const DEFAULT_MAX_BATCH = 32;
+const DEFAULT_MAX_DELAY_MS = 5;
 
 export interface ModelSpec {
   versions: Record<string, { weight: number }>;
@@ -44,7 +44,7 @@ export interface CacheSpec {
 }
 
 /** Chat templates the HTTP gateway knows (registry field `chat_template`). */
-export const CHAT_TEMPLATES = ["plain", "chatml"] as const;
+const CHAT_TEMPLATES = ["plain", "chatml"] as const;
 export type ChatTemplateName = (typeof CHAT_TEMPLATES)[number];
 
 export interface BatchSettings {

@@ -30,15 +30,15 @@ import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
 import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
 
 /** The tenant name that stands for every tenant without limits of its own (configuration). */
-export const ANY_TENANT = "*";
+const ANY_TENANT = "*";
 /** Key of the default limits in bucket `infer_tenants` (a KV key cannot be `*`). */
-export const DEFAULT_TENANT_KEY = "_default";
+const DEFAULT_TENANT_KEY = "_default";
 /** Tokens a request without `parameters.max_tokens` counts against `tokensPerMinute`. */
 export const DEFAULT_REQUEST_TOKENS = 256;
 /** Retry delay of a request held back by `maxConcurrent` (when a slot frees is not known ahead). */
-export const DEFAULT_CONCURRENCY_RETRY_MS = 250;
+const DEFAULT_CONCURRENCY_RETRY_MS = 250;
 /** How long a request id admitted once is remembered, so its redeliveries are not charged again. */
-export const DEFAULT_REMEMBER_ADMITTED_MS = 10 * 60_000;
+const DEFAULT_REMEMBER_ADMITTED_MS = 10 * 60_000;
 /** Request ids remembered at most (oldest forgotten first). */
 const MAX_REMEMBERED = 50_000;
 /** Tenants whose state is kept before idle ones are forgotten. */

@@ -38,7 +38,7 @@ import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 import { CodedError } from "../../proto/coded-error.js";
 
 /** Headers the DLQ adds to a request; never copied back when requeueing. */
-export const DLQ_HEADERS = {
+const DLQ_HEADERS = {
   errorCode: H.errorCode,
   errorReason: H.errorReason,
   originalSubject: H.originalSubject,

@@ -23,16 +23,16 @@ export const WORKER_CLIENT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024;
  */
 export const WORKER_CLIENT_MAX_BATCH_BYTES = 24 * 1024 * 1024;
 /** HTTP/2 keepalive ping interval while calls are open: finds a dead worker under a long call. */
-export const WORKER_CLIENT_KEEPALIVE_TIME_MS = 30_000;
+const WORKER_CLIENT_KEEPALIVE_TIME_MS = 30_000;
 /** A keepalive ping not answered within this closes the connection (calls fail UNAVAILABLE). */
-export const WORKER_CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000;
+const WORKER_CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000;
 /** First and longest wait before reconnecting to a worker that went away. */
-export const WORKER_CLIENT_INITIAL_RECONNECT_BACKOFF_MS = 250;
-export const WORKER_CLIENT_MAX_RECONNECT_BACKOFF_MS = 5_000;
+const WORKER_CLIENT_INITIAL_RECONNECT_BACKOFF_MS = 250;
+const WORKER_CLIENT_MAX_RECONNECT_BACKOFF_MS = 5_000;
 /** Deadline of a health check. */
 export const HEALTH_CHECK_TIMEOUT_MS = 2_000;
 /** Chunks buffered from a stream before the client stops reading (HTTP/2 flow control takes over). */
-export const STREAM_HIGH_WATER_MARK = 64;
+const STREAM_HIGH_WATER_MARK = 64;
 
 export interface WorkerClientOptions {
   /** Default: insecure (workers sit inside the cluster network). */

@@ -4,7 +4,7 @@
  */
 
 /** The window over which calls and retries are counted. */
-export const RETRY_BUDGET_WINDOW_MS = 10_000;
+const RETRY_BUDGET_WINDOW_MS = 10_000;
 
 export class RetryBudget {
   private since = Date.now();

@@ -54,7 +54,7 @@ import { HttpBatchEngine } from "../http/engine-base.js";
 /** Items in flight at once, by default: the gateway's default number of processes. */
 export const DEFAULT_MII_CAPACITY = 32;
 /** The path prefix of MII's RESTful gateway (`RESTFUL_API_PATH`). */
-export const MII_RESTFUL_API_PATH = "/mii";
+const MII_RESTFUL_API_PATH = "/mii";
 
 /** `temperature`: 0 means greedy, which MII spells `do_sample: false`. */
 const temperatureRule: ParameterRule = (_name, value, body) => {
@@ -77,7 +77,7 @@ const doSampleRule: ParameterRule = (name, value, body) => {
 };
 
 /** sluice parameters this adapter takes, and the MII keywords they become. */
-export const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
+const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   max_tokens: integerParameter(1, "max_new_tokens"),
   max_length: integerParameter(1),
   min_tokens: integerParameter(0, "min_new_tokens"),

@@ -59,7 +59,7 @@ import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors
 import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
 /** Items in flight to the server at once, by default. */
-export const DEFAULT_VLLM_CAPACITY = 64;
+const DEFAULT_VLLM_CAPACITY = 64;
 
 // ---------------------------------------------------------------------------------------------
 // HTTP plumbing shared with the DeepSpeed-MII adapter.
@@ -70,7 +70,7 @@ export const DEFAULT_VLLM_CAPACITY = 64;
 // ---------------------------------------------------------------------------------------------
 
 /** vLLM's sampling parameters this adapter passes on (vLLM `CompletionRequest` field names). */
-export const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
+const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   max_tokens: integerParameter(1),
   temperature: numberParameter({ min: 0 }),
   top_p: numberParameter({ min: 0, minExclusive: true, max: 1 }),

@@ -10,12 +10,12 @@ import { SseDecoder } from "./sse.js";
 /** Longest wait for an answer (for a stream: for the answer and between chunks), by default. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
 /** Longest wait for a health check. */
-export const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
+const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
 /**
  * Counts items in flight: `acquire(n)` waits (first come, first served) until `n` slots are
  * free. Waiting ends early when the signal aborts.
  */
-export class Slots {
+class Slots {
   private free: number;
   private readonly waiting: Array<{ n: number; grant: () => void }> = [];
 

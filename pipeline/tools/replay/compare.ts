@@ -29,7 +29,7 @@ export function viewOf(r: InferResult): ResultView {
 }
 
 /** JSON with object keys sorted, so equal values print equally. */
-export function canonicalJson(v: unknown): string {
+function canonicalJson(v: unknown): string {
   return JSON.stringify(v, (_k, x: unknown) =>
     x !== null && typeof x === "object" && !Array.isArray(x)
       ? Object.fromEntries(Object.entries(x as Record<string, unknown>).sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)))

@@ -96,7 +96,7 @@ export function subjectParts(subject: string): { priority?: string; tenant?: str
 }
 
 /** The trace id of a `traceparent`, lower case, or undefined. */
-export function traceIdOf(traceparent: string | undefined): string | undefined {
+function traceIdOf(traceparent: string | undefined): string | undefined {
   if (traceparent === undefined) return undefined;
   return TRACEPARENT_RE.exec(traceparent.trim().toLowerCase())?.[2];
 }
@@ -206,7 +206,7 @@ export async function* readRequests(js: JetStreamClient, s: ReplaySelection, ran
 }
 
 /** Where reading starts and ends for a selection, from the stream's state now. */
-export async function rangeOf(jsm: JetStreamManager, s: ReplaySelection): Promise<ReadRange | undefined> {
+async function rangeOf(jsm: JetStreamManager, s: ReplaySelection): Promise<ReadRange | undefined> {
   let state: { last_seq: number; first_seq: number; messages: number; last_ts: string };
   try {
     state = (await jsm.streams.info(STREAM_REQUESTS)).state;
