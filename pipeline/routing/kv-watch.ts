@@ -77,3 +77,38 @@ export async function watchBucket(kv: KV, h: BucketHandlers, initialLoadTimeoutM
     },
   };
 }
+
+/**
+ * Writes each seed value whose key the bucket does not have yet (a value already there wins over
+ * the seed). `parse` checks a seed (throwing on a bad one) and gives its bucket key and value.
+ */
+export async function seedBucket<V>(kv: KV, seed: Record<string, V>, parse: (name: string, value: V) => [key: string, value: unknown]): Promise<void> {
+  for (const [name, value] of Object.entries(seed)) {
+    const [key, parsed] = parse(name, value);
+    try {
+      await kv.create(key, JSON.stringify(parsed));
+    } catch {
+      // Already there: the bucket's value wins over the seed.
+    }
+  }
+}
+
+/** What the KV-backed registries share: their bucket, its watch, and stopping it. */
+export abstract class BucketRegistry {
+  private watching: BucketWatch | undefined;
+
+  protected constructor(
+    readonly kv: KV,
+    private readonly bucket: string,
+  ) {}
+
+  /** Starts watching the bucket; invalid values go to `onInvalid` (under the bucket's name when the watch itself fails). */
+  protected async watch(h: Omit<BucketHandlers, "onError">, onInvalid?: (key: string, err: Error) => void): Promise<void> {
+    this.watching = await watchBucket(this.kv, { ...h, onError: (key, err) => onInvalid?.(key ?? this.bucket, err) });
+  }
+
+  /** Stops watching. Safe to call twice. */
+  async stop(): Promise<void> {
+    await this.watching?.stop();
+  }
+}

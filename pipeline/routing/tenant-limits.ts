@@ -24,7 +24,7 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { KV } from "@nats-io/kv";
-import { openRegistryBucket, watchBucket, type BucketWatch } from "./kv-watch.js";
+import { BucketRegistry, openRegistryBucket, seedBucket } from "./kv-watch.js";
 import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
 import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
@@ -393,13 +393,13 @@ export interface TenantRegistryOptions {
 }
 
 /** The KV-backed tenant limits: a {@link TenantLimiter} kept in step with bucket `infer_tenants`. */
-export class TenantRegistry {
-  private watching: BucketWatch | undefined;
-
+export class TenantRegistry extends BucketRegistry {
   private constructor(
-    readonly kv: KV,
+    kv: KV,
     readonly limiter: TenantLimiter,
-  ) {}
+  ) {
+    super(kv, TENANTS_BUCKET);
+  }
 
   static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
     return openRegistryBucket(nc, TENANTS_BUCKET, replicas);
@@ -413,25 +413,16 @@ export class TenantRegistry {
   /** Opens (creating if needed) the bucket, seeds it, loads it and starts watching. */
   static async open(nc: NatsConnection, opts: TenantRegistryOptions = {}): Promise<TenantRegistry> {
     const kv = await TenantRegistry.openBucket(nc, opts.replicas ?? 1);
-    for (const [tenant, limits] of Object.entries(opts.seed ?? {})) {
-      const parsed = parseTenantLimits(tenant, limits);
-      try {
-        await kv.create(TenantRegistry.keyOf(tenant), JSON.stringify(parsed));
-      } catch {
-        // Already there: the bucket's value wins over the seed.
-      }
-    }
+    await seedBucket(kv, opts.seed ?? {}, (tenant, limits) => [TenantRegistry.keyOf(tenant), parseTenantLimits(tenant, limits)]);
     const reg = new TenantRegistry(kv, new TenantLimiter(opts.limiter ?? {}));
-    await reg.watch(opts.onInvalid);
+    await reg.watch(
+      {
+        put: (key, value) => reg.limiter.set(key, parseTenantLimits(key, value)),
+        remove: (key) => reg.limiter.set(key, undefined),
+      },
+      opts.onInvalid,
+    );
     return reg;
-  }
-
-  private async watch(onInvalid?: (key: string, err: Error) => void): Promise<void> {
-    this.watching = await watchBucket(this.kv, {
-      put: (key, value) => this.limiter.set(key, parseTenantLimits(key, value)),
-      remove: (key) => this.limiter.set(key, undefined),
-      onError: (key, err) => onInvalid?.(key ?? TENANTS_BUCKET, err),
-    });
   }
 
   /** Writes a tenant's limits (`"*"` for the default); every watching pipeline applies them. */
@@ -442,10 +433,5 @@ export class TenantRegistry {
   /** Removes a tenant's own limits: the default applies to it again. */
   async remove(tenant: string): Promise<void> {
     await this.kv.delete(TenantRegistry.keyOf(tenant));
-  }
-
-  /** Stops watching. Safe to call twice. */
-  async stop(): Promise<void> {
-    await this.watching?.stop();
   }
 }

@@ -49,7 +49,7 @@ import { booleanParameter, integerParameter, mapParameters, numberParameter, ONE
 import { generationOnce, type HttpGeneration } from "../http/generation.js";
 import { DEFAULT_REQUEST_TIMEOUT_MS, HttpEngineClient } from "../http/client.js";
 import { isRecord, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
-import { HttpBatchEngine } from "../http/engine-base.js";
+import { HttpBatchEngine, type HttpEngineOptions } from "../http/engine-base.js";
 
 /** Items in flight at once, by default: the gateway's default number of processes. */
 export const DEFAULT_MII_CAPACITY = 32;
@@ -90,17 +90,13 @@ const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   n: ONE_ANSWER,
 };
 
-export interface DeepSpeedMiiEngineOptions {
-  /** Where the RESTful gateway listens, e.g. `http://10.0.0.7:28080`. */
-  readonly baseUrl: string;
+/**
+ * `baseUrl`: where the RESTful gateway listens, e.g. `http://10.0.0.7:28080`; `capacity`: default
+ * {@link DEFAULT_MII_CAPACITY}.
+ */
+export interface DeepSpeedMiiEngineOptions extends HttpEngineOptions {
   /** The `deployment_name` given to `mii.serve` (the last part of the gateway's path). */
   readonly deployment: string;
-  /** Items in flight at once; default {@link DEFAULT_MII_CAPACITY}. */
-  readonly capacity?: number;
-  /** Default {@link DEFAULT_REQUEST_TIMEOUT_MS}. */
-  readonly requestTimeoutMs?: number;
-  /** Parameters for requests that do not set them, checked like a request's. */
-  readonly defaultParameters?: Readonly<Record<string, unknown>>;
 }
 
 /** A generation of {@link DeepSpeedMiiEngine}: also tells why it finished. */

@@ -54,7 +54,7 @@ import { integerParameter, numberParameter, stringsParameter, booleanParameter, 
 import { type HttpGeneration, generationOnce } from "../http/generation.js";
 import { HttpEngineClient, DEFAULT_REQUEST_TIMEOUT_MS, parseJson } from "../http/client.js";
 import { type BatchCalls, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
-import { HttpBatchEngine } from "../http/engine-base.js";
+import { HttpBatchEngine, type HttpEngineOptions } from "../http/engine-base.js";
 import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors.js";
 import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
@@ -94,24 +94,18 @@ const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
 // The vLLM engine.
 // ---------------------------------------------------------------------------------------------
 
-export interface VllmEngineOptions {
-  /** Where `vllm serve` listens, e.g. `http://10.0.0.7:8000`; a trailing `/v1` is dropped. */
-  readonly baseUrl: string;
+/**
+ * `baseUrl`: where `vllm serve` listens, e.g. `http://10.0.0.7:8000` (a trailing `/v1` is
+ * dropped); `capacity`: default {@link DEFAULT_VLLM_CAPACITY}; `defaultParameters`: note that
+ * vLLM's completions default `max_tokens` is 16.
+ */
+export interface VllmEngineOptions extends HttpEngineOptions {
   /** The model name vLLM serves (`--served-model-name`); default: the request's model. */
   readonly servedModel?: string;
   /** Sent as `Authorization: Bearer <apiKey>` (vLLM's `--api-key`). */
   readonly apiKey?: string;
   /** Use `/v1/chat/completions`, the prompt being one user message. */
   readonly chat?: boolean;
-  /** Items in flight at once; default {@link DEFAULT_VLLM_CAPACITY}. */
-  readonly capacity?: number;
-  /** Default {@link DEFAULT_REQUEST_TIMEOUT_MS}. */
-  readonly requestTimeoutMs?: number;
-  /**
-   * Parameters for requests that do not set them, checked like a request's. Note that vLLM's
-   * completions default `max_tokens` is 16.
-   */
-  readonly defaultParameters?: Readonly<Record<string, unknown>>;
 }
 
 /** A generation; `finishReason()` is the server's `finish_reason`, once it gave one. */

@@ -6,6 +6,18 @@ import type { EngineBatch, EngineItemResult } from "../engine.js";
 import { runBatch, type BatchCalls } from "./batch.js";
 import type { HttpEngineClient } from "./client.js";
 
+/** What every engine over an HTTP server is given, besides its own options. */
+export interface HttpEngineOptions {
+  /** Where the server listens, e.g. `http://10.0.0.7:8000`. */
+  readonly baseUrl: string;
+  /** Items in flight at once; each engine has its default. */
+  readonly capacity?: number;
+  /** Default `DEFAULT_REQUEST_TIMEOUT_MS` (worker/http/client.ts). */
+  readonly requestTimeoutMs?: number;
+  /** Parameters for requests that do not set them, checked like a request's. */
+  readonly defaultParameters?: Readonly<Record<string, unknown>>;
+}
+
 export abstract class HttpBatchEngine<P> {
   protected abstract readonly http: HttpEngineClient;
   protected abstract readonly calls: BatchCalls<P>;
