@@ -36,7 +36,6 @@
  *   finishes the generation, so cancelling frees this side only.
  */
 import {
-  EngineClosedError,
   EngineError,
   type Engine,
   type EngineItemResult,
@@ -44,7 +43,6 @@ import {
   type EngineToken,
   type EngineUsage,
 } from "../engine.js";
-import { abortReason } from "../http/errors.js";
 import { booleanParameter, integerParameter, mapParameters, numberParameter, ONE_ANSWER, parameterKey, stringsParameter, type ParameterRule } from "../http/parameters.js";
 import { generationOnce, type HttpGeneration } from "../http/generation.js";
 import { DEFAULT_REQUEST_TIMEOUT_MS, HttpEngineClient } from "../http/client.js";
@@ -210,14 +208,8 @@ export class DeepSpeedMiiEngine extends HttpBatchEngine<MiiPayload> implements E
     usage: EngineUsage,
     state: { finish: string | undefined },
   ): AsyncGenerator<EngineToken, void, undefined> {
-    if (this.http.closed) throw new EngineClosedError();
-    if (signal.aborted) throw abortReason(signal);
-    if (request.deadlineMs !== undefined && request.deadlineMs > 0 && request.deadlineMs <= Date.now()) {
-      throw new EngineError("DEADLINE_EXCEEDED", `deadline passed before request '${request.id}' started`);
-    }
-    const prepared = this.prepare(request);
-    if (!prepared.ok) throw new EngineError(prepared.error.code, prepared.error.message);
-    const [answer] = await this.post([{ index: 0, request, payload: prepared.payload }], signal);
+    const payload = this.generationPayload(request, signal);
+    const [answer] = await this.post([{ index: 0, request, payload }], signal);
     if (!answer) throw new EngineError("INTERNAL", `DeepSpeed-MII gave no answer for request '${request.id}'`);
     usage.prompt_tokens = answer.usage.prompt_tokens;
     usage.completion_tokens = answer.usage.completion_tokens;

@@ -49,13 +49,13 @@
  *   chunks, not the whole generation, which may rightly take long.
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
-import { EngineClosedError, EngineError, type Engine, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
+import { EngineError, type Engine, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
 import { integerParameter, numberParameter, stringsParameter, booleanParameter, ONE_ANSWER, mapParameters, parameterKey, type ParameterRule } from "../http/parameters.js";
 import { type HttpGeneration, generationOnce } from "../http/generation.js";
 import { HttpEngineClient, DEFAULT_REQUEST_TIMEOUT_MS, parseJson } from "../http/client.js";
 import { type BatchCalls, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
 import { HttpBatchEngine, type HttpEngineOptions } from "../http/engine-base.js";
-import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors.js";
+import { HttpStatusError, errorCodeForStatus } from "../http/errors.js";
 import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
 /** Items in flight to the server at once, by default. */
@@ -233,14 +233,7 @@ export class VllmEngine extends HttpBatchEngine<VllmPayload> implements Engine {
     usage: EngineUsage,
     state: { finish: string | undefined },
   ): AsyncGenerator<EngineToken, void, undefined> {
-    if (this.http.closed) throw new EngineClosedError();
-    if (signal.aborted) throw abortReason(signal);
-    if (request.deadlineMs !== undefined && request.deadlineMs > 0 && request.deadlineMs <= Date.now()) {
-      throw new EngineError("DEADLINE_EXCEEDED", `deadline passed before request '${request.id}' started`);
-    }
-    const prepared = this.prepare(request);
-    if (!prepared.ok) throw new EngineError(prepared.error.code, prepared.error.message);
-    const { prompt, params } = prepared.payload;
+    const { prompt, params } = this.generationPayload(request, signal);
     const path = this.chat ? "/v1/chat/completions" : "/v1/completions";
     const body: Record<string, unknown> = this.chat
       ? { model: this.modelFor(request), messages: [{ role: "user", content: prompt }], ...params }
