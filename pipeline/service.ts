@@ -24,7 +24,7 @@ import { StreamResultSink } from "./settle/result-sink.js";
 import { CancelRegistry } from "./routing/cancel.js";
 import { laneIntake } from "./intake/lanes.js";
 import { laneConsumerPrefix } from "./intake/lane-protocol.js";
-import { TenantRegistry } from "./routing/tenant-limits.js";
+import { TenantRegistry } from "./routing/tenant-registry.js";
 import type { WorkerDirectory } from "./workers/directory.js";
 import { openFleet } from "./workers/fleet.js";
 import type { WorkerPool, WorkerConnection } from "./workers/mod.js";

@@ -5,7 +5,7 @@
  *
  * - Limits come from configuration (`tenants: { "acme": {...}, "*": {...} }`) and from the NATS
  *   KV bucket `infer_tenants` (key: the tenant, value: its limits as JSON), which
- *   {@link TenantRegistry} watches: a KV write changes the limits of every running pipeline
+ *   `TenantRegistry` (tenant-registry.ts) watches: a KV write changes the limits of every running pipeline
  *   without a restart. `"*"` (key `_default` in the bucket) applies to each tenant without its
  *   own entry, with its own buckets per tenant (the default is not a shared pool).
  * - Limits hold per pipeline process: N processes let a tenant through N times as much.
@@ -17,22 +17,19 @@
  *   its limit, so a missed release can only delay, never block for good.
  *
  * ```ts
- * const tenants = await TenantRegistry.open(nc, { seed: config.tenants });
+ * const tenants = await TenantRegistry.open(nc, { seed: config.tenants });   // tenant-registry.ts
  * jobs$.pipe(onJobs(admitByTenantLimits(tenants.limiter)));
  * settled$.pipe(tap((s) => tenants.limiter.releasedOutcome(s.outcome)));
  * ```
  */
-import type { NatsConnection } from "@nats-io/transport-node";
-import type { KV } from "@nats-io/kv";
-import { BucketRegistry, openRegistryBucket, seedBucket } from "./kv-watch.js";
 import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
-import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
+import { TOKEN_RE } from "../../proto/wire.js";
 
 /** The tenant name that stands for every tenant without limits of its own (configuration). */
-const ANY_TENANT = "*";
+export const ANY_TENANT = "*";
 /** Key of the default limits in bucket `infer_tenants` (a KV key cannot be `*`). */
-const DEFAULT_TENANT_KEY = "_default";
+export const DEFAULT_TENANT_KEY = "_default";
 /** Tokens a request without `parameters.max_tokens` counts against `tokensPerMinute`. */
 export const DEFAULT_REQUEST_TOKENS = 256;
 /** Retry delay of a request held back by `maxConcurrent` (when a slot frees is not known ahead). */
@@ -380,58 +377,4 @@ function waitMs(missing: number, perMs: number): number {
 
 function sweep(held: Set<Delivery>): void {
   for (const d of held) if (d.settled) held.delete(d);
-}
-
-export interface TenantRegistryOptions {
-  replicas?: number;
-  /** Limits written when the bucket does not have them yet (configuration seed); `"*"` is the default. */
-  seed?: Record<string, TenantLimits>;
-  /** Options of the limiter the registry keeps in step (its `tenants` are ignored: the bucket rules). */
-  limiter?: Omit<TenantLimiterOptions, "tenants">;
-  /** Hears of invalid bucket values (they are ignored, the previous value stays). */
-  onInvalid?: (key: string, err: Error) => void;
-}
-
-/** The KV-backed tenant limits: a {@link TenantLimiter} kept in step with bucket `infer_tenants`. */
-export class TenantRegistry extends BucketRegistry {
-  private constructor(
-    kv: KV,
-    readonly limiter: TenantLimiter,
-  ) {
-    super(kv, TENANTS_BUCKET);
-  }
-
-  static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
-    return openRegistryBucket(nc, TENANTS_BUCKET, replicas);
-  }
-
-  /** The bucket key of a tenant name (`"*"` → `_default`). */
-  static keyOf(tenant: string): string {
-    return tenant === ANY_TENANT ? DEFAULT_TENANT_KEY : tenant;
-  }
-
-  /** Opens (creating if needed) the bucket, seeds it, loads it and starts watching. */
-  static async open(nc: NatsConnection, opts: TenantRegistryOptions = {}): Promise<TenantRegistry> {
-    const kv = await TenantRegistry.openBucket(nc, opts.replicas ?? 1);
-    await seedBucket(kv, opts.seed ?? {}, (tenant, limits) => [TenantRegistry.keyOf(tenant), parseTenantLimits(tenant, limits)]);
-    const reg = new TenantRegistry(kv, new TenantLimiter(opts.limiter ?? {}));
-    await reg.watch(
-      {
-        put: (key, value) => reg.limiter.set(key, parseTenantLimits(key, value)),
-        remove: (key) => reg.limiter.set(key, undefined),
-      },
-      opts.onInvalid,
-    );
-    return reg;
-  }
-
-  /** Writes a tenant's limits (`"*"` for the default); every watching pipeline applies them. */
-  async put(tenant: string, limits: TenantLimits): Promise<void> {
-    await this.kv.put(TenantRegistry.keyOf(tenant), JSON.stringify(parseTenantLimits(tenant, limits)));
-  }
-
-  /** Removes a tenant's own limits: the default applies to it again. */
-  async remove(tenant: string): Promise<void> {
-    await this.kv.delete(TenantRegistry.keyOf(tenant));
-  }
 }

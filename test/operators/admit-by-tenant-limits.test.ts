@@ -3,7 +3,8 @@ import { filter, map, type Observable } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { admitByTenantLimits, type AdmitByTenantLimitsOptions } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
-import { parseTenantLimits, TenantLimiter, TenantLimitsError, TenantRegistry, type TenantLimiterOptions } from "../../pipeline/routing/tenant-limits.js";
+import { parseTenantLimits, TenantLimiter, TenantLimitsError, type TenantLimiterOptions } from "../../pipeline/routing/tenant-limits.js";
+import { TenantRegistry } from "../../pipeline/routing/tenant-registry.js";
 import { useNats, waitFor } from "../support/nats.js";
 import { inertDelivery } from "../support/deliveries.js";
 
