@@ -24,13 +24,11 @@ export {
   DEFAULT_TOKEN_INTERVAL_MS,
   DEFAULT_TTFT_MS,
   SimulatedEngine,
-  countWords,
-  simulatedOutputText,
-  splitTokens,
   type EngineCall,
   type SimulatedEngineCounters,
   type SimulatedEngineOptions,
 } from "./engines/simulated.js";
+export { countWords, simulatedOutputText, splitTokens } from "./engines/simulated-output.js";
 export {
   DEFAULT_LLM_KV_TOKENS,
   DEFAULT_LLM_MAX_RUNNING,
