@@ -19,7 +19,7 @@ export interface AnswerFromCacheOptions {
 }
 
 /** Cache lookups under way at once, by default. */
-export const DEFAULT_CACHE_LOOKUP_CONCURRENCY = 64;
+const DEFAULT_CACHE_LOOKUP_CONCURRENCY = 64;
 
 /**
  * Answers a request from the result cache when the same request (same model, version, inputs

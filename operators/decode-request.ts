@@ -187,7 +187,7 @@ interface RequestBody {
 }
 
 /** Deepest nesting of JSON values a request may carry (what the gRPC mapping of JSON allows). */
-export const MAX_BODY_DEPTH = 64;
+const MAX_BODY_DEPTH = 64;
 
 /** True when `v` nests more than `limit` levels of arrays/objects (iterative: no stack overflow). */
 function depthOver(v: unknown, limit: number): boolean {

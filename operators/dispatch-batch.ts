@@ -1,5 +1,5 @@
 import { from, map, mergeMap, of, type OperatorFunction } from "rxjs";
-import { retryDelayMs } from "./outcome.js";
+import { retryDelays, type RetryDelayOptions } from "./outcome.js";
 import { errorResult, type Batch, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
 import { ERROR_CODES, type ErrorCode } from "../proto/wire.js";
 
@@ -40,7 +40,7 @@ export interface BatchDispatcher {
   dispatch(batch: Batch): Promise<BatchReply>;
 }
 
-export interface DispatchBatchOptions {
+export interface DispatchBatchOptions extends RetryDelayOptions {
   now?: () => number;
   /**
    * When no worker can take a batch, its requests wait (redelivered with backoff) until their
@@ -49,8 +49,6 @@ export interface DispatchBatchOptions {
   waitForWorkerMs?: (model: string) => number;
   /** True when the client cancelled the request: it is answered CANCELLED, not sent (or not kept). */
   isCancelled?: (job: RoutedJob) => boolean;
-  retryBaseMs?: number;
-  retryMaxMs?: number;
 }
 
 const asCode = (c: string): ErrorCode => ((ERROR_CODES as readonly string[]).includes(c) ? (c as ErrorCode) : "INTERNAL");
@@ -68,8 +66,7 @@ const asCode = (c: string): ErrorCode => ((ERROR_CODES as readonly string[]).inc
  */
 export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOptions = {}): OperatorFunction<Batch, Outcome> {
   const now = opts.now ?? Date.now;
-  const base = opts.retryBaseMs ?? 250;
-  const max = opts.retryMaxMs ?? 10_000;
+  const retryDelay = retryDelays(opts);
 
   const timing = (job: RoutedJob, batch: Batch, workerMs: number, sentAt: number) => ({
     queue_ms: round(sentAt - job.delivery.storedAtMs),
@@ -134,7 +131,7 @@ export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOp
             const code = asCode(item.error?.code ?? "INTERNAL");
             const message = item.error?.message ?? "the worker reported an error";
             if (code === "UNAVAILABLE") {
-              return { kind: "retry", job, delayMs: retryDelayMs(job.delivery.deliveryCount, base, max), lastResort: errorResult(job, code, message) };
+              return { kind: "retry", job, delayMs: retryDelay(job.delivery.deliveryCount), lastResort: errorResult(job, code, message) };
             }
             const result = errorResult(job, code, message);
             result.timing = timing(job, sent, reply.workerMs, t0);
@@ -150,7 +147,7 @@ export function dispatchBatch(dispatcher: BatchDispatcher, opts: DispatchBatchOp
               const retry: Outcome = {
                 kind: "retry",
                 job,
-                delayMs: retryDelayMs(job.delivery.deliveryCount, base, max),
+                delayMs: retryDelay(job.delivery.deliveryCount),
                 lastResort: errorResult(job, e.code, e.message),
                 ...(e.noWorker && opts.waitForWorkerMs
                   ? { waitUntilMs: job.deadlineMs ?? job.delivery.storedAtMs + opts.waitForWorkerMs(job.model) }

@@ -1,5 +1,5 @@
 import { from, mergeMap, type OperatorFunction } from "rxjs";
-import { retryDelayMs } from "./outcome.js";
+import { retryDelays, type RetryDelayOptions } from "./outcome.js";
 import { DispatchError } from "./dispatch-batch.js";
 import { errorResult, type InferResult, type Outcome, type RoutedJob, type Usage } from "./types.js";
 import { ERROR_CODES, type ErrorCode } from "../proto/wire.js";
@@ -28,10 +28,8 @@ export interface Generator {
   generate(job: RoutedJob, onChunk: (c: Chunk) => Promise<void> | void): Promise<GenerationReply>;
 }
 
-export interface GenerateEachOptions {
+export interface GenerateEachOptions extends RetryDelayOptions {
   now?: () => number;
-  retryBaseMs?: number;
-  retryMaxMs?: number;
   waitForWorkerMs?: (model: string) => number;
   /** Publishes a chunk (to `infer.tok.<tenant>.<id>`); a failure stops the generation. */
   publishChunk: (job: RoutedJob, chunk: Chunk) => Promise<void> | void;
@@ -51,8 +49,7 @@ export interface GenerateEachOptions {
  */
 export function generateEach(generator: Generator, opts: GenerateEachOptions): OperatorFunction<RoutedJob, Outcome> {
   const now = opts.now ?? Date.now;
-  const base = opts.retryBaseMs ?? 250;
-  const max = opts.retryMaxMs ?? 10_000;
+  const retryDelay = retryDelays(opts);
   return mergeMap((job: RoutedJob) => {
     const t0 = now();
     if (job.deadlineMs !== undefined && job.deadlineMs <= t0) {
@@ -87,7 +84,7 @@ export function generateEach(generator: Generator, opts: GenerateEachOptions): O
           return {
             kind: "retry",
             job,
-            delayMs: retryDelayMs(job.delivery.deliveryCount, base, max),
+            delayMs: retryDelay(job.delivery.deliveryCount),
             lastResort: errorResult(job, e.code, e.message),
             ...(e.noWorker && opts.waitForWorkerMs ? { waitUntilMs: job.deadlineMs ?? job.delivery.storedAtMs + opts.waitForWorkerMs(job.model) } : {}),
           };

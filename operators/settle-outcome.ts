@@ -1,5 +1,5 @@
 import { mergeMap, Observable, type OperatorFunction } from "rxjs";
-import { retryDelayMs } from "./outcome.js";
+import { retryDelays, type RetryDelayOptions } from "./outcome.js";
 import { errorResult, type Delivery, type ErrorInfo, type InferJob, type InferResult, type Outcome } from "./types.js";
 import { sleep } from "./support/sleep.js";
 
@@ -77,13 +77,11 @@ export interface Settled {
   readonly notStored?: boolean;
 }
 
-export interface SettleOutcomesOptions {
+export interface SettleOutcomesOptions extends RetryDelayOptions {
   /** Deliveries after which a retriable failure becomes final (answered and dead-lettered). */
   maxDeliver: number;
   /** Outcomes being published at once. */
   concurrency?: number;
-  retryBaseMs?: number;
-  retryMaxMs?: number;
   /**
    * How long a result whose publish failed is tried again in place (same result, no second run
    * on a worker) before giving up: 0 (the default) naks at once. A result the client already has
@@ -101,7 +99,7 @@ export interface SettleOutcomesOptions {
 }
 
 /** See {@link SettleOutcomesOptions.recheckStoredAfterMs}. */
-export const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
+const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
 
 /**
  * Settles each outcome exactly once, **after** what it owes is stored: the result is published
@@ -115,8 +113,7 @@ export const DEFAULT_RECHECK_STORED_AFTER_MS = 5_000;
  * ```
  */
 export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): OperatorFunction<Outcome, Settled> {
-  const base = opts.retryBaseMs ?? 250;
-  const max = opts.retryMaxMs ?? 10_000;
+  const retryDelay = retryDelays(opts);
   const concurrency = opts.concurrency ?? 256;
   const retryFor = Math.max(0, opts.publishRetryMs ?? 0);
   const now = opts.now ?? Date.now;
@@ -148,7 +145,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         await sink.publishDeadLetter({ delivery: d, tenant: job.tenant, model: job.model, id: job.id, error: result.error });
       }
     } catch (error) {
-      d.nak(retryDelayMs(d.deliveryCount, base, max));
+      d.nak(retryDelay(d.deliveryCount));
       return { outcome, action: "nak", deadLettered: false, error };
     }
     const dl = deadLetter ? { deadLettered: true } : {};
@@ -180,7 +177,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
       }
       // Settled outside the try: a failing ack is not a failed publish.
       if (stored) return finish(outcome, d, result, failures > 0 ? { ...dl, publishFailures: failures } : dl);
-      const wait = retryDelayMs(failures, base, max);
+      const wait = retryDelay(failures);
       if (stop.aborted || now() + wait > giveUpAt) break;
       d.working();
       await sleep(wait, stop.signal);
@@ -198,7 +195,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         // neither stream takes it: the queue delivers the request again
       }
     }
-    d.nak(retryDelayMs(d.deliveryCount, base, max));
+    d.nak(retryDelay(d.deliveryCount));
     return { outcome, action: "nak", deadLettered: false, error: lastError, publishFailures: failures };
   };
 
@@ -232,7 +229,7 @@ export function settleOutcomes(sink: ResultSink, opts: SettleOutcomesOptions): O
         try {
           await sink.publishDeadLetter(o);
         } catch (error) {
-          d.nak(retryDelayMs(d.deliveryCount, base, max));
+          d.nak(retryDelay(d.deliveryCount));
           return { outcome: o, action: "nak", deadLettered: false, error };
         }
         d.term(`${o.error.code}: ${o.error.message}`);

@@ -8,7 +8,7 @@ export interface SkipAnsweredOptions {
 }
 
 /** Lookups of redelivered requests under way at once, by default. */
-export const DEFAULT_SKIP_ANSWERED_CONCURRENCY = 64;
+const DEFAULT_SKIP_ANSWERED_CONCURRENCY = 64;
 
 /**
  * Looks a redelivered request up in the results store before it is run again, and answers it

@@ -13,7 +13,7 @@ export interface StoreInCacheOptions {
 }
 
 /** Result stores under way at once, by default. */
-export const DEFAULT_CACHE_STORE_CONCURRENCY = 64;
+const DEFAULT_CACHE_STORE_CONCURRENCY = 64;
 
 /**
  * Stores the ok result of each request that was looked up in the result cache and not found

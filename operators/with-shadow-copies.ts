@@ -1,5 +1,6 @@
 import { mergeMap, of, type OperatorFunction } from "rxjs";
 import type { Delivery, RoutedJob } from "./types.js";
+import { WrappedDelivery } from "./support/wrapped-delivery.js";
 
 export interface WithShadowCopiesOptions {
   /** The shadow version of the job's model, if it has one. */
@@ -51,38 +52,16 @@ export function withShadowCopies(opts: WithShadowCopiesOptions): OperatorFunctio
 }
 
 /** The delivery of a shadow copy: reads like the request's, settles only itself. */
-class ShadowDelivery implements Delivery {
+class ShadowDelivery extends WrappedDelivery {
   private done = false;
   constructor(
-    private readonly of: Delivery,
+    request: Delivery,
     private readonly onSettle: () => void,
-  ) {}
-  get subject(): string {
-    return this.of.subject;
-  }
-  get data(): Uint8Array {
-    return this.of.data;
-  }
-  get seq(): number {
-    return this.of.seq;
-  }
-  get deliveryCount(): number {
-    return this.of.deliveryCount;
-  }
-  get storedAtMs(): number {
-    return this.of.storedAtMs;
-  }
-  get pulledAtMs(): number {
-    return this.of.pulledAtMs;
+  ) {
+    super(request);
   }
   get settled(): boolean {
     return this.done;
-  }
-  header(name: string): string | undefined {
-    return this.of.header(name);
-  }
-  headerEntries(): Array<[string, string]> {
-    return this.of.headerEntries();
   }
   private settle(): void {
     if (this.done) return;

@@ -14,7 +14,7 @@
 import { readFileSync } from "node:fs";
 import { connect, credsAuthenticator, type NatsConnection, type NodeConnectionOptions } from "@nats-io/transport-node";
 
-export function connectionOptions(servers: string | string[], name: string, env: NodeJS.ProcessEnv = process.env): NodeConnectionOptions {
+function connectionOptions(servers: string | string[], name: string, env: NodeJS.ProcessEnv = process.env): NodeConnectionOptions {
   const opts: NodeConnectionOptions = {
     servers,
     name,

@@ -200,7 +200,7 @@ export function inferencePipeline(steps: PipelineSteps): OperatorFunction<Delive
  * pipeline each time must not loop forever. Requests waiting for a worker are naked on purpose
  * and stay younger than the model's timeout plus a retry delay, so they are not caught here.
  */
-export function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: number): RoutedJob | Outcome {
+function giveUpAfter(job: RoutedJob, maxDeliver: number, timeoutMs: number): RoutedJob | Outcome {
   if (job.delivery.deliveryCount <= maxDeliver || Date.now() - job.delivery.storedAtMs < 2 * timeoutMs) return job;
   return {
     kind: "result",

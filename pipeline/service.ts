@@ -9,10 +9,12 @@ import { Subject, tap, type Observable, type Subscription } from "rxjs";
 import { creditGate, type GateLane } from "./intake/credit-gate.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { InferResult, Outcome } from "../operators/types.js";
+import { retryDelays } from "../operators/outcome.js";
 import type { Priority } from "../proto/wire.js";
 import { STREAM_REQUESTS, subjects } from "../proto/wire.js";
 import { inferencePipeline } from "./request-path.js";
-import { MetricsServer, PipelineMetrics } from "./telemetry/metrics.js";
+import { PipelineMetrics } from "./telemetry/metrics.js";
+import { MetricsServer } from "./telemetry/metrics-server.js";
 import { ModelBacklog } from "./telemetry/model-backlog.js";
 import { SERVICE_PIPELINE, type Tracing } from "./telemetry/types.js";
 import { startTracing } from "./telemetry/export.js";
@@ -23,10 +25,10 @@ import { StreamResultSink } from "./settle/result-sink.js";
 import { CancelRegistry } from "./routing/cancel.js";
 import { laneIntake } from "./intake/lanes.js";
 import { laneConsumerPrefix } from "./intake/lane-protocol.js";
-import { TenantRegistry } from "./routing/tenant-limits.js";
+import { TenantRegistry } from "./routing/tenant-registry.js";
 import type { WorkerDirectory } from "./workers/directory.js";
 import { openFleet } from "./workers/fleet.js";
-import type { WorkerPool, WorkerConnection } from "./workers/pool.js";
+import type { WorkerPool, WorkerConnection } from "./workers/mod.js";
 import { consoleLogger, type PipelineLogger } from "./support/logger.js";
 import { Teardowns } from "./support/teardown.js";
 import { connectNats } from "./connection.js";
@@ -277,7 +279,7 @@ export class PipelineService {
       settings: this.config.payloads,
       streams: this.config.streams,
       maxDeliver: c.maxDeliver,
-      retryDelayMs: (n) => Math.min(pp.retryMaxMs, pp.retryBaseMs * 2 ** Math.max(0, n - 1)),
+      retryDelayMs: retryDelays({ retryBaseMs: pp.retryBaseMs, retryMaxMs: pp.retryMaxMs }),
       onSweepError: (err) => this.log.warn(`payload sweep failed: ${(err as Error)?.message ?? err}`),
     });
     this.payloads = payloads;

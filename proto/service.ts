@@ -38,7 +38,7 @@ export type HealthCheckResponse = gen.grpc.health.v1.HealthCheckResponse;
 /** Fully qualified name of the worker service, also the name its health status is kept under. */
 export const WORKER_SERVICE_NAME = "infer.v1.Worker";
 /** Fully qualified name of the standard health service. */
-export const HEALTH_SERVICE_NAME = "grpc.health.v1.Health";
+const HEALTH_SERVICE_NAME = "grpc.health.v1.Health";
 
 /** What the generated message classes offer for the wire. */
 interface MessageCodec<Encoded, Decoded> {

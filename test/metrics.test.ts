@@ -3,7 +3,9 @@ import type { AddressInfo } from "node:net";
 import { expect } from "chai";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { Delivery, InferJob } from "../operators/types.js";
-import { DEFAULT_METRICS_PORT, MetricsServer, MetricsServerError, OTHER_LABEL_VALUE, PipelineMetrics } from "../pipeline/telemetry/metrics.js";
+import { DEFAULT_METRICS_PORT, PipelineMetrics } from "../pipeline/telemetry/metrics.js";
+import { OTHER_LABEL_VALUE } from "../pipeline/telemetry/metric-labels.js";
+import { MetricsServer, MetricsServerError } from "../pipeline/telemetry/metrics-server.js";
 
 // A small parser of the Prometheus text exposition format (0.0.4), strict enough to fail on
 // malformed output: HELP and TYPE lines, samples with escaped label values.

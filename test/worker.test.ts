@@ -7,7 +7,7 @@ import { expect } from "chai";
 import { google } from "../proto/gen/inference.js";
 import { fromStruct, fromValue, JsonValueError, toStruct, toValue } from "../proto/json.js";
 import { HealthGrpcClient, WORKER_SERVICE_NAME } from "../proto/service.js";
-import { WorkerCallError, WorkerClient, type WorkerChunk, type WorkerRequest } from "../pipeline/workers/client.js";
+import { WorkerCallError, WorkerClient, type WorkerChunk, type WorkerRequest } from "../pipeline/workers/mod.js";
 import { SimulatedEngine, type SimulatedEngineOptions } from "../worker/engines/simulated.js";
 import { WorkerServer } from "../worker/server.js";
 

@@ -4,6 +4,7 @@
  * server converts to and from the wire.
  */
 import type { ErrorCode } from "../proto/wire.js";
+import { CodedError } from "../proto/coded-error.js";
 
 /** One request as the engine sees it. */
 export interface EngineRequest {
@@ -116,15 +117,8 @@ export interface Engine {
 }
 
 /** An engine failure with the error code it maps to (docs/protocol.md, "Error codes"). */
-export class EngineError extends Error {
+export class EngineError extends CodedError<ErrorCode> {
   override readonly name: string = "EngineError";
-  constructor(
-    readonly code: ErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }
 
 /** The engine was closed while the work was queued or running, or before it was asked. */

@@ -18,6 +18,7 @@ import { DeepSpeedMiiEngine } from "./engines/deepspeed-mii.js";
 import { LlmSimEngine, type LlmSimOptions } from "./engines/llm-sim.js";
 import { SimulatedEngine, type SimulatedEngineOptions } from "./engines/simulated.js";
 import { VllmEngine } from "./engines/vllm.js";
+import { CodedError } from "../proto/coded-error.js";
 
 /** The engines {@link createEngine} makes. */
 export const ENGINE_NAMES = ["simulated", "llm-sim", "vllm", "deepspeed-mii"] as const;
@@ -45,15 +46,8 @@ export interface EngineSpec extends SimulatedEngineOptions, Omit<LlmSimOptions, 
 export type EngineSpecErrorCode = "UNKNOWN_ENGINE" | "MISSING_OPTION" | "INVALID_OPTION";
 
 /** A description {@link createEngine} cannot make an engine of. */
-export class EngineSpecError extends Error {
+export class EngineSpecError extends CodedError<EngineSpecErrorCode> {
   override readonly name = "EngineSpecError";
-  constructor(
-    readonly code: EngineSpecErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
 }
 
 const SIMULATED_OPTIONS = ["base_ms", "per_item_ms", "ttft_ms", "token_interval_ms", "capacity", "call_log_limit"] as const;
@@ -62,7 +56,7 @@ const VLLM_OPTIONS = ["url", "model", "apiKey", "chat", "capacity", "requestTime
 const MII_OPTIONS = ["url", "model", "capacity", "requestTimeoutMs", "defaultParameters"] as const;
 
 /** The options each engine takes (besides `engine`). */
-export const ENGINE_OPTIONS: Readonly<Record<EngineName, readonly string[]>> = {
+const ENGINE_OPTIONS: Readonly<Record<EngineName, readonly string[]>> = {
   simulated: SIMULATED_OPTIONS,
   "llm-sim": LLM_SIM_OPTIONS,
   vllm: VLLM_OPTIONS,
@@ -127,7 +121,7 @@ export function createEngine(spec: EngineSpec): Engine {
   }
 }
 
-export function isEngineName(value: unknown): value is EngineName {
+function isEngineName(value: unknown): value is EngineName {
   return typeof value === "string" && (ENGINE_NAMES as readonly string[]).includes(value);
 }
 

@@ -24,13 +24,11 @@ export {
   DEFAULT_TOKEN_INTERVAL_MS,
   DEFAULT_TTFT_MS,
   SimulatedEngine,
-  countWords,
-  simulatedOutputText,
-  splitTokens,
   type EngineCall,
   type SimulatedEngineCounters,
   type SimulatedEngineOptions,
 } from "./engines/simulated.js";
+export { countWords, simulatedOutputText, splitTokens } from "./engines/simulated-output.js";
 export {
   DEFAULT_LLM_KV_TOKENS,
   DEFAULT_LLM_MAX_RUNNING,
@@ -41,15 +39,15 @@ export {
   type LlmSimOptions,
   type LlmSequenceRecord,
 } from "./engines/llm-sim.js";
+export { WorkerServer } from "./server.js";
 export {
   DEFAULT_STOP_GRACE_MS,
   DEFAULT_WORKER_HOST,
   WORKER_KEEPALIVE_TIME_MS,
   WORKER_KEEPALIVE_TIMEOUT_MS,
   WORKER_MAX_MESSAGE_BYTES,
-  WorkerServer,
   WorkerServerError,
   type WorkerCallContext,
   type WorkerServerErrorCode,
   type WorkerServerOptions,
-} from "./server.js";
+} from "./server-options.js";

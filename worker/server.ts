@@ -11,95 +11,15 @@
  */
 import { randomUUID } from "node:crypto";
 import * as grpc from "@grpc/grpc-js";
-import { fromStruct, fromValue, toValue } from "../proto/json.js";
-import {
-  HealthServiceDefinition,
-  ServingStatus,
-  WORKER_SERVICE_NAME,
-  WorkerServiceDefinition,
-  type GenerateRequest,
-  type HealthCheckRequest,
-  type HealthServiceHandlers,
-  type IGenerateChunk,
-  type IHealthCheckResponse,
-  type IInferBatchResult,
-  type IInferItemResult,
-  type IInferRequest,
-  type InferBatch,
-  type IOutput,
-  type IWorkerLoad,
-  type LoadRequest,
-  type WorkerServiceHandlers,
-} from "../proto/service.js";
+import { HealthServiceDefinition, ServingStatus, WORKER_SERVICE_NAME, WorkerServiceDefinition, type HealthServiceHandlers, type IInferBatchResult, type IInferItemResult, type IWorkerLoad, type WorkerServiceHandlers } from "../proto/service.js";
 import { EngineClosedError, EngineError, type Engine, type EngineItemResult, type EngineRequest } from "./engine.js";
-
-export const DEFAULT_WORKER_HOST = "127.0.0.1";
-/** How long `stop()` lets calls in flight finish before it forces the shutdown. */
-export const DEFAULT_STOP_GRACE_MS = 10_000;
-/** Largest message the worker accepts or sends (a batch of long prompts is big). */
-export const WORKER_MAX_MESSAGE_BYTES = 64 * 1024 * 1024;
-/** Server-side HTTP/2 keepalive: ping an idle connection this often... */
-export const WORKER_KEEPALIVE_TIME_MS = 60_000;
-/** ...and drop it when the ping is not answered within this. */
-export const WORKER_KEEPALIVE_TIMEOUT_MS = 20_000;
-
-/** What a call carries besides its message; handed to {@link WorkerServerOptions.onCall}. */
-export interface WorkerCallContext {
-  readonly method: "Infer" | "Generate";
-  /** W3C trace context from the call's metadata. */
-  readonly traceparent?: string;
-  readonly tracestate?: string;
-  /** The call's gRPC deadline, epoch ms. */
-  readonly deadlineMs?: number;
-  readonly peer: string;
-  readonly workerId: string;
-}
-
-export interface WorkerServerOptions {
-  readonly engine: Engine;
-  /** Address to bind; default 127.0.0.1. */
-  readonly host?: string;
-  /** Port to bind; 0 (the default) picks a free one. */
-  readonly port?: number;
-  /** Name of this worker (the registry key's last part); a random one when omitted. */
-  readonly workerId?: string;
-  /** Grace of `stop()` before calls still in flight are cut; default {@link DEFAULT_STOP_GRACE_MS}. */
-  readonly stopGraceMs?: number;
-  /** Extra grpc-js server options, merged over the defaults. */
-  readonly serverOptions?: grpc.ServerOptions;
-  /**
-   * Called at the start of every Infer and Generate call with its context (trace context
-   * among it): where tracing hooks in. Whatever it throws is ignored.
-   */
-  readonly onCall?: (context: WorkerCallContext) => void;
-}
-
-export type WorkerServerErrorCode = "BIND_FAILED";
-
-export class WorkerServerError extends Error {
-  override readonly name = "WorkerServerError";
-  constructor(
-    readonly code: WorkerServerErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
-}
-
-type HealthWatchCall = grpc.ServerWritableStream<HealthCheckRequest, IHealthCheckResponse>;
-type GenerateCall = grpc.ServerWritableStream<GenerateRequest, IGenerateChunk>;
-type InferCall = grpc.ServerUnaryCall<InferBatch, IInferBatchResult>;
-type LoadCall = grpc.ServerUnaryCall<LoadRequest, IWorkerLoad>;
+import { DEFAULT_STOP_GRACE_MS, DEFAULT_WORKER_HOST, WORKER_KEEPALIVE_TIME_MS, WORKER_KEEPALIVE_TIMEOUT_MS, WORKER_MAX_MESSAGE_BYTES, WorkerServerError, type WorkerCallContext, type WorkerServerOptions } from "./server-options.js";
+import { InvalidRequest, toEngineRequest, toItemResult, toStatus } from "./wire-convert.js";
+import { deadlineOf, hostPort, metadataString, writeChunk, type GenerateCall, type HealthWatchCall, type InferCall, type LoadCall } from "./grpc-calls.js";
 
 /** The engine offers no load report: the call is answered UNIMPLEMENTED, as by an old worker. */
 class UnimplementedError extends Error {
   override readonly name = "UnimplementedError";
-}
-
-/** A request of a batch that cannot go to the engine. */
-class InvalidRequest {
-  constructor(readonly message: string) {}
 }
 
 export class WorkerServer {
@@ -420,85 +340,4 @@ export class WorkerServer {
       release();
     }
   }
-}
-
-function toEngineRequest(
-  r: IInferRequest,
-  model: string,
-  version: string,
-  traceparent: string | undefined,
-): EngineRequest | InvalidRequest {
-  const id = r.id ?? "";
-  if (id === "") return new InvalidRequest("request has no id");
-  const hasInputs = r.inputs !== null && r.inputs !== undefined;
-  const prompt = r.prompt ? r.prompt : undefined;
-  if (prompt === undefined && !hasInputs) return new InvalidRequest(`request '${id}' has neither prompt nor inputs`);
-  const deadline = Number(r.deadline_unix_ms ?? 0);
-  const req: {
-    -readonly [K in keyof EngineRequest]: EngineRequest[K];
-  } = { id, tenant: r.tenant ?? "", model, version };
-  if (prompt !== undefined) req.prompt = prompt;
-  if (hasInputs) req.inputs = fromValue(r.inputs);
-  if (r.parameters) req.parameters = fromStruct(r.parameters);
-  if (deadline > 0) req.deadlineMs = deadline;
-  if (traceparent !== undefined) req.traceparent = traceparent;
-  return req;
-}
-
-function toItemResult(id: string, answer: EngineItemResult | undefined): IInferItemResult {
-  if (!answer) return { id, status: "error", error: { code: "INTERNAL", message: "engine gave no result" } };
-  if (!answer.ok) {
-    return {
-      id,
-      status: "error",
-      error: { code: answer.error.code, message: answer.error.message },
-      not_started: answer.notStarted === true,
-    };
-  }
-  try {
-    const output: IOutput = { text: answer.output.text ?? "" };
-    if (answer.output.data !== undefined) output.data = toValue(answer.output.data);
-    return { id, status: "ok", output, usage: answer.usage };
-  } catch (err) {
-    return { id, status: "error", error: { code: "INTERNAL", message: `bad engine output: ${errorMessage(err)}` } };
-  }
-}
-
-/** Writes one chunk, waiting for the stream to drain when its buffer is full. */
-function writeChunk(call: GenerateCall, chunk: IGenerateChunk, signal: AbortSignal): Promise<void> {
-  if (call.write(chunk)) return Promise.resolve();
-  return new Promise<void>((resolve) => {
-    const done = (): void => {
-      call.removeListener("drain", done);
-      signal.removeEventListener("abort", done);
-      resolve();
-    };
-    call.once("drain", done);
-    signal.addEventListener("abort", done, { once: true });
-  });
-}
-
-/** Maps an error to the gRPC status a client sees. */
-function toStatus(err: unknown): Partial<grpc.StatusObject> {
-  if (err instanceof EngineError) return { code: grpc.status[err.code], details: err.message };
-  return { code: grpc.status.INTERNAL, details: errorMessage(err) };
-}
-
-function errorMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
-
-function deadlineOf(call: InferCall | GenerateCall): number | undefined {
-  const d = call.getDeadline();
-  const ms = d instanceof Date ? d.getTime() : d;
-  return Number.isFinite(ms) ? ms : undefined;
-}
-
-function metadataString(metadata: grpc.Metadata, key: string): string | undefined {
-  const v = metadata.get(key)[0];
-  return typeof v === "string" && v !== "" ? v : undefined;
-}
-
-function hostPort(host: string, port: number): string {
-  return host.includes(":") && !host.startsWith("[") ? `[${host}]:${port}` : `${host}:${port}`;
 }

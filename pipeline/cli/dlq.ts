@@ -3,11 +3,12 @@
  * table, or JSON lines with `--json`); errors to stderr.
  */
 import type { Command } from "commander";
-import { DlqError, listDeadLetters, requeueDeadLetters, showDeadLetter, type DeadLetterEntry, type RequeueItem, type RequeueSelector } from "../tools/dlq.js";
+import { DlqError, listDeadLetters, showDeadLetter, type DeadLetterEntry } from "../tools/dlq.js";
+import { requeueDeadLetters, type RequeueItem, type RequeueSelector } from "../tools/dlq-requeue.js";
 import { CliError, EXIT_USAGE, positive, serverOption, UsageError, withNats, type ServerOpts } from "./common.js";
 import { main, type CliContext } from "./program.js";
 
-export const DEFAULT_LIST_LIMIT = 100;
+const DEFAULT_LIST_LIMIT = 100;
 
 const DLQ_HELP = `
 Dead letters: requests that could not be served (stream INFER_DLQ, subjects infer.dlq.<tenant>.<model>).

@@ -15,7 +15,7 @@ import { Command, CommanderError } from "commander";
 import { EngineSpecError } from "../../worker/engines.js";
 import { ConfigError } from "../config.js";
 import { ModelSpecError } from "../routing/registry.js";
-import { InferenceError } from "../client/client.js";
+import { InferenceError } from "../client/errors.js";
 import { CliError, EXIT_FAILED, EXIT_USAGE, UsageError } from "./common.js";
 import { addDlqCommand } from "./dlq.js";
 import { addGatewayCommand } from "./gateway.js";
@@ -36,7 +36,7 @@ NATS_USER/NATS_PASSWORD, NATS_TOKEN, NATS_CREDS, NATS_INBOX_PREFIX and NATS_TLS_
 Exit status: 0 done, 1 failed, 2 bad usage.`;
 
 /** Builds a fresh program (commander keeps parse state in it, so one per run). */
-export function buildProgram(ctx: CliContext): Command {
+function buildProgram(ctx: CliContext): Command {
   const program = new Command("sluice")
     .description("a reactive inference pipeline on NATS JetStream")
     .usage("<command> [options]")

@@ -3,7 +3,9 @@ import { createReadStream } from "node:fs";
 import { createInterface } from "node:readline";
 import { Option, type Command } from "commander";
 import { PRIORITIES, type Priority } from "../../proto/wire.js";
-import { InferenceClient, InferenceError, type InferBody, type InferOptions, type PublishReceipt } from "../client/client.js";
+import { InferenceClient } from "../client/client.js";
+import { InferenceError } from "../client/errors.js";
+import type { InferBody, InferOptions, PublishReceipt } from "../client/options.js";
 import { TOKEN_RE } from "../../proto/wire.js";
 import { SERVICE_CLIENT, type Tracing } from "../telemetry/types.js";
 import { startTracing } from "../telemetry/export.js";
@@ -11,7 +13,7 @@ import { connectCli, json, positive, serverOption, serversOf, UsageError } from 
 import type { CliContext } from "./program.js";
 
 /** Requests of a `--file` in flight at once, by default. */
-export const DEFAULT_FILE_CONCURRENCY = 64;
+const DEFAULT_FILE_CONCURRENCY = 64;
 
 interface PublishOptions {
   server?: string;

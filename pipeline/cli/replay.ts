@@ -19,7 +19,7 @@ import {
   type ReplayReport,
   type ReplaySelection,
   type SelectedRequest,
-} from "../tools/replay.js";
+} from "../tools/replay/mod.js";
 import { CliError, connectCli, EXIT_USAGE, serverOption, serversOf, UsageError } from "./common.js";
 import { main, type CliContext } from "./program.js";
 
@@ -269,7 +269,7 @@ function itemText(item: ReplayItem): string {
   return `different  ${item.id}  ${where}${sim}\n${(item.diff ?? []).map((l) => `  ${l}`).join("\n")}\n`;
 }
 
-export function summaryTable(r: ReplayReport): string {
+function summaryTable(r: ReplayReport): string {
   const pct = (n: number): string => (r.done > 0 ? ((100 * n) / r.done).toFixed(1) : "0.0");
   const row = (name: string, n: number, p: string): string => `${name.padEnd(10)}${String(n).padStart(10)}${p.padStart(8)}`;
   const lines = [

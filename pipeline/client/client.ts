@@ -8,111 +8,21 @@
  * await client.close();
  * ```
  */
-import { headers as natsHeaders, InvalidArgumentError, nuid, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
-import { jetstream, jetstreamManager, JetStreamApiError, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
+import { headers as natsHeaders, nuid, type MsgHdrs, type NatsConnection, type Subscription } from "@nats-io/transport-node";
+import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import type { InferResult } from "../../operators/types.js";
-import { ERROR_CODES, PRIORITIES, type ErrorCode, type Priority, H, ID_RE, subjects, TOKEN_RE, VERSION_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
+import { PRIORITIES, H, ID_RE, subjects, TOKEN_RE, VERSION_RE, DEFAULT_MAX_PAYLOAD_BYTES } from "../../proto/wire.js";
 import { getStoredResultDirect } from "../settle/stored-result.js";
 import type { TraceCarrier, Tracing } from "../telemetry/types.js";
 import { connectNats } from "../connection.js";
 import { PayloadError } from "../payloads/errors.js";
-import { DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES, DEFAULT_MAX_OBJECT_BYTES, payloadKey } from "../payloads/names.js";
-import { setReference } from "../payloads/reference.js";
-import { HEADER_HEADROOM_BYTES, resolveResult } from "../payloads/results.js";
-import { PayloadStore } from "../payloads/store.js";
+import { ClientClaimCheck, type ClientPayloadOptions } from "../payloads/client-claim-check.js";
+import { InferenceError, publishError } from "./errors.js";
+import type { ClientOptions, InferBody, InferOptions, PublishReceipt, StreamEvent } from "./options.js";
+
 
 export const DEFAULT_RESULT_TIMEOUT_MS = 60_000;
 
-/** A request that ended in an error result (or could not be sent); `code` is docs/protocol.md's. */
-export class InferenceError extends Error {
-  override readonly name = "InferenceError";
-  constructor(
-    readonly code: ErrorCode,
-    message: string,
-    readonly result?: InferResult,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
-}
-
-export interface InferBody {
-  prompt?: string;
-  inputs?: unknown;
-  parameters?: Record<string, unknown>;
-}
-
-export interface InferOptions {
-  /** Request id (idempotency key); a new unique one by default. */
-  id?: string;
-  priority?: Priority;
-  /** Pin a model version. */
-  version?: string;
-  /**
-   * Absolute deadline, Unix epoch milliseconds (e.g. `Date.now() + 5_000`), sent as
-   * `Infer-Deadline`. (The CLI's `--deadline-ms N` is relative: N ms from now.)
-   */
-  deadlineMs?: number;
-  /** How long `infer()` waits for the result. */
-  timeoutMs?: number;
-  traceparent?: string;
-  tracestate?: string;
-  /** Requests of one conversation (`Infer-Session`): routed to the worker that served the last one when it can. */
-  session?: string;
-  /** Ask for token streaming (`Infer-Stream: 1`). */
-  stream?: boolean;
-  /**
-   * Called once the request is queued (or found to be a duplicate), before its result arrives:
-   * its id, stream sequence, whether it reused an id, and its trace context.
-   */
-  onPublished?: (receipt: PublishReceipt) => void;
-}
-
-/** What {@link InferenceClient.publish} learns when a request is queued. */
-export interface PublishReceipt {
-  id: string;
-  /** Sequence of the request in INFER_REQ (of the first request, for a duplicate). */
-  seq: number;
-  /**
-   * True when the id was used before within the request stream's duplicate window: nothing new
-   * was queued, and the result is the first request's (stored, or still to come).
-   */
-  duplicate: boolean;
-  /** The request's `traceparent`, when it has one (client tracing on, or given). */
-  traceparent?: string;
-}
-
-export interface ClientOptions {
-  servers: string | string[];
-  tenant: string;
-  name?: string;
-  /** Publish spans (PRODUCER) whose context rides in the request headers. */
-  tracing?: Tracing;
-  /**
-   * Largest request body sent, bytes: the pipeline's `pipeline.maxPayloadBytes` (256 KiB by
-   * default). A larger one is refused before it is sent (INVALID_ARGUMENT).
-   */
-  maxPayloadBytes?: number;
-  /** Claim check: bodies through the object store (docs/protocol.md, "Large bodies"). */
-  payloads?: ClientPayloadOptions;
-}
-
-export interface ClientPayloadOptions {
-  /**
-   * Request bodies larger than this (or than the server's max_payload less 16 KiB) go to the
-   * tenant's object store bucket and the request carries a reference (default 256 KiB).
-   * `Infinity`: always inline; then a body over `maxPayloadBytes` or the server's max_payload is
-   * refused with INVALID_ARGUMENT before it is sent.
-   */
-  thresholdBytes?: number;
-  /** Largest request body sent through the object store (default 64 MiB, the pipeline's `payloads.maxObjectBytes`). */
-  maxBodyBytes?: number;
-  /** Largest result read from the object store (default 64 MiB). */
-  maxResultBytes?: number;
-}
-
-/** What {@link InferenceClient.stream} yields: chunks, then the result. */
-export type StreamEvent = { seq: number; text: string } | { result: InferResult };
 
 interface Waiter {
   resolve: (r: InferResult) => void;
@@ -139,11 +49,8 @@ export class InferenceClient {
   private readonly js: JetStreamClient;
   private jsm: Promise<JetStreamManager> | undefined;
   private closed = false;
-  /** The tenant's object store bucket, for bodies over the threshold (docs/protocol.md, "Large bodies"). */
-  private readonly payloadStore: PayloadStore;
-  private readonly thresholdBytes: number;
-  private readonly maxResultBytes: number;
-  private readonly maxBodyBytes: number;
+  /** Bodies over the threshold through the tenant's object store (docs/protocol.md, "Large bodies"). */
+  private readonly claimCheck: ClientClaimCheck;
 
   constructor(
     readonly nc: NatsConnection,
@@ -156,10 +63,7 @@ export class InferenceClient {
     if (!TOKEN_RE.test(tenant)) throw new InferenceError("INVALID_ARGUMENT", `tenant '${tenant}' must be 1-64 of a-z 0-9 _ -`);
     // No API check: a tenant's user may use its own streams' API subjects and nothing else.
     this.js = jetstream(nc, { checkAPI: false });
-    this.payloadStore = new PayloadStore(this.js);
-    this.thresholdBytes = payloads.thresholdBytes ?? DEFAULT_CLAIM_CHECK_THRESHOLD_BYTES;
-    this.maxResultBytes = payloads.maxResultBytes ?? DEFAULT_MAX_OBJECT_BYTES;
-    this.maxBodyBytes = payloads.maxBodyBytes ?? DEFAULT_MAX_OBJECT_BYTES;
+    this.claimCheck = new ClientClaimCheck(this.js, tenant, () => this.manager(), payloads);
   }
 
   static async connect(opts: ClientOptions): Promise<InferenceClient> {
@@ -302,17 +206,13 @@ export class InferenceClient {
     const bodyBytes = data.length;
     let claimed = false;
     // Over the threshold, or over what the server takes in one message: through the object store.
-    const maxPayload = this.nc.info?.max_payload;
-    const limit = Number.isFinite(this.thresholdBytes) && maxPayload !== undefined ? Math.min(this.thresholdBytes, maxPayload - HEADER_HEADROOM_BYTES) : this.thresholdBytes;
-    if (data.length > limit) {
-      if (data.length > this.maxBodyBytes) {
-        throw new InferenceError("INVALID_ARGUMENT", `request body of ${data.length} bytes is over the limit of ${this.maxBodyBytes} bytes for bodies through the object store`);
-      }
+    if (this.claimCheck.wants(data.length, this.nc.info?.max_payload)) {
       // Claim check: the body goes to the object store, the request carries its reference.
       try {
-        setReference(h, await this.payloadStore.put(this.tenant, payloadKey("req", id), data));
+        await this.claimCheck.claim(h, id, data);
       } catch (err) {
-        throw new InferenceError("UNAVAILABLE", `the request body of ${data.length} bytes could not be written to the object store: ${(err as Error).message}`, undefined, { cause: err });
+        const e = err as PayloadError;
+        throw new InferenceError(e.code, e.message, undefined, e.cause !== undefined ? { cause: e.cause } : undefined);
       }
       data = new Uint8Array(0);
       claimed = true;
@@ -329,7 +229,7 @@ export class InferenceClient {
     const overServer = this.overServerMax(data.length, headerBytes(h) + `${H.msgId}: ${id}\r\n`.length);
     if (overServer) {
       span?.end(overServer.code, overServer);
-      if (claimed) await this.removeObject(payloadKey("req", id));
+      if (claimed) await this.claimCheck.unclaim(id);
       throw overServer;
     }
     try {
@@ -348,24 +248,20 @@ export class InferenceClient {
       const e = publishError(err, { bodyBytes, maxPayload: this.nc.info?.max_payload });
       span?.end(e.code, e);
       // Nothing refers to the body now: remove it (the sweeper would, later).
-      if (claimed) await this.removeObject(payloadKey("req", id));
+      if (claimed) await this.claimCheck.unclaim(id);
       throw e;
     }
   }
 
-  private async removeObject(key: string): Promise<void> {
-    try {
-      this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
-      await this.payloadStore.remove(await this.jsm, this.tenant, key);
-    } catch {
-      // best effort: the sweeper removes objects nothing refers to
-    }
+  private manager(): Promise<JetStreamManager> {
+    this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
+    return this.jsm;
   }
 
   /** A result message as the whole result: its body, or the object its reference names. */
   private async readResult(id: string, headers: MsgHdrs | undefined, data: Uint8Array): Promise<InferResult> {
     try {
-      return await resolveResult(this.payloadStore, this.tenant, id, (n) => headers?.get(n) || undefined, data, this.maxResultBytes);
+      return await this.claimCheck.readResult(id, headers, data);
     } catch (err) {
       if (err instanceof PayloadError) throw new InferenceError(err.code, err.message, undefined, { cause: err });
       throw new InferenceError("INTERNAL", `unreadable result for request '${id}': ${(err as Error).message}`, undefined, { cause: err });
@@ -441,8 +337,7 @@ export class InferenceClient {
   /** The stored result of a request, if there is one. */
   async stored(id: string): Promise<InferResult | undefined> {
     // No API check: a tenant's user may use the direct get of its own results and nothing else.
-    this.jsm ??= jetstreamManager(this.nc, { checkAPI: false });
-    const m = await getStoredResultDirect(await this.jsm, this.tenant, id);
+    const m = await getStoredResultDirect(await this.manager(), this.tenant, id);
     return m ? this.readResult(id, m.header, m.data) : undefined;
   }
 
@@ -484,28 +379,4 @@ export class InferenceClient {
     for (const id of [...this.waiters.keys()]) this.dropWaiters(id, new InferenceError("UNAVAILABLE", "client closed"));
     if (this.ownsConnection) await this.nc.drain().catch(() => undefined);
   }
-}
-
-/** Maps a failed publish to the protocol's codes: a full queue is RESOURCE_EXHAUSTED. */
-export function publishError(err: unknown, size: { bodyBytes?: number; maxPayload?: number | undefined } = {}): InferenceError {
-  if (err instanceof InferenceError) return err;
-  const msg = (err as Error)?.message ?? String(err);
-  if (err instanceof InvalidArgumentError && /max_payload/i.test(msg)) {
-    const limit = size.maxPayload !== undefined ? ` of ${size.maxPayload} bytes` : "";
-    return new InferenceError(
-      "INVALID_ARGUMENT",
-      `the request of ${size.bodyBytes ?? "?"} bytes is over the server's max_payload${limit}: send the body through the object store ` +
-        `(the client does so above payloads.thresholdBytes; raw clients follow docs/protocol.md, "Large bodies")`,
-      undefined,
-      { cause: err },
-    );
-  }
-  if (err instanceof JetStreamApiError || /maximum (messages|bytes)|exceeded|insufficient resources/i.test(msg)) {
-    const full = /maximum (messages|bytes)|exceeded|insufficient resources|limit/i.test(msg);
-    return new InferenceError(full ? "RESOURCE_EXHAUSTED" : "UNAVAILABLE", full ? `the request queue is full: ${msg}` : msg, undefined, { cause: err });
-  }
-  if (/no responders|503/i.test(msg)) return new InferenceError("UNAVAILABLE", `no request stream answers: ${msg}`, undefined, { cause: err });
-  if (/timeout/i.test(msg)) return new InferenceError("UNAVAILABLE", `publish not confirmed in time: ${msg}`, undefined, { cause: err });
-  const code = (ERROR_CODES as readonly string[]).find((c) => msg.includes(c)) as ErrorCode | undefined;
-  return new InferenceError(code ?? "INTERNAL", msg, undefined, { cause: err });
 }

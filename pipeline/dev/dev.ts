@@ -27,9 +27,9 @@ import { hashApiKey } from "../gateway/auth.js";
 
 /** The API key dev's gateway accepts, and the tenant it names. */
 export const DEV_API_KEY = "sluice-dev";
-export const DEV_TENANT = "demo";
+const DEV_TENANT = "demo";
 /** The secret dev's gateway signs callbacks with. */
-export const DEV_CALLBACK_SECRET = "sluice-dev-callbacks";
+const DEV_CALLBACK_SECRET = "sluice-dev-callbacks";
 
 export const DEV_MODELS: Record<string, ModelSpec> = {
   echo: { versions: { v1: { weight: 100 } }, batch: { max_size: 32, max_delay_ms: 5 }, timeout_ms: 30_000 },

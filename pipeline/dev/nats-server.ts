@@ -8,7 +8,7 @@ import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { setTimeout as delay } from "node:timers/promises";
 
-export const NATS_SERVER_BINARY = process.env["SLUICE_NATS_SERVER"] ?? "nats-server";
+const NATS_SERVER_BINARY = process.env["SLUICE_NATS_SERVER"] ?? "nats-server";
 const START_TIMEOUT_MS = 15_000;
 
 export class NatsServerMissingError extends Error {

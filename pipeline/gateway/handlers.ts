@@ -5,7 +5,9 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import type { InferResult } from "../../operators/types.js";
-import { InferenceError, type InferBody, type InferenceClient, type InferOptions } from "../client/client.js";
+import type { InferenceClient } from "../client/client.js";
+import { InferenceError } from "../client/errors.js";
+import type { InferBody, InferOptions } from "../client/options.js";
 import type { ModelTable } from "../routing/registry.js";
 import { readJsonObject, field } from "./body.js";
 import { Callbacks, parseCallbackUrl } from "./callbacks.js";
@@ -18,9 +20,9 @@ import { partIds, type AsyncRecord, type AsyncRecords } from "./records.js";
 import { SseWriter } from "./sse.js";
 
 /** How much longer than a request's timeout the gateway waits for the pipeline's own answer. */
-export const RESULT_GRACE_MS = 1_000;
+const RESULT_GRACE_MS = 1_000;
 /** Inputs of one embeddings request (each is one sluice request). */
-export const MAX_EMBEDDING_INPUTS = 2048;
+const MAX_EMBEDDING_INPUTS = 2048;
 
 export interface GatewayContext {
   readonly settings: GatewaySettings;

@@ -21,7 +21,7 @@ export const HTTP_HEADERS = {
 } as const;
 
 /** An Idempotency-Key: it becomes the request id (a suffix is added per embeddings input). */
-export const IDEMPOTENCY_KEY_RE = /^[A-Za-z0-9_-]{1,100}$/;
+const IDEMPOTENCY_KEY_RE = /^[A-Za-z0-9_-]{1,100}$/;
 
 export interface HttpRequestOptions {
   id: string;

@@ -3,7 +3,7 @@
  * completions, completions, embeddings and the model list. Pure functions; nothing here does I/O.
  */
 import type { InferResult } from "../../operators/types.js";
-import type { InferBody } from "../client/client.js";
+import type { InferBody } from "../client/options.js";
 import type { ChatTemplateName } from "../routing/registry.js";
 import { field } from "./body.js";
 import { badField } from "./errors.js";
@@ -177,7 +177,7 @@ export function completionChunk(id: string, model: string, created: number, part
 }
 
 /** The vector a result carries (`output.data`, an array of numbers). */
-export function vectorOf(r: InferResult): number[] {
+function vectorOf(r: InferResult): number[] {
   const d = r.output?.data;
   if (!Array.isArray(d) || !d.every((x) => typeof x === "number")) throw new Error(`model '${r.model ?? "?"}' did not return a vector (output.data) for request '${r.id}'`);
   return d;

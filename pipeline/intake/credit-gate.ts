@@ -26,6 +26,7 @@ import { asyncScheduler, Observable, type SchedulerLike, type Subscription } fro
 import type { Delivery } from "../../operators/types.js";
 import type { Priority } from "../../proto/wire.js";
 import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
+import { WrappedDelivery } from "../../operators/support/wrapped-delivery.js";
 import { schedule, type LaneState } from "./schedule.js";
 
 /** Where messages come from. A pull emits up to `max` messages and completes when it ends. */
@@ -95,7 +96,7 @@ export interface CreditGateOptions {
   random?: () => number;
 }
 
-export const DEFAULT_PULL_EXPIRES_MS = 5_000;
+const DEFAULT_PULL_EXPIRES_MS = 5_000;
 /** nats.js refuses pulls that expire in under a second. */
 export const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
 /** Backoff of a lane whose pull failed (with jitter). */
@@ -451,42 +452,20 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
 }
 
 /** A delivery that hands its credit back the first time it is settled. */
-export class CreditedDelivery implements Delivery {
+export class CreditedDelivery extends WrappedDelivery {
   private done = false;
   constructor(
-    private readonly inner: Delivery,
+    inner: Delivery,
     private readonly onSettle: (d: CreditedDelivery, how: "ack" | "nak" | "term") => void,
-  ) {}
+  ) {
+    super(inner);
+  }
   /** The delivery as the pull source made it. */
   get source(): Delivery {
     return this.inner;
   }
-  get subject(): string {
-    return this.inner.subject;
-  }
-  get data(): Uint8Array {
-    return this.inner.data;
-  }
-  get seq(): number {
-    return this.inner.seq;
-  }
-  get deliveryCount(): number {
-    return this.inner.deliveryCount;
-  }
-  get storedAtMs(): number {
-    return this.inner.storedAtMs;
-  }
-  get pulledAtMs(): number {
-    return this.inner.pulledAtMs;
-  }
   get settled(): boolean {
     return this.done;
-  }
-  header(name: string): string | undefined {
-    return this.inner.header(name);
-  }
-  headerEntries(): Array<[string, string]> {
-    return this.inner.headerEntries();
   }
   private settle(how: "ack" | "nak" | "term", f: () => void): void {
     if (this.done) return;

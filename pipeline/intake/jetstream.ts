@@ -12,7 +12,7 @@ import type { ConsumerSettings, StreamsConfig } from "../config.js";
 import { headerValue } from "../support/headers.js";
 import { isJsApiError, JsApiCode } from "../support/jetstream-errors.js";
 
-export function streamConfigs(s: StreamsConfig): StreamConfig[] {
+function streamConfigs(s: StreamsConfig): StreamConfig[] {
   const common = {
     storage: StorageType.File,
     num_replicas: s.replicas,
@@ -62,7 +62,7 @@ export function durableName(c: ConsumerSettings, p: Priority): string {
   return `${c.durablePrefix}-${p}`;
 }
 
-export function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig {
+function consumerConfig(c: ConsumerSettings, p: Priority): ConsumerConfig {
   return {
     durable_name: durableName(c, p),
     ack_policy: AckPolicy.Explicit,

@@ -87,17 +87,17 @@ export interface LaneFairShare {
 
 export const DEFAULT_MAX_LANES = 16;
 /** How long an announcement may take to reach every pipeline process. */
-export const DEFAULT_LANE_GATE_MS = 50;
+const DEFAULT_LANE_GATE_MS = 50;
 /** A lane stage that waits on another process longer than this is given up (that process died). */
-export const LANE_STAGE_TTL_MS = 5_000;
+const LANE_STAGE_TTL_MS = 5_000;
 /** A finished lane is deleted by the server once nobody has pulled it for this long. */
-export const LANE_EXPIRE_MS = 2_000;
+const LANE_EXPIRE_MS = 2_000;
 /** How often lanes are checked for being drained, while any exist. */
-export const LANE_CHECK_MS = 500;
+const LANE_CHECK_MS = 500;
 /** Cost of a shared consumer's request against a lane's (1): it gets twice a lane's share. */
-export const SHARED_COST = 0.5;
+const SHARED_COST = 0.5;
 /** A flood gets a lane only when another tenant of its priority was served this recently. */
-export const LANE_PEER_WINDOW_MS = 30_000;
+const LANE_PEER_WINDOW_MS = 30_000;
 /** Tenants remembered per priority for that (the most recent ones). */
 const PEERS_REMEMBERED = 64;
 

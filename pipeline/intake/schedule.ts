@@ -71,8 +71,8 @@ export interface PullOrder {
   readonly backlog: boolean;
 }
 
-export const DEFAULT_RESERVE_FRACTION = 1 / 8;
-export const DEFAULT_MIN_PULL_FRACTION = 1 / 4;
+const DEFAULT_RESERVE_FRACTION = 1 / 8;
+const DEFAULT_MIN_PULL_FRACTION = 1 / 4;
 
 const held = (l: LaneState): number => l.requested + l.unsettled;
 const hasCounter = (l: LaneState): boolean => l.counter !== undefined && Number.isFinite(l.counter);

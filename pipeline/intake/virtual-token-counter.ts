@@ -54,11 +54,11 @@ export interface VirtualTokenCounterOptions {
 /** See {@link VirtualTokenCounterOptions.defaultRequestTokens}. */
 export const DEFAULT_REQUEST_TOKENS = 256;
 /** See {@link VirtualTokenCounterOptions.meanWeight}. */
-export const DEFAULT_MEAN_WEIGHT = 0.2;
+const DEFAULT_MEAN_WEIGHT = 0.2;
 /** See {@link VirtualTokenCounterOptions.maxIdleTenants}. */
-export const DEFAULT_MAX_IDLE_TENANTS = 10_000;
+const DEFAULT_MAX_IDLE_TENANTS = 10_000;
 /** See {@link VirtualTokenCounterOptions.firstCredits}. */
-export const DEFAULT_FIRST_CREDITS = 2;
+const DEFAULT_FIRST_CREDITS = 2;
 
 interface TenantCount {
   /** Tokens given (estimates, corrected as requests end). */

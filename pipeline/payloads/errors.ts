@@ -1,4 +1,5 @@
 /** Typed errors of the claim check, with the protocol's error codes. */
+import { CodedError } from "../../proto/coded-error.js";
 
 export type PayloadErrorCode = "INVALID_ARGUMENT" | "UNAVAILABLE" | "RESOURCE_EXHAUSTED";
 
@@ -7,20 +8,6 @@ export type PayloadErrorCode = "INVALID_ARGUMENT" | "UNAVAILABLE" | "RESOURCE_EX
  * reference is bad (missing, corrupt, not the sender's, too large), retrying cannot help.
  * `UNAVAILABLE`: the object store did not answer; the same operation may work later.
  */
-export class PayloadError extends Error {
+export class PayloadError extends CodedError<PayloadErrorCode> {
   override readonly name = "PayloadError";
-  constructor(
-    readonly code: PayloadErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
-}
-
-/** Whether an object store failure is the store being away (retry) rather than the object being bad. */
-export function storeUnavailable(err: unknown): boolean {
-  const name = (err as Error)?.name ?? "";
-  const msg = (err as Error)?.message ?? String(err);
-  return /timeout|no responders|503|closed|disconnect|connection|not enabled|jetstream.*unavailable|insufficient resources/i.test(`${name} ${msg}`);
 }

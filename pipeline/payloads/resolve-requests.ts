@@ -19,6 +19,7 @@ import { H, ID_RE, TOKEN_RE as TENANT_RE } from "../../proto/wire.js";
 import type { ByteGate } from "./byte-gate.js";
 import { PayloadError } from "./errors.js";
 import { readReference } from "./reference.js";
+import { WrappedDelivery } from "../../operators/support/wrapped-delivery.js";
 
 /** Reads a request body: the pipeline's {@link PayloadStore.read}, bound to its limits. */
 export type ReadBody = (tenant: string, key: string, digest: string | undefined) => Promise<Uint8Array>;
@@ -79,43 +80,31 @@ function withBodyError(d: Delivery, bodyError: ErrorInfo): Delivery {
 
 /** The delivery as it came from the source, under a body read from the object store. */
 export function originalDelivery(d: Delivery): Delivery {
-  return d instanceof ResolvedDelivery ? d.inner : d;
+  return d instanceof ResolvedDelivery ? d.original : d;
 }
 
 /** A delivery whose body was read from the object store; settling it gives the bytes back. */
-class ResolvedDelivery implements Delivery {
+class ResolvedDelivery extends WrappedDelivery {
   constructor(
-    readonly inner: Delivery,
-    readonly data: Uint8Array,
+    inner: Delivery,
+    private readonly body: Uint8Array,
     private readonly release: () => void,
     readonly bodyError?: ErrorInfo,
-  ) {}
-  get subject(): string {
-    return this.inner.subject;
+  ) {
+    super(inner);
+  }
+  /** The delivery as the pull source made it. */
+  get original(): Delivery {
+    return this.inner;
+  }
+  override get data(): Uint8Array {
+    return this.body;
   }
   get wireData(): Uint8Array {
     return this.inner.data;
   }
-  get seq(): number {
-    return this.inner.seq;
-  }
-  get deliveryCount(): number {
-    return this.inner.deliveryCount;
-  }
-  get storedAtMs(): number {
-    return this.inner.storedAtMs;
-  }
-  get pulledAtMs(): number {
-    return this.inner.pulledAtMs;
-  }
   get settled(): boolean {
     return this.inner.settled;
-  }
-  header(name: string): string | undefined {
-    return this.inner.header(name);
-  }
-  headerEntries(): Array<[string, string]> {
-    return this.inner.headerEntries();
   }
   ack(): void {
     this.inner.ack();

@@ -11,8 +11,8 @@
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { ID_RE, subjects, TOKEN_RE } from "../../proto/wire.js";
 
-export const DEFAULT_CANCEL_MEMORY = 100_000;
-export const DEFAULT_CANCEL_TTL_MS = 10 * 60_000;
+const DEFAULT_CANCEL_MEMORY = 100_000;
+const DEFAULT_CANCEL_TTL_MS = 10 * 60_000;
 
 export class CancelRegistry {
   private readonly cancelled = new Map<string, number>();

@@ -2,10 +2,17 @@
  * Keeps an in-memory view in step with a NATS KV bucket: the shared watch loop of the model
  * registry and the tenant registry.
  */
-import type { KV, KvWatchEntry } from "@nats-io/kv";
-import type { QueuedIterator } from "@nats-io/transport-node";
+import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
+import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 
-export const INITIAL_LOAD_TIMEOUT_MS = 5_000;
+const INITIAL_LOAD_TIMEOUT_MS = 5_000;
+/** Values kept per key in a registry bucket (the last few, to see what changed). */
+const REGISTRY_HISTORY = 5;
+
+/** Opens (creating if needed) a registry bucket. */
+export function openRegistryBucket(nc: NatsConnection, bucket: string, replicas: number): Promise<KV> {
+  return new Kvm(nc).create(bucket, { history: REGISTRY_HISTORY, replicas });
+}
 
 export interface BucketHandlers {
   /** A key was written; `value` is its JSON. Throwing marks the value invalid (it is skipped). */
@@ -69,4 +76,39 @@ export async function watchBucket(kv: KV, h: BucketHandlers, initialLoadTimeoutM
       await loop;
     },
   };
+}
+
+/**
+ * Writes each seed value whose key the bucket does not have yet (a value already there wins over
+ * the seed). `parse` checks a seed (throwing on a bad one) and gives its bucket key and value.
+ */
+export async function seedBucket<V>(kv: KV, seed: Record<string, V>, parse: (name: string, value: V) => [key: string, value: unknown]): Promise<void> {
+  for (const [name, value] of Object.entries(seed)) {
+    const [key, parsed] = parse(name, value);
+    try {
+      await kv.create(key, JSON.stringify(parsed));
+    } catch {
+      // Already there: the bucket's value wins over the seed.
+    }
+  }
+}
+
+/** What the KV-backed registries share: their bucket, its watch, and stopping it. */
+export abstract class BucketRegistry {
+  private watching: BucketWatch | undefined;
+
+  protected constructor(
+    readonly kv: KV,
+    private readonly bucket: string,
+  ) {}
+
+  /** Starts watching the bucket; invalid values go to `onInvalid` (under the bucket's name when the watch itself fails). */
+  protected async watch(h: Omit<BucketHandlers, "onError">, onInvalid?: (key: string, err: Error) => void): Promise<void> {
+    this.watching = await watchBucket(this.kv, { ...h, onError: (key, err) => onInvalid?.(key ?? this.bucket, err) });
+  }
+
+  /** Stops watching. Safe to call twice. */
+  async stop(): Promise<void> {
+    await this.watching?.stop();
+  }
 }

@@ -4,14 +4,14 @@
  * a KV write changes routing on every running pipeline without a restart.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { Kvm, type KV } from "@nats-io/kv";
+import type { KV } from "@nats-io/kv";
 import type { ErrorInfo } from "../../operators/types.js";
-import { watchBucket, type BucketWatch } from "./kv-watch.js";
+import { BucketRegistry, openRegistryBucket, seedBucket } from "./kv-watch.js";
 import { TOKEN_RE, MODELS_BUCKET, VERSION_RE } from "../../proto/wire.js";
 import { ROUTING_POLICIES, type RoutingPolicyName } from "../workers/routing-policy.js";
 
-export const DEFAULT_MAX_BATCH = 32;
-export const DEFAULT_MAX_DELAY_MS = 5;
+const DEFAULT_MAX_BATCH = 32;
+const DEFAULT_MAX_DELAY_MS = 5;
 
 export interface ModelSpec {
   versions: Record<string, { weight: number }>;
@@ -44,7 +44,7 @@ export interface CacheSpec {
 }
 
 /** Chat templates the HTTP gateway knows (registry field `chat_template`). */
-export const CHAT_TEMPLATES = ["plain", "chatml"] as const;
+const CHAT_TEMPLATES = ["plain", "chatml"] as const;
 export type ChatTemplateName = (typeof CHAT_TEMPLATES)[number];
 
 export interface BatchSettings {
@@ -231,40 +231,34 @@ export interface ModelRegistryOptions {
 }
 
 /** The KV-backed registry: a {@link ModelTable} kept in step with bucket `infer_models`. */
-export class ModelRegistry {
-  private watching: BucketWatch | undefined;
-
+export class ModelRegistry extends BucketRegistry {
   private constructor(
-    readonly kv: KV,
+    kv: KV,
     readonly table: ModelTable,
-  ) {}
+  ) {
+    super(kv, MODELS_BUCKET);
+  }
 
   static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
-    return new Kvm(nc).create(MODELS_BUCKET, { history: 5, replicas });
+    return openRegistryBucket(nc, MODELS_BUCKET, replicas);
   }
 
   /** Opens (creating if needed) the bucket, seeds it, loads it and starts watching. */
   static async open(nc: NatsConnection, opts: ModelRegistryOptions = {}): Promise<ModelRegistry> {
     const kv = await ModelRegistry.openBucket(nc, opts.replicas ?? 1);
-    for (const [model, spec] of Object.entries(opts.seed ?? {})) {
+    await seedBucket(kv, opts.seed ?? {}, (model, spec) => {
       parseModelSpec(model, spec);
-      try {
-        await kv.create(model, JSON.stringify(spec));
-      } catch {
-        // Already there: the registry's value wins over the seed.
-      }
-    }
-    const reg = new ModelRegistry(kv, new ModelTable({ timeoutMs: opts.timeoutMs ?? 30_000 }));
-    await reg.watch(opts.onInvalid);
-    return reg;
-  }
-
-  private async watch(onInvalid?: (key: string, err: Error) => void): Promise<void> {
-    this.watching = await watchBucket(this.kv, {
-      put: (key, value) => this.table.set(key, parseModelSpec(key, value)),
-      remove: (key) => this.table.delete(key),
-      onError: (key, err) => onInvalid?.(key ?? MODELS_BUCKET, err),
+      return [model, spec];
     });
+    const reg = new ModelRegistry(kv, new ModelTable({ timeoutMs: opts.timeoutMs ?? 30_000 }));
+    await reg.watch(
+      {
+        put: (key, value) => reg.table.set(key, parseModelSpec(key, value)),
+        remove: (key) => reg.table.delete(key),
+      },
+      opts.onInvalid,
+    );
+    return reg;
   }
 
   async put(model: string, spec: ModelSpec): Promise<void> {
@@ -273,10 +267,5 @@ export class ModelRegistry {
 
   async remove(model: string): Promise<void> {
     await this.kv.delete(model);
-  }
-
-  /** Stops watching. Safe to call twice. */
-  async stop(): Promise<void> {
-    await this.watching?.stop();
   }
 }

@@ -5,7 +5,7 @@
  *
  * - Limits come from configuration (`tenants: { "acme": {...}, "*": {...} }`) and from the NATS
  *   KV bucket `infer_tenants` (key: the tenant, value: its limits as JSON), which
- *   {@link TenantRegistry} watches: a KV write changes the limits of every running pipeline
+ *   `TenantRegistry` (tenant-registry.ts) watches: a KV write changes the limits of every running pipeline
  *   without a restart. `"*"` (key `_default` in the bucket) applies to each tenant without its
  *   own entry, with its own buckets per tenant (the default is not a shared pool).
  * - Limits hold per pipeline process: N processes let a tenant through N times as much.
@@ -17,17 +17,14 @@
  *   its limit, so a missed release can only delay, never block for good.
  *
  * ```ts
- * const tenants = await TenantRegistry.open(nc, { seed: config.tenants });
+ * const tenants = await TenantRegistry.open(nc, { seed: config.tenants });   // tenant-registry.ts
  * jobs$.pipe(onJobs(admitByTenantLimits(tenants.limiter)));
  * settled$.pipe(tap((s) => tenants.limiter.releasedOutcome(s.outcome)));
  * ```
  */
-import type { NatsConnection } from "@nats-io/transport-node";
-import { Kvm, type KV } from "@nats-io/kv";
-import { watchBucket, type BucketWatch } from "./kv-watch.js";
 import type { TenantAdmission, TenantGate, TenantLimitName, TenantLimitPolicy } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
-import { TOKEN_RE, TENANTS_BUCKET } from "../../proto/wire.js";
+import { TOKEN_RE } from "../../proto/wire.js";
 
 /** The tenant name that stands for every tenant without limits of its own (configuration). */
 export const ANY_TENANT = "*";
@@ -36,9 +33,9 @@ export const DEFAULT_TENANT_KEY = "_default";
 /** Tokens a request without `parameters.max_tokens` counts against `tokensPerMinute`. */
 export const DEFAULT_REQUEST_TOKENS = 256;
 /** Retry delay of a request held back by `maxConcurrent` (when a slot frees is not known ahead). */
-export const DEFAULT_CONCURRENCY_RETRY_MS = 250;
+const DEFAULT_CONCURRENCY_RETRY_MS = 250;
 /** How long a request id admitted once is remembered, so its redeliveries are not charged again. */
-export const DEFAULT_REMEMBER_ADMITTED_MS = 10 * 60_000;
+const DEFAULT_REMEMBER_ADMITTED_MS = 10 * 60_000;
 /** Request ids remembered at most (oldest forgotten first). */
 const MAX_REMEMBERED = 50_000;
 /** Tenants whose state is kept before idle ones are forgotten. */
@@ -380,72 +377,4 @@ function waitMs(missing: number, perMs: number): number {
 
 function sweep(held: Set<Delivery>): void {
   for (const d of held) if (d.settled) held.delete(d);
-}
-
-export interface TenantRegistryOptions {
-  replicas?: number;
-  /** Limits written when the bucket does not have them yet (configuration seed); `"*"` is the default. */
-  seed?: Record<string, TenantLimits>;
-  /** Options of the limiter the registry keeps in step (its `tenants` are ignored: the bucket rules). */
-  limiter?: Omit<TenantLimiterOptions, "tenants">;
-  /** Hears of invalid bucket values (they are ignored, the previous value stays). */
-  onInvalid?: (key: string, err: Error) => void;
-}
-
-/** The KV-backed tenant limits: a {@link TenantLimiter} kept in step with bucket `infer_tenants`. */
-export class TenantRegistry {
-  private watching: BucketWatch | undefined;
-
-  private constructor(
-    readonly kv: KV,
-    readonly limiter: TenantLimiter,
-  ) {}
-
-  static async openBucket(nc: NatsConnection, replicas = 1): Promise<KV> {
-    return new Kvm(nc).create(TENANTS_BUCKET, { history: 5, replicas });
-  }
-
-  /** The bucket key of a tenant name (`"*"` → `_default`). */
-  static keyOf(tenant: string): string {
-    return tenant === ANY_TENANT ? DEFAULT_TENANT_KEY : tenant;
-  }
-
-  /** Opens (creating if needed) the bucket, seeds it, loads it and starts watching. */
-  static async open(nc: NatsConnection, opts: TenantRegistryOptions = {}): Promise<TenantRegistry> {
-    const kv = await TenantRegistry.openBucket(nc, opts.replicas ?? 1);
-    for (const [tenant, limits] of Object.entries(opts.seed ?? {})) {
-      const parsed = parseTenantLimits(tenant, limits);
-      try {
-        await kv.create(TenantRegistry.keyOf(tenant), JSON.stringify(parsed));
-      } catch {
-        // Already there: the bucket's value wins over the seed.
-      }
-    }
-    const reg = new TenantRegistry(kv, new TenantLimiter(opts.limiter ?? {}));
-    await reg.watch(opts.onInvalid);
-    return reg;
-  }
-
-  private async watch(onInvalid?: (key: string, err: Error) => void): Promise<void> {
-    this.watching = await watchBucket(this.kv, {
-      put: (key, value) => this.limiter.set(key, parseTenantLimits(key, value)),
-      remove: (key) => this.limiter.set(key, undefined),
-      onError: (key, err) => onInvalid?.(key ?? TENANTS_BUCKET, err),
-    });
-  }
-
-  /** Writes a tenant's limits (`"*"` for the default); every watching pipeline applies them. */
-  async put(tenant: string, limits: TenantLimits): Promise<void> {
-    await this.kv.put(TenantRegistry.keyOf(tenant), JSON.stringify(parseTenantLimits(tenant, limits)));
-  }
-
-  /** Removes a tenant's own limits: the default applies to it again. */
-  async remove(tenant: string): Promise<void> {
-    await this.kv.delete(TenantRegistry.keyOf(tenant));
-  }
-
-  /** Stops watching. Safe to call twice. */
-  async stop(): Promise<void> {
-    await this.watching?.stop();
-  }
 }

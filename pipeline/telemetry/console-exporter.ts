@@ -42,7 +42,7 @@ export class ConsoleLineExporter implements SpanExporter {
 }
 
 /** One span as one line: service, name, ids, duration, status. */
-export function spanLine(s: ReadableSpan): string {
+function spanLine(s: ReadableSpan): string {
   const ctx = s.spanContext();
   const service = String(s.resource.attributes["service.name"] ?? "-");
   const ms = (s.duration[0] * 1e3 + s.duration[1] / 1e6).toFixed(2);

@@ -2,7 +2,7 @@
 import { type Attributes } from "@opentelemetry/api";
 import type { Engine, EngineBatch, EngineGeneration, EngineItemResult, EngineRequest, EngineToken } from "../../worker/engine.js";
 import { type Tracing, type WorkerMethod, type ServerCallTrace, ATTR, type SpanHandle } from "./types.js";
-import { codeOf } from "./spans.js";
+import { codeOf } from "./span-attributes.js";
 
 export interface TraceEngineOptions {
   /** The worker's id, recorded on its spans. */

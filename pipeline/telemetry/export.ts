@@ -15,7 +15,8 @@ import { AlwaysOffSampler, AlwaysOnSampler, BatchSpanProcessor, NodeTracerProvid
 import { ATTR_SERVICE_NAME } from "@opentelemetry/semantic-conventions";
 import { type TracingOptions, type Tracing, type ResolvedTracingConfig, INSTRUMENTATION_NAME } from "./types.js";
 import { resolveTracingConfig } from "./config.js";
-import { TracingImpl, errorMessage } from "./spans.js";
+import { TracingImpl } from "./spans.js";
+import { errorMessage } from "./span-attributes.js";
 import { ConsoleLineExporter } from "./console-exporter.js";
 
 /**

@@ -1,6 +1,5 @@
 /**
- * Prometheus metrics of the pipeline, and the small HTTP server that exposes them with the
- * health and readiness probes.
+ * Prometheus metrics of the pipeline (served by `MetricsServer`, metrics-server.ts).
  *
  * Names follow Prometheus conventions: base units in the name (`_seconds`), `_total` on
  * counters. Label values that come from outside (model, version, tenant) are capped per label
@@ -10,41 +9,32 @@
  * ```ts
  * const metrics = new PipelineMetrics();
  * metrics.onCollect(async () => metrics.setWorkers(pool.snapshot()));   // fresh values per scrape
- * const server = await MetricsServer.start({ port: 9464, metrics, ready: () => svc.ready });
  * metrics.settled(s);                                                   // for each settled outcome
- * await server.stop();
  * ```
  */
-import { createServer, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Settled } from "../../operators/settle-outcome.js";
 import type { Delivery, RoutedJob } from "../../operators/types.js";
 import { UNKNOWN_TOKEN } from "../../proto/wire.js";
+import { DEFAULT_MAX_LABEL_VALUES, LabelCap, NO_VERSION, priorityOf } from "./metric-labels.js";
 
 export const DEFAULT_METRICS_PORT = 9464;
 /** Scraped from other hosts, so every interface by default. */
 export const DEFAULT_METRICS_HOST = "0.0.0.0";
 /** Longest the collect hooks may delay a scrape. */
-export const DEFAULT_COLLECT_TIMEOUT_MS = 2_000;
-/** Distinct values kept per outside-supplied label before new ones read `_other`. */
-export const DEFAULT_MAX_LABEL_VALUES = 500;
-/** The label value of an outside-supplied value beyond the cap. */
-export const OTHER_LABEL_VALUE = "_other";
-/** The `version` label of a request that was never routed to a version. */
-export const NO_VERSION = "none";
+const DEFAULT_COLLECT_TIMEOUT_MS = 2_000;
 
 /** Time spent in JetStream before the pull: milliseconds to minutes of backlog. */
-export const QUEUE_SECONDS_BUCKETS: readonly number[] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
+const QUEUE_SECONDS_BUCKETS: readonly number[] = [0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300];
 /** Stored to settled. */
-export const REQUEST_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
+const REQUEST_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 /** One worker call. */
-export const WORKER_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const WORKER_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 /** Stored (or pulled) to the first token chunk of a generation. */
-export const TTFT_SECONDS_BUCKETS: readonly number[] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
+const TTFT_SECONDS_BUCKETS: readonly number[] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
 /** Mean time between output tokens of one generation. */
-export const TPOT_SECONDS_BUCKETS: readonly number[] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
-export const BATCH_SIZE_BUCKETS: readonly number[] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+const TPOT_SECONDS_BUCKETS: readonly number[] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
+const BATCH_SIZE_BUCKETS: readonly number[] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 export interface PipelineMetricsOptions {
   /** Registry to register in; a new one by default (never prom-client's global one). */
@@ -437,136 +427,5 @@ export class PipelineMetrics implements MetricsSource {
     } catch {
       // Keep the last count.
     }
-  }
-}
-
-/** Caps the distinct values of each label. */
-class LabelCap {
-  private readonly seen = new Map<string, Set<string>>();
-  constructor(private readonly max: number) {}
-  value(label: string, v: string): string {
-    let values = this.seen.get(label);
-    if (!values) this.seen.set(label, (values = new Set()));
-    if (values.has(v)) return v;
-    if (values.size >= this.max) return OTHER_LABEL_VALUE;
-    values.add(v);
-    return v;
-  }
-}
-
-/** `infer.req.<priority>.<tenant>.<model>` → priority, or `_other` for any other subject. */
-function priorityOf(subject: string): string {
-  const parts = subject.split(".");
-  const p = parts[0] === "infer" && parts[1] === "req" ? parts[2] : undefined;
-  return p === "high" || p === "normal" || p === "low" ? p : OTHER_LABEL_VALUE;
-}
-
-// ---------------------------------------------------------------------------------------------
-// The HTTP endpoint.
-
-export interface MetricsServerOptions {
-  /** Default {@link DEFAULT_METRICS_PORT}; 0 picks a free port (see {@link MetricsServer.port}). */
-  port?: number;
-  /** Default {@link DEFAULT_METRICS_HOST}. */
-  host?: string;
-  metrics: MetricsSource;
-  /** `/readyz` answers 200 while this returns true; always ready when omitted. */
-  ready?: () => boolean;
-}
-
-export type MetricsServerErrorCode = "BIND_FAILED";
-
-export class MetricsServerError extends Error {
-  override readonly name = "MetricsServerError";
-  constructor(
-    readonly code: MetricsServerErrorCode,
-    message: string,
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-  }
-}
-
-const PATHS = new Set(["/metrics", "/healthz", "/readyz"]);
-
-/**
- * Serves `/metrics` (the exposition format), `/healthz` (200 while the process runs),
- * `/readyz` (200 when ready, else 503); 404 elsewhere, 405 for methods other than GET and HEAD.
- */
-export class MetricsServer {
-  private stopping: Promise<void> | undefined;
-
-  private constructor(
-    private readonly server: Server,
-    readonly host: string,
-    readonly port: number,
-  ) {}
-
-  static async start(opts: MetricsServerOptions): Promise<MetricsServer> {
-    const host = opts.host ?? DEFAULT_METRICS_HOST;
-    const server = createServer((req, res) => {
-      handle(req, res, opts).catch(() => {
-        // handle() answers every error itself; this only keeps a broken socket quiet.
-        if (!res.headersSent) res.writeHead(500);
-        res.end();
-      });
-    });
-    server.keepAliveTimeout = 5_000;
-    const port = await new Promise<number>((resolve, reject) => {
-      const onError = (err: Error): void => {
-        reject(new MetricsServerError("BIND_FAILED", `cannot serve metrics on ${host}:${opts.port ?? DEFAULT_METRICS_PORT}: ${err.message}`, { cause: err }));
-      };
-      server.once("error", onError);
-      server.listen(opts.port ?? DEFAULT_METRICS_PORT, host, () => {
-        server.removeListener("error", onError);
-        resolve((server.address() as AddressInfo).port);
-      });
-    });
-    return new MetricsServer(server, host, port);
-  }
-
-  /** `http://host:port` (a wildcard host is reached on loopback). */
-  get url(): string {
-    const host = this.host === "0.0.0.0" ? "127.0.0.1" : this.host === "::" ? "[::1]" : this.host.includes(":") ? `[${this.host}]` : this.host;
-    return `http://${host}:${this.port}`;
-  }
-
-  /** Stops listening and closes open connections. Safe to call twice. */
-  stop(): Promise<void> {
-    this.stopping ??= new Promise<void>((resolve) => {
-      this.server.close(() => resolve());
-      this.server.closeAllConnections();
-    });
-    return this.stopping;
-  }
-}
-
-async function handle(req: IncomingMessage, res: ServerResponse, opts: MetricsServerOptions): Promise<void> {
-  const path = (req.url ?? "/").split("?")[0] ?? "/";
-  const head = req.method === "HEAD";
-  const reply = (status: number, body: string, contentType = "text/plain; charset=utf-8"): void => {
-    res.writeHead(status, { "Content-Type": contentType, "Cache-Control": "no-store" });
-    res.end(head ? undefined : body);
-  };
-  if (!PATHS.has(path)) return reply(404, "not found\n");
-  if (req.method !== "GET" && !head) {
-    res.setHeader("Allow", "GET, HEAD");
-    return reply(405, "method not allowed\n");
-  }
-  if (path === "/healthz") return reply(200, "ok\n");
-  if (path === "/readyz") {
-    let ready: boolean;
-    try {
-      ready = opts.ready ? opts.ready() === true : true;
-    } catch {
-      ready = false;
-    }
-    return ready ? reply(200, "ready\n") : reply(503, "not ready\n");
-  }
-  try {
-    const text = await opts.metrics.exposition();
-    reply(200, text, opts.metrics.contentType);
-  } catch (err) {
-    reply(500, `cannot collect metrics: ${err instanceof Error ? err.message : String(err)}\n`);
   }
 }

@@ -40,7 +40,8 @@
 export { resolveTracingConfig } from "./config.js";
 export { traceEngine, type TraceEngineOptions } from "./engine.js";
 export { startTracing } from "./export.js";
-export { PipelineMetrics, MetricsServer } from "./metrics.js";
+export { PipelineMetrics } from "./metrics.js";
+export { MetricsServer } from "./metrics-server.js";
 export { extractFromHeaders, fromCarrier, injectToCarrier } from "./propagation.js";
 export {
   SAMPLER_NAMES,

@@ -4,6 +4,7 @@ import type { Settled } from "../../operators/settle-outcome.js";
 import { type SpanHandle, type TraceCarrier, ATTR, type RequestTrace, type JobInfo, type WorkerMethod, type BatchTrace, type ServerCallTrace, type Tracing, type ResolvedTracingConfig, WORKER_RPC_SERVICE, type PublishInfo, REQUEST_SUBJECT_TEMPLATE, type DeliveryInfo, type BatchInfo, type ServerCallInfo, type TracingStats } from "./types.js";
 import { injectToCarrier, fromCarrier, extractFromHeaders } from "./propagation.js";
 import type { MutableStats, ExportPipeline } from "./export.js";
+import { destinationOf, errorMessage, finiteOr, idAttribute, jobAttributes, safeHeader, splitEndpoint } from "./span-attributes.js";
 
 type Guard = <T>(fallback: T, fn: () => T) => T;
 
@@ -385,57 +386,4 @@ function bounded(fn: () => Promise<void>, ms: number, stats: MutableStats): Prom
       done();
     }
   });
-}
-
-function jobAttributes(job: JobInfo): Attributes {
-  const attrs: Attributes = {
-    [ATTR.messageId]: job.id,
-    [ATTR.tenant]: job.tenant,
-    [ATTR.model]: job.model,
-    [ATTR.priority]: job.priority,
-  };
-  if (job.version !== undefined) attrs[ATTR.version] = job.version;
-  return attrs;
-}
-
-function idAttribute(delivery: DeliveryInfo): Attributes {
-  const id = safeHeader(delivery, "Nats-Msg-Id");
-  return id ? { [ATTR.messageId]: id } : {};
-}
-
-function safeHeader(delivery: DeliveryInfo, name: string): string | undefined {
-  try {
-    return delivery.header(name);
-  } catch {
-    return undefined;
-  }
-}
-
-/** `infer.req`, `infer.res`, ...: the low-cardinality part of a subject, for span names. */
-function destinationOf(subject: string): string {
-  // The first two tokens, without splitting the whole subject (once per request).
-  const first = subject.indexOf(".");
-  if (first < 0) return subject;
-  const second = subject.indexOf(".", first + 1);
-  return second < 0 ? subject : subject.slice(0, second);
-}
-
-/** `host:port`, `[v6]:port` or a bare host. */
-function splitEndpoint(endpoint: string): { host: string; port?: number } {
-  const m = /^\[([^\]]+)\]:(\d+)$/.exec(endpoint) ?? /^([^:]+):(\d+)$/.exec(endpoint);
-  if (!m) return { host: endpoint };
-  return { host: m[1] ?? endpoint, port: Number(m[2]) };
-}
-
-function finiteOr(n: number, fallback: number): number {
-  return Number.isFinite(n) && n > 0 ? n : fallback;
-}
-
-export function errorMessage(err: unknown): string {
-  return err instanceof Error ? err.message : String(err);
-}
-
-export function codeOf(err: unknown): string {
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "string" && code ? code : "INTERNAL";
 }

@@ -5,21 +5,10 @@
  * as a {@link WorkerCallError} that says whether another try (on another worker) makes sense.
  */
 import * as grpc from "@grpc/grpc-js";
-import type { ErrorInfo, Usage } from "../../operators/types.js";
-import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
-import { fromValue, JsonValueError, toStruct, toValue } from "../../proto/json.js";
-import {
-  HealthServiceDefinition,
-  ServingStatus,
-  WORKER_SERVICE_NAME,
-  WorkerGrpcClient,
-  WorkerServiceDefinition,
-  type IInferItemResult,
-  type IInferRequest,
-  type IGenerateRequest,
-  type IInferBatch,
-  type WireMethodDefinition,
-} from "../../proto/service.js";
+import { HealthServiceDefinition, WORKER_SERVICE_NAME, WorkerGrpcClient, WorkerServiceDefinition, type IGenerateRequest, type IInferBatch, type WireMethodDefinition } from "../../proto/service.js";
+import { toWorkerCallError, WorkerCallError } from "./call-error.js";
+import { fromItemResult, splitByBytes, statusName, toWireRequest } from "./wire-convert.js";
+import type { HealthStatus, WorkerBatch, WorkerBatchResult, WorkerCallOptions, WorkerChunk, WorkerGenerateRequest, WorkerLoadReport } from "./worker-messages.js";
 
 /** What a client needs of a method definition. */
 type ClientMethod<Req, Res> = Pick<WireMethodDefinition<Req, unknown, unknown, Res>, "path" | "requestSerialize" | "responseDeserialize">;
@@ -34,16 +23,16 @@ export const WORKER_CLIENT_MAX_RECEIVE_MESSAGE_BYTES = 64 * 1024 * 1024;
  */
 export const WORKER_CLIENT_MAX_BATCH_BYTES = 24 * 1024 * 1024;
 /** HTTP/2 keepalive ping interval while calls are open: finds a dead worker under a long call. */
-export const WORKER_CLIENT_KEEPALIVE_TIME_MS = 30_000;
+const WORKER_CLIENT_KEEPALIVE_TIME_MS = 30_000;
 /** A keepalive ping not answered within this closes the connection (calls fail UNAVAILABLE). */
-export const WORKER_CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000;
+const WORKER_CLIENT_KEEPALIVE_TIMEOUT_MS = 10_000;
 /** First and longest wait before reconnecting to a worker that went away. */
-export const WORKER_CLIENT_INITIAL_RECONNECT_BACKOFF_MS = 250;
-export const WORKER_CLIENT_MAX_RECONNECT_BACKOFF_MS = 5_000;
+const WORKER_CLIENT_INITIAL_RECONNECT_BACKOFF_MS = 250;
+const WORKER_CLIENT_MAX_RECONNECT_BACKOFF_MS = 5_000;
 /** Deadline of a health check. */
 export const HEALTH_CHECK_TIMEOUT_MS = 2_000;
 /** Chunks buffered from a stream before the client stops reading (HTTP/2 flow control takes over). */
-export const STREAM_HIGH_WATER_MARK = 64;
+const STREAM_HIGH_WATER_MARK = 64;
 
 export interface WorkerClientOptions {
   /** Default: insecure (workers sit inside the cluster network). */
@@ -54,153 +43,6 @@ export interface WorkerClientOptions {
   readonly healthCheckTimeoutMs?: number;
 }
 
-/** One request of a batch, as the pipeline holds it (plain JSON; the client encodes it). */
-export interface WorkerRequest {
-  readonly id: string;
-  readonly tenant?: string;
-  readonly prompt?: string;
-  /** Any JSON value. */
-  readonly inputs?: unknown;
-  readonly parameters?: Readonly<Record<string, unknown>>;
-  /** Absolute deadline of the request, epoch ms. */
-  readonly deadlineMs?: number;
-}
-
-export interface WorkerBatch {
-  readonly model: string;
-  readonly version: string;
-  readonly requests: readonly WorkerRequest[];
-}
-
-export interface WorkerGenerateRequest {
-  readonly model: string;
-  readonly version: string;
-  readonly request: WorkerRequest;
-}
-
-export interface WorkerCallOptions {
-  /** Deadline of the call, absolute epoch ms (sent as the gRPC deadline). */
-  readonly deadlineMs?: number;
-  /** W3C trace context, sent as gRPC metadata. */
-  readonly traceparent?: string;
-  readonly tracestate?: string;
-  /** Aborting cancels the call; it then rejects with code CANCELLED. */
-  readonly signal?: AbortSignal;
-}
-
-/** A worker's answer for one request. */
-export interface WorkerItemResult {
-  id: string;
-  status: "ok" | "error";
-  /** Present when ok. */
-  output?: { text: string; data?: unknown };
-  /** Present when ok. */
-  usage?: Usage;
-  /** Present when error. */
-  error?: ErrorInfo;
-  /** The worker never started the request. */
-  not_started: boolean;
-}
-
-export interface WorkerBatchResult {
-  /** One per request, in the order of the batch. */
-  results: WorkerItemResult[];
-  /** Time the worker's engine spent on the batch, ms. */
-  engine_ms: number;
-}
-
-/** A chunk of a generation: `seq` counts from 0; the last chunk carries `final` instead of text. */
-export interface WorkerChunk {
-  seq: number;
-  text: string;
-  final?: WorkerItemResult;
-}
-
-/** A worker's load report (the `WorkerLoad` message). */
-export interface WorkerLoadReport {
-  waiting: number;
-  running: number;
-  /** Share of the KV cache in use, 0 to 1. */
-  kvUsage: number;
-  /** 0 when unknown. */
-  kvCapacityTokens: number;
-  /** Hashes of the prefix blocks held, when asked for and known. */
-  prefixBlocks: string[];
-  blockTokens: number;
-}
-
-/** A serving status of the standard health protocol. */
-export type HealthStatus = "SERVING" | "NOT_SERVING" | "UNKNOWN" | "SERVICE_UNKNOWN";
-
-/** A call to a worker failed as a whole (its transport, deadline, or the worker itself). */
-export class WorkerCallError extends Error {
-  override readonly name = "WorkerCallError";
-  /** The gRPC status code (`grpc.status`). */
-  readonly grpcCode: number;
-  /** The error code a request failing with this error gets. */
-  readonly code: ErrorCode;
-  /** Trying again, on this or another worker, may succeed. */
-  readonly retriable: boolean;
-  /** The worker called. */
-  readonly endpoint: string;
-
-  constructor(
-    message: string,
-    details: { grpcCode: number; code: ErrorCode; retriable: boolean; endpoint: string },
-    options?: { cause?: unknown },
-  ) {
-    super(message, options);
-    this.grpcCode = details.grpcCode;
-    this.code = details.code;
-    this.retriable = details.retriable;
-    this.endpoint = details.endpoint;
-  }
-}
-
-/**
- * Classifies a failed call. `cancelledByCaller` tells a cancel of our own (the caller's
- * signal) from one the transport made up (a connection reset reads as CANCELLED too).
- */
-export function toWorkerCallError(err: unknown, endpoint: string, cancelledByCaller = false): WorkerCallError {
-  if (err instanceof WorkerCallError) return err;
-  const grpcCode: grpc.status = grpcCodeOf(err);
-  const detail = err instanceof Error ? ((err as Partial<grpc.ServiceError>).details ?? err.message) : String(err);
-  let code: ErrorCode;
-  let retriable = false;
-  switch (grpcCode) {
-    case grpc.status.UNAVAILABLE:
-      code = "UNAVAILABLE";
-      retriable = true;
-      break;
-    case grpc.status.CANCELLED:
-      code = cancelledByCaller ? "CANCELLED" : "UNAVAILABLE";
-      retriable = !cancelledByCaller;
-      break;
-    case grpc.status.RESOURCE_EXHAUSTED:
-      code = "RESOURCE_EXHAUSTED";
-      retriable = true;
-      break;
-    case grpc.status.DEADLINE_EXCEEDED:
-      code = "DEADLINE_EXCEEDED";
-      break;
-    case grpc.status.INVALID_ARGUMENT:
-      code = "INVALID_ARGUMENT";
-      break;
-    case grpc.status.NOT_FOUND:
-      code = "NOT_FOUND";
-      break;
-    default:
-      code = "INTERNAL";
-  }
-  const name = grpc.status[grpcCode] ?? String(grpcCode);
-  return new WorkerCallError(`worker ${endpoint}: ${name}: ${detail}`, { grpcCode, code, retriable, endpoint }, { cause: err });
-}
-
-function grpcCodeOf(err: unknown): grpc.status {
-  if (err instanceof JsonValueError) return grpc.status.INVALID_ARGUMENT;
-  const code = (err as { code?: unknown } | null)?.code;
-  return typeof code === "number" && grpc.status[code] !== undefined ? code : grpc.status.INTERNAL;
-}
 
 /** A client of one worker endpoint, over one gRPC channel. */
 export class WorkerClient {
@@ -340,6 +182,12 @@ export class WorkerClient {
     return opts.deadlineMs !== undefined && opts.deadlineMs > 0 ? opts.deadlineMs : undefined;
   }
 
+  /** The arguments every call of a method starts with: the method, the message, metadata, the deadline. */
+  private callArgs<Req, Res>(def: ClientMethod<Req, Res>, message: Req, opts: WorkerCallOptions, deadline: number | undefined) {
+    const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
+    return [def.path, def.requestSerialize, def.responseDeserialize, message, this.metadataOf(opts), callOptions] as const;
+  }
+
   private metadataOf(opts: WorkerCallOptions): grpc.Metadata {
     const md = new grpc.Metadata();
     if (opts.traceparent) md.set("traceparent", opts.traceparent);
@@ -347,22 +195,34 @@ export class WorkerClient {
     return md;
   }
 
-  private closedError(): WorkerCallError {
-    return new WorkerCallError(`worker ${this.endpoint}: client closed`, {
-      grpcCode: grpc.status.UNAVAILABLE,
-      code: "UNAVAILABLE",
-      retriable: true,
-      endpoint: this.endpoint,
-    });
+  /** Why a call cannot start: the client is closed, or the caller has already given up. */
+  private refusal(signal: AbortSignal | undefined): WorkerCallError | undefined {
+    if (this.closed) return this.ownError("client closed", grpc.status.UNAVAILABLE, "UNAVAILABLE", true);
+    if (signal?.aborted) return this.ownError("call cancelled by the caller", grpc.status.CANCELLED, "CANCELLED", false);
+    return undefined;
   }
 
-  private cancelledError(): WorkerCallError {
-    return new WorkerCallError(`worker ${this.endpoint}: call cancelled by the caller`, {
-      grpcCode: grpc.status.CANCELLED,
-      code: "CANCELLED",
-      retriable: false,
-      endpoint: this.endpoint,
-    });
+  private ownError(what: string, grpcCode: grpc.status, code: "UNAVAILABLE" | "CANCELLED", retriable: boolean): WorkerCallError {
+    return new WorkerCallError(`worker ${this.endpoint}: ${what}`, { grpcCode, code, retriable, endpoint: this.endpoint });
+  }
+
+  /** Ties a started call to the caller's signal and to close(); `untie` when it has ended. */
+  private tie(call: { cancel(): void }, signal: AbortSignal | undefined): { cancelledByCaller: () => boolean; untie: () => void } {
+    let byCaller = false;
+    const cancel = (): void => call.cancel();
+    const onAbort = (): void => {
+      byCaller = true;
+      call.cancel();
+    };
+    this.inFlight.add(cancel);
+    signal?.addEventListener("abort", onAbort, { once: true });
+    return {
+      cancelledByCaller: () => byCaller,
+      untie: () => {
+        signal?.removeEventListener("abort", onAbort);
+        this.inFlight.delete(cancel);
+      },
+    };
   }
 
   private unary<Req, Res>(
@@ -371,25 +231,17 @@ export class WorkerClient {
     opts: WorkerCallOptions,
     deadline: number | undefined,
   ): Promise<Res> {
-    if (this.closed) return Promise.reject(this.closedError());
     const signal = opts.signal;
-    if (signal?.aborted) return Promise.reject(this.cancelledError());
+    const refused = this.refusal(signal);
+    if (refused) return Promise.reject(refused);
     return new Promise<Res>((resolve, reject) => {
-      let cancelledByCaller = false;
-      const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
       let call: grpc.ClientUnaryCall;
       try {
         call = this.client.makeUnaryRequest(
-          def.path,
-          def.requestSerialize,
-          def.responseDeserialize,
-          message,
-          this.metadataOf(opts),
-          callOptions,
-          (err, value) => {
-            signal?.removeEventListener("abort", onAbort);
-            this.inFlight.delete(cancel);
-            if (err) reject(toWorkerCallError(err, this.endpoint, cancelledByCaller));
+          ...this.callArgs(def, message, opts, deadline),
+          (err: grpc.ServiceError | null, value?: Res) => {
+            tie.untie();
+            if (err) reject(toWorkerCallError(err, this.endpoint, tie.cancelledByCaller()));
             else if (value === undefined) reject(toWorkerCallError(new Error("empty response"), this.endpoint));
             else resolve(value);
           },
@@ -399,13 +251,7 @@ export class WorkerClient {
         reject(toWorkerCallError(err, this.endpoint));
         return;
       }
-      const cancel = (): void => call.cancel();
-      const onAbort = (): void => {
-        cancelledByCaller = true;
-        call.cancel();
-      };
-      this.inFlight.add(cancel);
-      signal?.addEventListener("abort", onAbort, { once: true });
+      const tie = this.tie(call, signal);
     });
   }
 
@@ -416,27 +262,18 @@ export class WorkerClient {
     opts: WorkerCallOptions,
     deadline: number | undefined,
   ): AsyncGenerator<Res, void, undefined> {
-    if (this.closed) throw this.closedError();
     const signal = opts.signal;
-    if (signal?.aborted) throw this.cancelledError();
-    const callOptions: grpc.CallOptions = deadline !== undefined ? { deadline } : {};
+    const refused = this.refusal(signal);
+    if (refused) throw refused;
     let call: grpc.ClientReadableStream<Res>;
     try {
-      call = this.client.makeServerStreamRequest(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        message,
-        this.metadataOf(opts),
-        callOptions,
-      );
+      call = this.client.makeServerStreamRequest(...this.callArgs(def, message, opts, deadline));
     } catch (err) {
       throw toWorkerCallError(err, this.endpoint);
     }
     const queue: Res[] = [];
     let ended = false;
     let failure: unknown;
-    let cancelledByCaller = false;
     let wake: (() => void) | undefined;
     const notify = (): void => {
       const w = wake;
@@ -459,13 +296,7 @@ export class WorkerClient {
       ended = true;
       notify();
     });
-    const cancel = (): void => call.cancel();
-    const onAbort = (): void => {
-      cancelledByCaller = true;
-      call.cancel();
-    };
-    this.inFlight.add(cancel);
-    signal?.addEventListener("abort", onAbort, { once: true });
+    const tie = this.tie(call, signal);
     try {
       for (;;) {
         const next = queue.shift();
@@ -479,91 +310,11 @@ export class WorkerClient {
           wake = resolve;
         });
       }
-      if (failure !== undefined) throw toWorkerCallError(failure, this.endpoint, cancelledByCaller);
+      if (failure !== undefined) throw toWorkerCallError(failure, this.endpoint, tie.cancelledByCaller());
     } finally {
-      signal?.removeEventListener("abort", onAbort);
-      this.inFlight.delete(cancel);
+      tie.untie();
       // A no-op when the call has ended; otherwise the consumer left early: stop the worker.
       call.cancel();
     }
-  }
-}
-
-/**
- * A request to its wire form (`InferRequest`). Throws a `JsonValueError` for inputs or
- * parameters that JSON cannot carry (NaN, Infinity, functions, ...).
- */
-export function toWireRequest(r: WorkerRequest): IInferRequest {
-  const m: IInferRequest = { id: r.id };
-  if (r.tenant !== undefined) m.tenant = r.tenant;
-  if (r.prompt !== undefined) m.prompt = r.prompt;
-  if (r.inputs !== undefined) m.inputs = toValue(r.inputs);
-  if (r.parameters !== undefined) m.parameters = toStruct(r.parameters);
-  if (r.deadlineMs !== undefined && r.deadlineMs > 0) m.deadline_unix_ms = Math.floor(r.deadlineMs);
-  return m;
-}
-
-function fromItemResult(r: IInferItemResult): WorkerItemResult {
-  const id = r.id ?? "";
-  const notStarted = r.not_started === true;
-  if (r.status === "ok") {
-    const output: { text: string; data?: unknown } = { text: r.output?.text ?? "" };
-    if (r.output?.data !== null && r.output?.data !== undefined) output.data = fromValue(r.output.data);
-    return {
-      id,
-      status: "ok",
-      output,
-      usage: { prompt_tokens: r.usage?.prompt_tokens ?? 0, completion_tokens: r.usage?.completion_tokens ?? 0 },
-      not_started: notStarted,
-    };
-  }
-  const sent = r.error?.code ?? "";
-  const code = ERROR_CODES.find((c) => c === sent);
-  let message = r.error?.message ?? "";
-  if (r.status !== "error") message = `worker answered status '${r.status ?? ""}'${message ? `: ${message}` : ""}`;
-  else if (!code) message = `${sent || "no error code"}${message ? `: ${message}` : ""}`;
-  return { id, status: "error", error: { code: code ?? "INTERNAL", message }, not_started: notStarted };
-}
-
-function statusName(status: ServingStatus | null | undefined): HealthStatus {
-  switch (status) {
-    case ServingStatus.SERVING:
-      return "SERVING";
-    case ServingStatus.NOT_SERVING:
-      return "NOT_SERVING";
-    case ServingStatus.SERVICE_UNKNOWN:
-      return "SERVICE_UNKNOWN";
-    default:
-      return "UNKNOWN";
-  }
-}
-
-/** Consecutive parts of `requests` with at most `maxBytes` of inputs each (a larger request alone). */
-function splitByBytes(requests: readonly WorkerRequest[], maxBytes: number): WorkerRequest[][] {
-  const parts: WorkerRequest[][] = [];
-  let part: WorkerRequest[] = [];
-  let bytes = 0;
-  for (const r of requests) {
-    // Characters, not UTF-8 bytes: a cheap bound that is exact for ASCII and within 3x otherwise.
-    const size = (r.prompt?.length ?? 0) + (r.inputs === undefined ? 0 : approxJsonLength(r.inputs));
-    if (part.length > 0 && bytes + size > maxBytes) {
-      parts.push(part);
-      part = [];
-      bytes = 0;
-    }
-    part.push(r);
-    bytes += size;
-  }
-  if (part.length > 0) parts.push(part);
-  return parts;
-}
-
-/** Length of a JSON value's text; 0 when it has none (the encoder reports that later). */
-function approxJsonLength(v: unknown): number {
-  if (typeof v === "string") return v.length;
-  try {
-    return JSON.stringify(v)?.length ?? 0;
-  } catch {
-    return 0;
   }
 }

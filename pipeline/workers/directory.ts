@@ -13,7 +13,7 @@ import type { NatsConnection, QueuedIterator } from "@nats-io/transport-node";
 import { Kvm, type KV, type KvWatchEntry } from "@nats-io/kv";
 import { TOKEN_RE, WORKERS_BUCKET, VERSION_RE, WORKER_ID_RE } from "../../proto/wire.js";
 
-export const DEFAULT_WORKER_TTL_MS = 15_000;
+const DEFAULT_WORKER_TTL_MS = 15_000;
 
 export interface WorkerEntry {
   model: string;
@@ -25,7 +25,7 @@ export interface WorkerEntry {
   updatedMs: number;
 }
 
-export function workerKey(model: string, version: string, workerId: string): string {
+function workerKey(model: string, version: string, workerId: string): string {
   return `${model}.${version}.${workerId}`;
 }
 

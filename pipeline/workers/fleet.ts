@@ -12,7 +12,8 @@ import { Teardowns } from "../support/teardown.js";
 import type { Tracing } from "../telemetry/types.js";
 import { WorkerClient } from "./client.js";
 import { WorkerDirectory } from "./directory.js";
-import { WorkerPool, type PoolEvent, type WorkerConnection, type WorkerPoolOptions } from "./pool.js";
+import { WorkerPool } from "./pool.js";
+import type { PoolEvent, WorkerConnection, WorkerPoolOptions } from "./pool-options.js";
 
 export interface FleetOptions {
   config: SluiceConfig;

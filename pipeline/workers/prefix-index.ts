@@ -7,13 +7,13 @@
 import { TTLCache } from "@isaacs/ttlcache";
 
 /** How long a block sent to a worker is assumed to stay in its cache. */
-export const DEFAULT_PREFIX_TTL_MS = 120_000;
+const DEFAULT_PREFIX_TTL_MS = 120_000;
 /** Blocks remembered per worker (a bound on memory; the oldest go first). */
-export const DEFAULT_PREFIX_BLOCKS_PER_WORKER = 100_000;
+const DEFAULT_PREFIX_BLOCKS_PER_WORKER = 100_000;
 /** Blocks sent this long before a report was asked for are kept even when it does not show them. */
-export const REPORT_GRACE_MS = 2_000;
+const REPORT_GRACE_MS = 2_000;
 /** Sessions remembered. */
-export const DEFAULT_MAX_SESSIONS = 100_000;
+const DEFAULT_MAX_SESSIONS = 100_000;
 
 export interface PrefixIndexOptions {
   ttlMs?: number;

@@ -20,11 +20,11 @@ export type RoutingPolicyName = (typeof ROUTING_POLICIES)[number];
 export const DEFAULT_LOAD_WEIGHT_TOKENS = 256;
 /** Bounded load: a worker may carry up to (1 + this) x the mean load before others go first (2x: a
  * tighter bound breaks the prefix affinity too often at the small loads of a few sequences each). */
-export const DEFAULT_BOUNDED_LOAD_EPSILON = 1;
+const DEFAULT_BOUNDED_LOAD_EPSILON = 1;
 /** The session's worker is preferred by this many tokens of cost. */
-export const DEFAULT_SESSION_BONUS_TOKENS = 512;
+const DEFAULT_SESSION_BONUS_TOKENS = 512;
 /** KV usage at which a worker with requests waiting counts as overloaded. */
-export const OVERLOAD_KV_USAGE = 0.98;
+const OVERLOAD_KV_USAGE = 0.98;
 
 /** The latest load a worker reported. */
 export interface ReportedLoad {

@@ -10,7 +10,7 @@
  */
 import { parseArgs } from "node:util";
 import { Worker } from "bullmq";
-import { WorkerClient } from "../../pipeline/workers/client.js";
+import { WorkerClient } from "../../pipeline/workers/mod.js";
 import { loadRedisDriver, redisConnection } from "./brokers.js";
 import { inferOne } from "./worker-call.js";
 

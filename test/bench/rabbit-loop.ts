@@ -14,7 +14,7 @@
  */
 import { parseArgs } from "node:util";
 import * as amqp from "amqplib";
-import { WorkerClient } from "../../pipeline/workers/client.js";
+import { WorkerClient } from "../../pipeline/workers/mod.js";
 import { AMQP_URL, CONNECT_TIMEOUT_MS, rabbitQueueOptions } from "./brokers.js";
 import { inferOne } from "./worker-call.js";
 

@@ -23,7 +23,7 @@ import { nanos } from "@nats-io/transport-node";
 import { defaultConfig } from "../../pipeline/config.js";
 import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { STREAM_REQUESTS } from "../../proto/wire.js";
-import { WorkerClient } from "../../pipeline/workers/client.js";
+import { WorkerClient } from "../../pipeline/workers/mod.js";
 import { inferOne } from "./worker-call.js";
 
 const RAW_DURABLE = "raw-loop";

@@ -3,7 +3,7 @@
  * one and shape the result as docs/protocol.md has it (`timing.batch_size` 1). Shared by the
  * JetStream, RabbitMQ and BullMQ loops so they differ only in the broker.
  */
-import type { WorkerClient } from "../../pipeline/workers/client.js";
+import type { WorkerClient } from "../../pipeline/workers/mod.js";
 
 /** Deadline of one worker call. */
 export const CALL_TIMEOUT_MS = 30_000;

@@ -7,7 +7,7 @@
  * nominal cost by about a millisecond), not against the nominal figures alone.
  */
 import { setTimeout as delay } from "node:timers/promises";
-import { WorkerClient } from "../../pipeline/workers/client.js";
+import { WorkerClient } from "../../pipeline/workers/mod.js";
 import { percentile } from "./load.js";
 import { requestBody } from "./scenarios.js";
 

@@ -7,7 +7,9 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError, type PublishReceipt } from "../../pipeline/client/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { InferenceError } from "../../pipeline/client/errors.js";
+import type { PublishReceipt } from "../../pipeline/client/options.js";
 import { loadConfig } from "../../pipeline/config.js";
 import { ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { subjects } from "../../proto/wire.js";

@@ -1,59 +1,27 @@
 /** The pipeline process is killed with requests in flight and restarted: nothing lost, nothing twice. */
 import { expect } from "chai";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { InferenceClient } from "../../pipeline/client/client.js";
 import { useNats, waitFor } from "../support/nats.js";
-import { runCli, type CliProcess } from "../support/process.js";
-import { models, startWorker, type TestWorker } from "../support/stack.js";
+import { countResults, useCrashStack } from "../support/crash.js";
 
 describe("crash: SIGKILL the pipeline with requests in flight", function () {
   this.timeout(180_000);
   const nats = useNats();
-  let worker: TestWorker;
-  let dir: string;
-  let configFile: string;
-  const procs: CliProcess[] = [];
-
-  before(async () => {
-    // A slow device so that many requests are in flight when the process dies.
-    worker = await startWorker({ base_ms: 20, per_item_ms: 0.5 });
-    dir = await mkdtemp(join(tmpdir(), "sluice-crash-"));
-    configFile = join(dir, "sluice.json");
-    await writeFile(
-      configFile,
-      JSON.stringify({
-        consumer: { ackWaitMs: 2_000 },
-        pipeline: { maxInFlight: 128, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
-        models: models(["echo"], { batch: { max_size: 16, max_delay_ms: 5 } }),
-        workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
-      }),
-    );
+  // A slow device so that many requests are in flight when the process dies.
+  const { serve } = useCrashStack(nats, {
+    device: { base_ms: 20, per_item_ms: 0.5 },
+    batch: { max_size: 16, max_delay_ms: 5 },
+    config: {
+      consumer: { ackWaitMs: 2_000 },
+      pipeline: { maxInFlight: 128, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
+    },
   });
-
-  after(async () => {
-    for (const p of procs) p.kill("SIGKILL");
-    await worker?.stop();
-    await rm(dir, { recursive: true, force: true });
-  });
-
-  const serve = (): CliProcess => {
-    const p = runCli(["serve", "--config", configFile, "--server", nats.url]);
-    procs.push(p);
-    return p;
-  };
 
   it("answers every request exactly once across a SIGKILL and a restart", async () => {
     const client = new InferenceClient(nats.nc, "crash");
-    const seen = new Map<string, number>();
     const texts = new Map<string, string>();
-    const sub = nats.nc.subscribe("infer.res.crash.>", {
-      callback: (_e, m) => {
-        const id = m.subject.split(".")[3]!;
-        seen.set(id, (seen.get(id) ?? 0) + 1);
-        texts.set(id, (JSON.parse(new TextDecoder().decode(m.data)) as { output?: { text?: string } }).output?.text ?? "");
-      },
+    const { seen, sub } = countResults(nats.nc, "infer.res.crash.>", (id, data) => {
+      texts.set(id, (JSON.parse(new TextDecoder().decode(data)) as { output?: { text?: string } }).output?.text ?? "");
     });
     const first = serve();
     await first.waitFor(/ready/);

@@ -1,6 +1,7 @@
 /** Time to first token and time per output token, observed by a real pipeline streaming generations. */
 import { expect } from "chai";
-import { InferenceClient, type StreamEvent } from "../../pipeline/client/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import type { StreamEvent } from "../../pipeline/client/options.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";

@@ -4,60 +4,28 @@
  * exactly once, and the lanes are gone once everything is drained.
  */
 import { expect } from "chai";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { PRIORITIES, STREAM_REQUESTS } from "../../proto/wire.js";
 import { useNats, waitFor } from "../support/nats.js";
-import { runCli, type CliProcess } from "../support/process.js";
-import { models, startWorker, type TestWorker } from "../support/stack.js";
+import { countResults, useCrashStack } from "../support/crash.js";
 
 describe("intake: two pipelines, tenants coming and going, a SIGKILL", function () {
   this.timeout(300_000);
   const nats = useNats();
-  let worker: TestWorker;
-  let dir: string;
-  let configFile: string;
-  const procs: CliProcess[] = [];
-
-  before(async () => {
-    worker = await startWorker({ base_ms: 2, per_item_ms: 0.1 });
-    dir = await mkdtemp(join(tmpdir(), "sluice-intake-crash-"));
-    configFile = join(dir, "sluice.json");
-    await writeFile(
-      configFile,
-      JSON.stringify({
-        consumer: { ackWaitMs: 3_000, maxAckPending: 4_096 },
-        pipeline: { maxInFlight: 128, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
-        models: models(["echo"], { batch: { max_size: 16, max_delay_ms: 2 } }),
-        workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
-      }),
-    );
+  const { serve } = useCrashStack(nats, {
+    device: { base_ms: 2, per_item_ms: 0.1 },
+    batch: { max_size: 16, max_delay_ms: 2 },
+    config: {
+      consumer: { ackWaitMs: 3_000, maxAckPending: 4_096 },
+      pipeline: { maxInFlight: 128, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
+    },
   });
-  after(async () => {
-    for (const p of procs) p.kill("SIGKILL");
-    await worker?.stop();
-    await rm(dir, { recursive: true, force: true });
-  });
-
-  const serve = (): CliProcess => {
-    const p = runCli(["serve", "--config", configFile, "--server", nats.url]);
-    procs.push(p);
-    return p;
-  };
 
   it("answers every request exactly once, and leaves one consumer per priority", async () => {
     const js = jetstream(nats.nc);
     const jsm = await jetstreamManager(nats.nc);
-    const seen = new Map<string, number>();
-    nats.nc.subscribe("infer.res.>", {
-      callback: (_e, m) => {
-        const id = m.subject.slice(m.subject.lastIndexOf(".") + 1);
-        seen.set(id, (seen.get(id) ?? 0) + 1);
-      },
-    });
+    const { seen } = countResults(nats.nc, "infer.res.>");
     await nats.nc.flush();
     const a = serve();
     const b = serve();

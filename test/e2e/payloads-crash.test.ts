@@ -5,16 +5,12 @@
  * message refers to, and removes none that one does.
  */
 import { expect } from "chai";
-import { mkdtemp, rm, writeFile } from "node:fs/promises";
-import { tmpdir } from "node:os";
-import { join } from "node:path";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { InferenceClient } from "../../pipeline/client/client.js";
 import { PayloadStore } from "../../pipeline/payloads/store.js";
 import { PayloadSweeper } from "../../pipeline/payloads/sweeper.js";
 import { useNats, waitFor } from "../support/nats.js";
-import { runCli, type CliProcess } from "../support/process.js";
-import { models, startWorker, type TestWorker } from "../support/stack.js";
+import { countResults, useCrashStack } from "../support/crash.js";
 
 const N = 40;
 const prompt = (i: number): string => `${i} `.padEnd(2 * 1024 * 1024, String.fromCharCode(97 + (i % 26)));
@@ -22,47 +18,19 @@ const prompt = (i: number): string => `${i} `.padEnd(2 * 1024 * 1024, String.fro
 describe("crash: SIGKILL the pipeline mid-transfer of large bodies", function () {
   this.timeout(300_000);
   const nats = useNats();
-  let worker: TestWorker;
-  let dir: string;
-  let configFile: string;
-  const procs: CliProcess[] = [];
-
-  before(async () => {
-    worker = await startWorker({ base_ms: 30, per_item_ms: 1 });
-    dir = await mkdtemp(join(tmpdir(), "sluice-payload-crash-"));
-    configFile = join(dir, "sluice.json");
-    await writeFile(
-      configFile,
-      JSON.stringify({
-        consumer: { ackWaitMs: 3_000 },
-        pipeline: { maxInFlight: 16, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
-        payloads: { memoryBytes: 16 * 1024 * 1024, sweepIntervalMs: 0 },
-        models: models(["echo"], { batch: { max_size: 4, max_delay_ms: 5 } }),
-        workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
-      }),
-    );
+  const { serve } = useCrashStack(nats, {
+    device: { base_ms: 30, per_item_ms: 1 },
+    batch: { max_size: 4, max_delay_ms: 5 },
+    config: {
+      consumer: { ackWaitMs: 3_000 },
+      pipeline: { maxInFlight: 16, retryBaseMs: 50, retryMaxMs: 500, pullExpiresMs: 1_000 },
+      payloads: { memoryBytes: 16 * 1024 * 1024, sweepIntervalMs: 0 },
+    },
   });
-  after(async () => {
-    for (const p of procs) p.kill("SIGKILL");
-    await worker?.stop();
-    await rm(dir, { recursive: true, force: true });
-  });
-
-  const serve = (): CliProcess => {
-    const p = runCli(["serve", "--config", configFile, "--server", nats.url]);
-    procs.push(p);
-    return p;
-  };
 
   it("answers every 2 MB request once, whole, across a SIGKILL and a restart; no orphaned objects after the grace", async () => {
     const client = new InferenceClient(nats.nc, "crashbig");
-    const seen = new Map<string, number>();
-    const sub = nats.nc.subscribe("infer.res.crashbig.>", {
-      callback: (_e, m) => {
-        const id = m.subject.split(".")[3]!;
-        seen.set(id, (seen.get(id) ?? 0) + 1);
-      },
-    });
+    const { seen, sub } = countResults(nats.nc, "infer.res.crashbig.>");
     const first = serve();
     await first.waitFor(/ready/, 60_000);
     for (let i = 0; i < N; i++) await client.publish("echo", { prompt: prompt(i) }, { id: `big${i}` });

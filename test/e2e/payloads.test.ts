@@ -8,7 +8,9 @@
 import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError, type StreamEvent } from "../../pipeline/client/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { InferenceError } from "../../pipeline/client/errors.js";
+import type { StreamEvent } from "../../pipeline/client/options.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { STREAM_REQUESTS, STREAM_RESULTS } from "../../proto/wire.js";

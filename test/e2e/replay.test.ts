@@ -13,7 +13,7 @@ import { headers as natsHeaders } from "@nats-io/transport-node";
 import { InferenceClient } from "../../pipeline/client/client.js";
 import type { SluiceConfig } from "../../pipeline/config.js";
 import { STREAM_REQUESTS, REPLAY_HEADERS, replaySubjects } from "../../proto/wire.js";
-import { compareResults, countSelection, filterSubjectOf, parsePace, parseTimeSpec, replay, type ReplayItem, type ReplayProgress, type ReplaySelection } from "../../pipeline/tools/replay.js";
+import { compareResults, countSelection, filterSubjectOf, parsePace, parseTimeSpec, replay, type ReplayItem, type ReplayProgress, type ReplaySelection } from "../../pipeline/tools/replay/mod.js";
 import { lineDiff, textSimilarity } from "../../pipeline/tools/text-compare.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { WorkerRegistration } from "../../pipeline/workers/directory.js";

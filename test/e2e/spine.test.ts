@@ -5,7 +5,8 @@
 import { expect } from "chai";
 import { headers as natsHeaders, nuid } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { InferenceClient, InferenceError } from "../../pipeline/client/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import { InferenceError } from "../../pipeline/client/errors.js";
 import { STREAM_DLQ, STREAM_RESULTS } from "../../proto/wire.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";

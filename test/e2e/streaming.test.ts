@@ -1,6 +1,7 @@
 /** Token streaming through the pipeline: order, completeness, cancellation and worker capacity. */
 import { expect } from "chai";
-import { InferenceClient, type StreamEvent } from "../../pipeline/client/client.js";
+import { InferenceClient } from "../../pipeline/client/client.js";
+import type { StreamEvent } from "../../pipeline/client/options.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import type { InferResult } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";

@@ -5,7 +5,7 @@
  */
 import { expect } from "chai";
 import { BLOCK_CHARS, BLOCK_TOKENS, prefixBlockHashes } from "../../proto/prefix-blocks.js";
-import { WorkerClient } from "../../pipeline/workers/client.js";
+import { WorkerClient } from "../../pipeline/workers/mod.js";
 import { EngineError, type EngineRequest } from "../../worker/engine.js";
 import { LlmSimEngine, type LlmSimOptions } from "../../worker/engines/llm-sim.js";
 import { createEngine, EngineSpecError } from "../../worker/engines.js";

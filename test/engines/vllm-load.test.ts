@@ -7,7 +7,7 @@ import { readFileSync } from "node:fs";
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
 import { expect } from "chai";
-import { WorkerClient, WorkerCallError } from "../../pipeline/workers/client.js";
+import { WorkerClient, WorkerCallError } from "../../pipeline/workers/mod.js";
 import { EngineError } from "../../worker/engine.js";
 import { parsePrometheusText, vllmLoadFromMetrics } from "../../worker/engines/vllm-metrics.js";
 import { WorkerServer } from "../../worker/server.js";

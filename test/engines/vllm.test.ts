@@ -5,11 +5,10 @@
  * VllmEngine -> fake vLLM.
  */
 import { readFileSync } from "node:fs";
-import { createServer, type IncomingHttpHeaders, type IncomingMessage, type Server, type ServerResponse } from "node:http";
-import type { AddressInfo } from "node:net";
+import type { ServerResponse } from "node:http";
 import { expect } from "chai";
-import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/client.js";
-import { EngineClosedError, EngineError, type EngineBatch, type EngineItemResult, type EngineRequest, type EngineToken } from "../../worker/engine.js";
+import { WorkerClient, type WorkerChunk } from "../../pipeline/workers/mod.js";
+import { EngineClosedError, EngineError } from "../../worker/engine.js";
 import { createEngine, ENGINE_NAMES, EngineSpecError } from "../../worker/engines.js";
 import { DeepSpeedMiiEngine } from "../../worker/engines/deepspeed-mii.js";
 import { WorkerServer } from "../../worker/server.js";
@@ -17,84 +16,8 @@ import { SimulatedEngine } from "../../worker/engines/simulated.js";
 import { VllmEngine, type VllmEngineOptions } from "../../worker/engines/vllm.js";
 import { apportion } from "../../worker/http/batch.js";
 import { SseDecoder } from "../../worker/http/sse.js";
-
-// ---------------------------------------------------------------------------------------------
-// A fake HTTP server: records every request, answers with the test's handler.
-// ---------------------------------------------------------------------------------------------
-
-interface Recorded {
-  readonly method: string;
-  readonly url: string;
-  readonly headers: IncomingHttpHeaders;
-  readonly body: unknown;
-}
-
-type Handler = (req: Recorded, res: ServerResponse) => void | Promise<void>;
-
-class FakeServer {
-  readonly requests: Recorded[] = [];
-  /** URLs of requests whose connection closed before the answer was complete. */
-  readonly dropped: string[] = [];
-  inFlight = 0;
-  maxInFlight = 0;
-  handler: Handler = (_req, res) => reply(res, 500, "no handler");
-
-  private constructor(
-    private readonly server: Server,
-    readonly url: string,
-  ) {}
-
-  static async start(handler?: Handler): Promise<FakeServer> {
-    const server = createServer();
-    await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-    const fake = new FakeServer(server, `http://127.0.0.1:${(server.address() as AddressInfo).port}`);
-    if (handler) fake.handler = handler;
-    server.on("request", (req: IncomingMessage, res: ServerResponse) => {
-      void fake.serve(req, res);
-    });
-    return fake;
-  }
-
-  /** Bodies of the requests to `path`, in arrival order. */
-  bodies(path: string): unknown[] {
-    return this.requests.filter((r) => r.url === path).map((r) => r.body);
-  }
-
-  async stop(): Promise<void> {
-    this.server.closeAllConnections();
-    await new Promise<void>((resolve) => this.server.close(() => resolve()));
-  }
-
-  private async serve(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const chunks: Buffer[] = [];
-    for await (const chunk of req) chunks.push(chunk as Buffer);
-    const raw = Buffer.concat(chunks).toString("utf8");
-    let body: unknown = raw;
-    try {
-      body = raw === "" ? undefined : JSON.parse(raw);
-    } catch {
-      // Not JSON: keep the text.
-    }
-    const recorded: Recorded = { method: req.method ?? "", url: req.url ?? "", headers: req.headers, body };
-    this.requests.push(recorded);
-    this.inFlight++;
-    this.maxInFlight = Math.max(this.maxInFlight, this.inFlight);
-    res.on("close", () => {
-      this.inFlight--;
-      if (!res.writableFinished) this.dropped.push(recorded.url);
-    });
-    try {
-      await this.handler(recorded, res);
-    } catch (err) {
-      if (!res.headersSent) reply(res, 500, String(err));
-    }
-  }
-}
-
-function reply(res: ServerResponse, status: number, body: string, contentType = "application/json"): void {
-  res.writeHead(status, { "Content-Type": contentType, "Content-Length": Buffer.byteLength(body) });
-  res.end(body);
-}
+import { FakeServer, reply, type Handler } from "../support/fake-http.js";
+import { collect, engineRequests, failed, failureOf, ok, rejectionOf, sleep, waitFor } from "../support/engine-checks.js";
 
 /** Writes an SSE body in `pieces`, each its own TCP write after a short pause. */
 async function stream(res: ServerResponse, pieces: ReadonlyArray<string | Uint8Array>, pauseMs = 2): Promise<void> {
@@ -134,69 +57,7 @@ function completionAnswer(texts: readonly string[], finish = "stop"): string {
   });
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
-}
-
-async function waitFor(what: string, check: () => boolean, timeoutMs = 3_000): Promise<void> {
-  const until = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > until) throw new Error(`timed out waiting for ${what}`);
-    await sleep(5);
-  }
-}
-
-async function rejectionOf(promise: Promise<unknown>): Promise<unknown> {
-  try {
-    await promise;
-  } catch (err) {
-    return err;
-  }
-  throw new Error("expected a rejection, but it resolved");
-}
-
-async function collect(tokens: AsyncIterable<EngineToken>): Promise<string[]> {
-  const out: string[] = [];
-  for await (const t of tokens) out.push(t.text);
-  return out;
-}
-
-/** Iterates a generation and returns what it yielded and how it failed (it must fail). */
-async function failureOf(tokens: AsyncIterable<EngineToken>): Promise<{ texts: string[]; error: unknown }> {
-  const texts: string[] = [];
-  try {
-    for await (const t of tokens) texts.push(t.text);
-  } catch (error) {
-    return { texts, error };
-  }
-  throw new Error(`expected the generation to fail, but it yielded ${JSON.stringify(texts)} and ended`);
-}
-
-function request(id: string, prompt: string | undefined, parameters?: Record<string, unknown>, extra: Partial<EngineRequest> = {}): EngineRequest {
-  return {
-    id,
-    tenant: "acme",
-    model: "llama3-8b",
-    version: "v1",
-    ...(prompt !== undefined ? { prompt } : {}),
-    ...(parameters ? { parameters } : {}),
-    ...extra,
-  };
-}
-
-function batchOf(...requests: EngineRequest[]): EngineBatch {
-  return { model: "llama3-8b", version: "v1", requests };
-}
-
-function ok(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: true }> {
-  if (!result?.ok) throw new Error(`expected an ok result, got ${JSON.stringify(result)}`);
-  return result;
-}
-
-function failed(result: EngineItemResult | undefined): Extract<EngineItemResult, { ok: false }> {
-  if (!result || result.ok) throw new Error(`expected an error result, got ${JSON.stringify(result)}`);
-  return result;
-}
+const { request, batchOf } = engineRequests("llama3-8b");
 
 const never = new AbortController().signal;
 const cleanups: Array<() => Promise<void> | void> = [];

@@ -16,6 +16,9 @@ import { connect, headers as natsHeaders, type NatsConnection, type Subscription
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { getStoredResult } from "../../pipeline/settle/stored-result.js";
 import { NatsServer } from "../../pipeline/dev/nats-server.js";
+import type { PipelineService } from "../../pipeline/service.js";
+import type { NatsFixture } from "../support/nats.js";
+import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -297,4 +300,44 @@ export async function until(f: () => boolean, timeoutMs: number, everyMs = 25): 
     await delay(everyMs);
   }
   return true;
+}
+
+/** The stack of a fault suite: an in-process pipeline and a simulated worker, and the suite's load. */
+export interface FaultStack {
+  readonly pipeline: PipelineService;
+  /** The test's load, closed after the suite when set. */
+  load: SteadyLoad | undefined;
+}
+
+/**
+ * Registers before/after hooks in the calling `describe`: a quick simulated worker and a
+ * pipeline serving model `echo` before the suite; the load, the pipeline and the worker closed
+ * after it.
+ */
+export function useFaultStack(nats: NatsFixture): FaultStack {
+  let worker: TestWorker | undefined;
+  let pipeline: PipelineService | undefined;
+  const stack: FaultStack = {
+    get pipeline(): PipelineService {
+      if (!pipeline) throw new Error("the fault stack is not started yet");
+      return pipeline;
+    },
+    load: undefined,
+  };
+  before(async () => {
+    worker = await startWorker({ base_ms: 2, per_item_ms: 0.05 });
+    pipeline = await startPipeline(
+      testConfig(nats.url, {
+        models: models(["echo"]),
+        workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
+        consumer: { ackWaitMs: 3_000 },
+      }),
+    );
+  });
+  after(async () => {
+    await stack.load?.close();
+    await pipeline?.stop(2_000);
+    await worker?.stop();
+  });
+  return stack;
 }

@@ -11,41 +11,19 @@ import { setTimeout as delay } from "node:timers/promises";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { getStoredResult } from "../../pipeline/settle/stored-result.js";
 import { STREAM_RESULTS } from "../../proto/wire.js";
-import type { PipelineService } from "../../pipeline/service.js";
 import { useNats } from "../support/nats.js";
-import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";
-import { reportLine, SteadyLoad, until } from "./harness.js";
+import { reportLine, SteadyLoad, until, useFaultStack } from "./harness.js";
 
 describe("fault: result publishes fail transiently under load", function () {
   this.timeout(90_000);
   const nats = useNats();
-  let worker: TestWorker;
-  let pipeline: PipelineService;
-  let load: SteadyLoad | undefined;
-
-  before(async () => {
-    worker = await startWorker({ base_ms: 2, per_item_ms: 0.05 });
-    pipeline = await startPipeline(
-      testConfig(nats.url, {
-        models: models(["echo"]),
-        workers: [{ model: "echo", version: "v1", endpoint: worker.server.endpoint }],
-        consumer: { ackWaitMs: 3_000 },
-      }),
-    );
-  });
-
-  after(async () => {
-    await load?.close();
-    await pipeline?.stop(2_000);
-    await worker?.stop();
-  });
-
+  const stack = useFaultStack(nats);
 
   it("answers every request once and stores each result once: nothing lost, nothing sent twice", async () => {
     const jsm = await jetstreamManager(nats.nc);
-    load = await SteadyLoad.open({ servers: [nats.url], tenant: "pubfail", model: "echo", count: 1_200, rate: 200 });
+    const load = (stack.load = await SteadyLoad.open({ servers: [nats.url], tenant: "pubfail", model: "echo", count: 1_200, rate: 200 }));
     const publishing = load.start();
-    expect(await until(() => load!.answeredSeen >= 200, 20_000), "answers before the fault").to.equal(true);
+    expect(await until(() => load.answeredSeen >= 200, 20_000), "answers before the fault").to.equal(true);
 
     const original = (await jsm.streams.info(STREAM_RESULTS)).config;
     const errorsBefore = await publishErrors();
@@ -92,7 +70,7 @@ describe("fault: result publishes fail transiently under load", function () {
 
   /** sluice_publish_errors_total as the pipeline's /metrics would show it. */
   async function publishErrors(): Promise<number> {
-    const m = await pipeline.metrics.registry.getSingleMetricAsString("sluice_publish_errors_total");
+    const m = await stack.pipeline.metrics.registry.getSingleMetricAsString("sluice_publish_errors_total");
     const line = m.split("\n").find((l) => l.startsWith("sluice_publish_errors_total"));
     return Number(line?.split(" ")[1] ?? 0);
   }

@@ -3,23 +3,10 @@ import { lastValueFrom, of, toArray } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { admitByDeadline } from "../../operators/admit-by-deadline.js";
 import { isOutcome } from "../../operators/outcome.js";
-import { errorResult, type Delivery, type InferJob, type Outcome } from "../../operators/types.js";
+import { errorResult, type InferJob, type Outcome } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 function job(id: string, deadlineMs?: number): InferJob {
   const j: InferJob = { id, tenant: "acme", model: "m", priority: "normal", prompt: id, stream: false, delivery };

@@ -3,8 +3,10 @@ import { filter, map, type Observable } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { admitByTenantLimits, type AdmitByTenantLimitsOptions } from "../../operators/admit-by-tenant-limits.js";
 import type { Delivery, InferJob, Outcome } from "../../operators/types.js";
-import { parseTenantLimits, TenantLimiter, TenantLimitsError, TenantRegistry, type TenantLimiterOptions } from "../../pipeline/routing/tenant-limits.js";
+import { parseTenantLimits, TenantLimiter, TenantLimitsError, type TenantLimiterOptions } from "../../pipeline/routing/tenant-limits.js";
+import { TenantRegistry } from "../../pipeline/routing/tenant-registry.js";
 import { useNats, waitFor } from "../support/nats.js";
+import { inertDelivery } from "../support/deliveries.js";
 
 // ---- doubles ----------------------------------------------------------------------------------
 
@@ -13,21 +15,7 @@ interface FakeDelivery extends Delivery {
 }
 
 function delivery(opts: { deliveryCount?: number; storedAtMs?: number } = {}): FakeDelivery {
-  return {
-    subject: "infer.req.normal.acme.m",
-    data: new Uint8Array(),
-    header: () => undefined,
-    headerEntries: () => [],
-    seq: 1,
-    deliveryCount: opts.deliveryCount ?? 1,
-    storedAtMs: opts.storedAtMs ?? 0,
-    pulledAtMs: 0,
-    settled: false,
-    ack: () => undefined,
-    nak: () => undefined,
-    term: () => undefined,
-    working: () => undefined,
-  };
+  return { ...inertDelivery({ deliveryCount: opts.deliveryCount ?? 1, storedAtMs: opts.storedAtMs ?? 0 }), settled: false };
 }
 
 function job(id: string, o: { tenant?: string; maxTokens?: number; deadlineMs?: number; deliveryCount?: number; storedAtMs?: number } = {}): InferJob {

@@ -2,23 +2,10 @@ import { expect } from "chai";
 import { throwError, type Observable } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { answerFromCache, cachedResult, type CachedAnswers } from "../../operators/answer-from-cache.js";
-import type { Delivery, InferResult, Outcome, RoutedJob } from "../../operators/types.js";
+import type { InferResult, Outcome, RoutedJob } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 const job = (id: string, extra: Partial<RoutedJob> = {}): RoutedJob => ({ id, tenant: "acme", model: "m", version: "v1", priority: "normal", prompt: id, stream: false, delivery, ...extra });
 const stored: InferResult = { id: "", status: "ok", output: { text: "cached" }, usage: { prompt_tokens: 3, completion_tokens: 5 } };

@@ -2,23 +2,10 @@ import { expect } from "chai";
 import { Observable, Subject, type SchedulerAction, type SchedulerLike, type Subscription } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { batchByModelVersion, batchKey, takeFair, type BatchSettings } from "../../operators/batch-by-model-version.js";
-import type { Batch, Delivery, RoutedJob } from "../../operators/types.js";
+import type { Batch, RoutedJob } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 function job(id: string, model = "m", version = "v1", deadlineMs?: number): RoutedJob {
   const j: RoutedJob = { id, tenant: "acme", model, version, priority: "normal", prompt: id, stream: false, delivery };

@@ -4,6 +4,7 @@ import { TestScheduler } from "rxjs/testing";
 import { DispatchError, dispatchBatch, type BatchDispatcher, type BatchReply, type ItemReply } from "../../operators/dispatch-batch.js";
 import { retryDelayMs } from "../../operators/outcome.js";
 import { errorResult, type Batch, type Delivery, type Outcome, type RoutedJob } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
 // ---- a promise that settles in virtual time ----------------------------------------------------
 //
@@ -77,23 +78,7 @@ class VirtualPromise<T> implements Promise<T> {
 
 // ---- jobs, batches and a scripted worker --------------------------------------------------------
 
-function delivery(deliveryCount = 1): Delivery {
-  return {
-    subject: "infer.req.normal.acme.m",
-    data: new Uint8Array(),
-    header: () => undefined,
-    headerEntries: () => [],
-    seq: 1,
-    deliveryCount,
-    storedAtMs: 0,
-    pulledAtMs: 0,
-    settled: false,
-    ack: () => undefined,
-    nak: () => undefined,
-    term: () => undefined,
-    working: () => undefined,
-  };
-}
+const delivery = (deliveryCount = 1): Delivery => inertDelivery({ deliveryCount });
 
 function job(id: string, opts: { deadlineMs?: number; deliveryCount?: number } = {}): RoutedJob {
   const j: RoutedJob = { id, tenant: "acme", model: "m", version: "v1", priority: "normal", prompt: id, stream: false, delivery: delivery(opts.deliveryCount) };
@@ -159,7 +144,7 @@ const MAX = 1_000;
 const retryOf = (j: RoutedJob, code: "UNAVAILABLE" | "RESOURCE_EXHAUSTED" | "DEADLINE_EXCEEDED", message: string): Outcome => ({
   kind: "retry",
   job: j,
-  delayMs: retryDelayMs(j.delivery.deliveryCount, BASE, MAX),
+  delayMs: retryDelayMs(j.delivery.deliveryCount, BASE, MAX, 0),
   lastResort: errorResult(j, code, message),
 });
 const resultOf = (j: RoutedJob, code: Parameters<typeof errorResult>[1], message: string): Outcome => ({
@@ -175,7 +160,7 @@ describe("dispatchBatch", () => {
       expect(actual).to.deep.equal(expected);
     });
   });
-  const opts = () => ({ now: () => ts.now(), retryBaseMs: BASE, retryMaxMs: MAX });
+  const opts = () => ({ now: () => ts.now(), retryBaseMs: BASE, retryMaxMs: MAX, retryJitter: 0 });
 
   it("sends a batch once and emits one ok outcome per job, in batch order, when the reply comes", () => {
     ts.run(({ cold, expectObservable, flush }) => {

@@ -2,23 +2,10 @@ import { expect } from "chai";
 import { delay, filter, map, of, take, type OperatorFunction } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { onJobs } from "../../operators/on-jobs.js";
-import { errorResult, type Delivery, type InferJob, type Outcome } from "../../operators/types.js";
+import { errorResult, type InferJob, type Outcome } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 function job(id: string): InferJob {
   return { id, tenant: "acme", model: "m", priority: "normal", prompt: id, stream: false, delivery };

@@ -1,23 +1,10 @@
 import { expect } from "chai";
 import { TestScheduler } from "rxjs/testing";
 import { routeToVersion, type RouteDecision } from "../../operators/route-to-version.js";
-import { errorResult, type Delivery, type InferJob, type Outcome, type RoutedJob } from "../../operators/types.js";
+import { errorResult, type InferJob, type Outcome, type RoutedJob } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 function job(id: string, model: string, pinnedVersion?: string): InferJob {
   const j: InferJob = { id, tenant: "acme", model, priority: "normal", prompt: id, stream: false, delivery };

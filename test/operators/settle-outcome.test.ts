@@ -163,7 +163,7 @@ const deadOutcome = (d: Delivery, error: ErrorInfo, who: { tenant?: string; mode
 
 const BASE = 100;
 const MAX = 5_000;
-const options = (o: Partial<SettleOutcomesOptions> = {}): SettleOutcomesOptions => ({ maxDeliver: 5, retryBaseMs: BASE, retryMaxMs: MAX, ...o });
+const options = (o: Partial<SettleOutcomesOptions> = {}): SettleOutcomesOptions => ({ maxDeliver: 5, retryBaseMs: BASE, retryMaxMs: MAX, retryJitter: 0, ...o });
 
 function settleAll(sink: ResultSink, outcomes: Outcome[], o: Partial<SettleOutcomesOptions> = {}): Promise<Settled[]> {
   return lastValueFrom(from(outcomes).pipe(settleOutcomes(sink, options(o)), toArray()));
@@ -247,9 +247,9 @@ describe("settleOutcomes", () => {
       const out = await settleAll(sink, [resultOutcome(first, ok(first)), resultOutcome(third, ok(third))], { concurrency: 1 });
       expect(out.map((s) => s.action)).to.deep.equal(["nak", "nak"]);
       expect((out[0]!.error as Error).message).to.equal("publish of result:first failed");
-      expect(first.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, BASE, MAX)}`]);
-      expect(third.delivery.calls).to.deep.equal([`nak:${retryDelayMs(3, BASE, MAX)}`]);
-      expect(retryDelayMs(3, BASE, MAX)).to.equal(4 * BASE);
+      expect(first.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, BASE, MAX, 0)}`]);
+      expect(third.delivery.calls).to.deep.equal([`nak:${retryDelayMs(3, BASE, MAX, 0)}`]);
+      expect(retryDelayMs(3, BASE, MAX, 0)).to.equal(4 * BASE);
       expect(sink.results).to.deep.equal([]);
 
       const again = job(log, "first", 2);
@@ -265,7 +265,7 @@ describe("settleOutcomes", () => {
       const [s] = await settleAll(sink, [resultOutcome(a, r, true)]);
       expect(s).to.deep.include({ action: "nak", deadLettered: false });
       expect(sink.results).to.deep.equal([]);
-      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(5, BASE, MAX)}`]);
+      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(5, BASE, MAX, 0)}`]);
     });
   });
 
@@ -339,7 +339,7 @@ describe("settleOutcomes", () => {
       expect(s!.action).to.equal("nak");
       expect((s!.error as Error).message).to.equal("publish of result:a failed");
       expect(s!.publishFailures).to.be.greaterThan(1);
-      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, 5, 5)}`]);
+      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(1, 5, 5, 0)}`]);
       expect(sink.results).to.deep.equal([]);
     });
 
@@ -428,7 +428,7 @@ describe("settleOutcomes", () => {
       const [s] = await settleAll(sink, [resultOutcome(a, ok(a))]);
       expect(s!.action).to.equal("nak");
       expect((s!.error as Error).message).to.equal("stream lookup failed");
-      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(2, BASE, MAX)}`]);
+      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(2, BASE, MAX, 0)}`]);
       expect(sink.results).to.deep.equal([]);
     });
   });
@@ -475,7 +475,7 @@ describe("settleOutcomes", () => {
       const a = job(log, "a", 5);
       const [s] = await settleAll(sink, [retryOutcome(a, 250, errorResult(a, "UNAVAILABLE", "no worker"))]);
       expect(s!.action).to.equal("nak");
-      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(5, BASE, MAX)}`]);
+      expect(a.delivery.calls).to.deep.equal([`nak:${retryDelayMs(5, BASE, MAX, 0)}`]);
     });
 
     it("at maxDeliver, does not answer twice when the last resort was already stored", async () => {
@@ -554,7 +554,7 @@ describe("settleOutcomes", () => {
       const d = recordingDelivery(log, "x", 2);
       const [s] = await settleAll(sink, [deadOutcome(d, { code: "INVALID_ARGUMENT", message: "bad" })]);
       expect(s).to.deep.include({ action: "nak", deadLettered: false });
-      expect(d.calls).to.deep.equal([`nak:${retryDelayMs(2, BASE, MAX)}`]);
+      expect(d.calls).to.deep.equal([`nak:${retryDelayMs(2, BASE, MAX, 0)}`]);
     });
   });
 

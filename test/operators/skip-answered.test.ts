@@ -2,27 +2,10 @@ import { expect } from "chai";
 import { from, lastValueFrom, toArray } from "rxjs";
 import { skipAnswered } from "../../operators/skip-answered.js";
 import { isOutcome } from "../../operators/outcome.js";
-import type { Delivery, InferJob, InferResult, Outcome } from "../../operators/types.js";
+import type { InferJob, InferResult, Outcome } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-function delivery(deliveryCount: number): Delivery {
-  return {
-    subject: "infer.req.normal.acme.m",
-    data: new Uint8Array(),
-    header: () => undefined,
-    headerEntries: () => [],
-    seq: 1,
-    deliveryCount,
-    storedAtMs: 0,
-    pulledAtMs: 0,
-    settled: false,
-    ack: () => undefined,
-    nak: () => undefined,
-    term: () => undefined,
-    working: () => undefined,
-  };
-}
-
-const job = (id: string, deliveryCount: number): InferJob => ({ id, tenant: "acme", model: "m", priority: "normal", prompt: id, stream: false, delivery: delivery(deliveryCount) });
+const job = (id: string, deliveryCount: number): InferJob => ({ id, tenant: "acme", model: "m", priority: "normal", prompt: id, stream: false, delivery: inertDelivery({ deliveryCount }) });
 const stored = (id: string): InferResult => ({ id, status: "ok", model: "m", version: "v1", output: { text: `stored ${id}` } });
 
 function run(jobs: InferJob[], lookup: (j: InferJob) => Promise<InferResult | undefined>): Promise<Array<InferJob | Outcome>> {

@@ -2,23 +2,10 @@ import { expect } from "chai";
 import { throwError, type Observable } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
 import { storeInCache, type AnswerStore } from "../../operators/store-in-cache.js";
-import { errorResult, type Delivery, type InferResult, type Outcome, type RoutedJob } from "../../operators/types.js";
+import { errorResult, type InferResult, type Outcome, type RoutedJob } from "../../operators/types.js";
+import { inertDelivery } from "../support/deliveries.js";
 
-const delivery: Delivery = {
-  subject: "infer.req.normal.acme.m",
-  data: new Uint8Array(),
-  header: () => undefined,
-  headerEntries: () => [],
-  seq: 1,
-  deliveryCount: 1,
-  storedAtMs: 0,
-  pulledAtMs: 0,
-  settled: false,
-  ack: () => undefined,
-  nak: () => undefined,
-  term: () => undefined,
-  working: () => undefined,
-};
+const delivery = inertDelivery();
 
 const job = (id: string, extra: Partial<RoutedJob> = {}): RoutedJob => ({ id, tenant: "acme", model: "m", version: "v1", priority: "normal", prompt: id, stream: false, delivery, ...extra });
 const timing = { queue_ms: 1, batch_size: 4, worker_ms: 2, total_ms: 3 };

@@ -5,7 +5,7 @@
  * answered, each with its own output, in order.
  */
 import { expect } from "chai";
-import { WorkerClient, WORKER_CLIENT_MAX_BATCH_BYTES } from "../../pipeline/workers/client.js";
+import { WorkerClient, WORKER_CLIENT_MAX_BATCH_BYTES } from "../../pipeline/workers/mod.js";
 import { startWorker, type TestWorker } from "../support/stack.js";
 
 describe("worker client: a batch of large requests", function () {

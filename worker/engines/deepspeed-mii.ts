@@ -36,25 +36,23 @@
  *   finishes the generation, so cancelling frees this side only.
  */
 import {
-  EngineClosedError,
   EngineError,
   type Engine,
-  type EngineBatch,
   type EngineItemResult,
   type EngineRequest,
   type EngineToken,
   type EngineUsage,
 } from "../engine.js";
-import { abortReason } from "../http/errors.js";
 import { booleanParameter, integerParameter, mapParameters, numberParameter, ONE_ANSWER, parameterKey, stringsParameter, type ParameterRule } from "../http/parameters.js";
 import { generationOnce, type HttpGeneration } from "../http/generation.js";
 import { DEFAULT_REQUEST_TIMEOUT_MS, HttpEngineClient } from "../http/client.js";
-import { isRecord, runBatch, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
+import { isRecord, tokenCount, type BatchCalls, type Preparation, type PreparedItem } from "../http/batch.js";
+import { HttpBatchEngine, type HttpEngineOptions } from "../http/engine-base.js";
 
 /** Items in flight at once, by default: the gateway's default number of processes. */
 export const DEFAULT_MII_CAPACITY = 32;
 /** The path prefix of MII's RESTful gateway (`RESTFUL_API_PATH`). */
-export const MII_RESTFUL_API_PATH = "/mii";
+const MII_RESTFUL_API_PATH = "/mii";
 
 /** `temperature`: 0 means greedy, which MII spells `do_sample: false`. */
 const temperatureRule: ParameterRule = (_name, value, body) => {
@@ -77,7 +75,7 @@ const doSampleRule: ParameterRule = (name, value, body) => {
 };
 
 /** sluice parameters this adapter takes, and the MII keywords they become. */
-export const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
+const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   max_tokens: integerParameter(1, "max_new_tokens"),
   max_length: integerParameter(1),
   min_tokens: integerParameter(0, "min_new_tokens"),
@@ -90,17 +88,13 @@ export const MII_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   n: ONE_ANSWER,
 };
 
-export interface DeepSpeedMiiEngineOptions {
-  /** Where the RESTful gateway listens, e.g. `http://10.0.0.7:28080`. */
-  readonly baseUrl: string;
+/**
+ * `baseUrl`: where the RESTful gateway listens, e.g. `http://10.0.0.7:28080`; `capacity`: default
+ * {@link DEFAULT_MII_CAPACITY}.
+ */
+export interface DeepSpeedMiiEngineOptions extends HttpEngineOptions {
   /** The `deployment_name` given to `mii.serve` (the last part of the gateway's path). */
   readonly deployment: string;
-  /** Items in flight at once; default {@link DEFAULT_MII_CAPACITY}. */
-  readonly capacity?: number;
-  /** Default {@link DEFAULT_REQUEST_TIMEOUT_MS}. */
-  readonly requestTimeoutMs?: number;
-  /** Parameters for requests that do not set them, checked like a request's. */
-  readonly defaultParameters?: Readonly<Record<string, unknown>>;
 }
 
 /** A generation of {@link DeepSpeedMiiEngine}: also tells why it finished. */
@@ -118,15 +112,16 @@ interface MiiAnswer {
   readonly finish: string | undefined;
 }
 
-export class DeepSpeedMiiEngine implements Engine {
+export class DeepSpeedMiiEngine extends HttpBatchEngine<MiiPayload> implements Engine {
   readonly capacity: number;
   readonly deployment: string;
-  private readonly http: HttpEngineClient;
+  protected readonly http: HttpEngineClient;
   private readonly path: string;
   private readonly defaults: Readonly<Record<string, unknown>>;
-  private readonly calls: BatchCalls<MiiPayload>;
+  protected readonly calls: BatchCalls<MiiPayload>;
 
   constructor(opts: DeepSpeedMiiEngineOptions) {
+    super();
     if (typeof opts.deployment !== "string" || opts.deployment.trim() === "") {
       throw new TypeError("deployment (the deployment_name given to mii.serve) is required");
     }
@@ -157,20 +152,6 @@ export class DeepSpeedMiiEngine implements Engine {
     };
   }
 
-  /** Where requests go (the gateway root). */
-  get baseUrl(): string {
-    return this.http.baseUrl;
-  }
-
-  /** Items in flight to the gateway now. */
-  get inFlight(): number {
-    return this.http.inFlight;
-  }
-
-  infer(batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> {
-    return runBatch(batch, signal, this.calls, this.http);
-  }
-
   /** One chunk, the whole text: the gateway does not stream (see the module comment). */
   generate(request: EngineRequest, signal: AbortSignal): DeepSpeedMiiGeneration {
     return generationOnce((usage, state) => this.whole(request, signal, usage, state));
@@ -179,11 +160,6 @@ export class DeepSpeedMiiEngine implements Engine {
   /** Whether `GET /healthz` answers 200 (false too when the gateway cannot be reached). */
   health(signal?: AbortSignal): Promise<boolean> {
     return this.http.healthy("/healthz", signal);
-  }
-
-  /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */
-  async close(): Promise<void> {
-    this.http.close();
   }
 
   private prepare(request: EngineRequest): Preparation<MiiPayload> {
@@ -232,14 +208,8 @@ export class DeepSpeedMiiEngine implements Engine {
     usage: EngineUsage,
     state: { finish: string | undefined },
   ): AsyncGenerator<EngineToken, void, undefined> {
-    if (this.http.closed) throw new EngineClosedError();
-    if (signal.aborted) throw abortReason(signal);
-    if (request.deadlineMs !== undefined && request.deadlineMs > 0 && request.deadlineMs <= Date.now()) {
-      throw new EngineError("DEADLINE_EXCEEDED", `deadline passed before request '${request.id}' started`);
-    }
-    const prepared = this.prepare(request);
-    if (!prepared.ok) throw new EngineError(prepared.error.code, prepared.error.message);
-    const [answer] = await this.post([{ index: 0, request, payload: prepared.payload }], signal);
+    const payload = this.generationPayload(request, signal);
+    const [answer] = await this.post([{ index: 0, request, payload }], signal);
     if (!answer) throw new EngineError("INTERNAL", `DeepSpeed-MII gave no answer for request '${request.id}'`);
     usage.prompt_tokens = answer.usage.prompt_tokens;
     usage.completion_tokens = answer.usage.completion_tokens;

@@ -6,7 +6,7 @@
 import { createHash } from "node:crypto";
 
 export const EMBED_SIM_MODEL = "embed-sim";
-export const EMBED_SIM_DIMENSIONS = 64;
+const EMBED_SIM_DIMENSIONS = 64;
 
 export function simulatedEmbedding(text: string, dimensions = EMBED_SIM_DIMENSIONS): number[] {
   const v: number[] = [];

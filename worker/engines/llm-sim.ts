@@ -34,12 +34,12 @@ import { KvBlockCache } from "./kv-block-cache.js";
 
 export const DEFAULT_LLM_KV_TOKENS = 32_768;
 export const DEFAULT_LLM_MAX_RUNNING = 32;
-export const DEFAULT_LLM_MAX_TOKENS = 16;
-export const DEFAULT_LLM_STEP_MS = 2;
-export const DEFAULT_LLM_STEP_PER_SEQ_MS = 0.05;
-export const DEFAULT_LLM_PREFILL_MS_PER_TOKEN = 0.02;
+const DEFAULT_LLM_MAX_TOKENS = 16;
+const DEFAULT_LLM_STEP_MS = 2;
+const DEFAULT_LLM_STEP_PER_SEQ_MS = 0.05;
+const DEFAULT_LLM_PREFILL_MS_PER_TOKEN = 0.02;
 /** Entries of {@link LlmSimEngine.log} kept (the most recent). */
-export const DEFAULT_LLM_LOG_LIMIT = 10_000;
+const DEFAULT_LLM_LOG_LIMIT = 10_000;
 
 /** Where the engine reads time and sets its step timer. */
 export interface LlmSimClock {

@@ -18,15 +18,14 @@
  */
 import { setMaxListeners } from "node:events";
 import { performance } from "node:perf_hooks";
-import { ERROR_CODES, type ErrorCode } from "../../proto/wire.js";
 import { EMBED_SIM_MODEL, simulatedEmbedding } from "./embed-sim.js";
+import { capTokens, countWords, simulatedError, simulatedOutputText, splitTokens } from "./simulated-output.js";
 import {
   EngineClosedError,
   EngineError,
   type Engine,
   type EngineBatch,
   type EngineGeneration,
-  type EngineItemError,
   type EngineItemResult,
   type EngineRequest,
   type EngineToken,
@@ -363,54 +362,6 @@ export class SimulatedEngine implements Engine {
       this.logHead = 0;
     }
   }
-}
-
-/** The output text the simulated engine produces for a request (see the module comment). */
-export function simulatedOutputText(model: string, version: string, request: Pick<EngineRequest, "prompt" | "inputs">): string {
-  const input = request.prompt ?? JSON.stringify(request.inputs) ?? "";
-  switch (model) {
-    case "echo":
-      return input;
-    case "reverse":
-      return Array.from(input).reverse().join("");
-    case "upper":
-      return input.toUpperCase();
-    default:
-      return `${model}@${version}: ${input}`;
-  }
-}
-
-/** Whitespace-separated words of a text; 0 for none. */
-export function countWords(text: string | undefined): number {
-  if (!text) return 0;
-  let n = 0;
-  for (const w of text.split(/\s+/)) if (w.length > 0) n++;
-  return n;
-}
-
-/**
- * Splits a text into word tokens that keep their whitespace, so the tokens joined are the
- * text again.
- */
-export function splitTokens(text: string): string[] {
-  const tokens = text.match(/\s*\S+\s*/g);
-  if (tokens) return tokens;
-  return text.length > 0 ? [text] : [];
-}
-
-function capTokens(tokens: string[], request: EngineRequest): string[] {
-  const max = request.parameters?.["max_tokens"];
-  if (typeof max === "number" && Number.isFinite(max) && max >= 0 && max < tokens.length) {
-    return tokens.slice(0, Math.floor(max));
-  }
-  return tokens;
-}
-
-function simulatedError(request: EngineRequest): EngineItemError | undefined {
-  const wanted = request.parameters?.["simulate_error"];
-  if (wanted === undefined || wanted === null || wanted === false) return undefined;
-  const code: ErrorCode = ERROR_CODES.find((c) => c === wanted) ?? "INTERNAL";
-  return { code, message: `simulated ${code} for request '${request.id}'` };
 }
 
 /** The reason a signal was aborted with, as an Error (AbortSignal allows any value). */

@@ -7,13 +7,13 @@
  */
 import type { EngineLoad } from "../engine.js";
 
-export const VLLM_WAITING = "vllm:num_requests_waiting";
-export const VLLM_RUNNING = "vllm:num_requests_running";
-export const VLLM_KV_USAGE = "vllm:kv_cache_usage_perc";
-export const VLLM_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc";
+const VLLM_WAITING = "vllm:num_requests_waiting";
+const VLLM_RUNNING = "vllm:num_requests_running";
+const VLLM_KV_USAGE = "vllm:kv_cache_usage_perc";
+const VLLM_KV_USAGE_OLD = "vllm:gpu_cache_usage_perc";
 
 /** The page lacks a metric the load needs. */
-export class VllmMetricsError extends Error {
+class VllmMetricsError extends Error {
   override readonly name = "VllmMetricsError";
   readonly code = "UNAVAILABLE" as const;
 }

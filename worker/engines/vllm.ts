@@ -49,16 +49,17 @@
  *   chunks, not the whole generation, which may rightly take long.
  * - `output.data` carries `{"finish_reason": ...}` when the server gave one.
  */
-import { EngineClosedError, EngineError, type Engine, type EngineBatch, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
+import { EngineError, type Engine, type EngineItemError, type EngineItemResult, type EngineLoad, type EngineRequest, type EngineToken, type EngineUsage } from "../engine.js";
 import { integerParameter, numberParameter, stringsParameter, booleanParameter, ONE_ANSWER, mapParameters, parameterKey, type ParameterRule } from "../http/parameters.js";
 import { type HttpGeneration, generationOnce } from "../http/generation.js";
 import { HttpEngineClient, DEFAULT_REQUEST_TIMEOUT_MS, parseJson } from "../http/client.js";
-import { type BatchCalls, runBatch, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
-import { abortReason, HttpStatusError, errorCodeForStatus } from "../http/errors.js";
+import { type BatchCalls, type Preparation, type PreparedItem, isRecord, tokenCount, apportion } from "../http/batch.js";
+import { HttpBatchEngine, type HttpEngineOptions } from "../http/engine-base.js";
+import { HttpStatusError, errorCodeForStatus } from "../http/errors.js";
 import { vllmLoadFromMetrics } from "./vllm-metrics.js";
 
 /** Items in flight to the server at once, by default. */
-export const DEFAULT_VLLM_CAPACITY = 64;
+const DEFAULT_VLLM_CAPACITY = 64;
 
 // ---------------------------------------------------------------------------------------------
 // HTTP plumbing shared with the DeepSpeed-MII adapter.
@@ -69,7 +70,7 @@ export const DEFAULT_VLLM_CAPACITY = 64;
 // ---------------------------------------------------------------------------------------------
 
 /** vLLM's sampling parameters this adapter passes on (vLLM `CompletionRequest` field names). */
-export const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
+const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
   max_tokens: integerParameter(1),
   temperature: numberParameter({ min: 0 }),
   top_p: numberParameter({ min: 0, minExclusive: true, max: 1 }),
@@ -93,24 +94,18 @@ export const VLLM_PARAMETERS: Readonly<Record<string, ParameterRule>> = {
 // The vLLM engine.
 // ---------------------------------------------------------------------------------------------
 
-export interface VllmEngineOptions {
-  /** Where `vllm serve` listens, e.g. `http://10.0.0.7:8000`; a trailing `/v1` is dropped. */
-  readonly baseUrl: string;
+/**
+ * `baseUrl`: where `vllm serve` listens, e.g. `http://10.0.0.7:8000` (a trailing `/v1` is
+ * dropped); `capacity`: default {@link DEFAULT_VLLM_CAPACITY}; `defaultParameters`: note that
+ * vLLM's completions default `max_tokens` is 16.
+ */
+export interface VllmEngineOptions extends HttpEngineOptions {
   /** The model name vLLM serves (`--served-model-name`); default: the request's model. */
   readonly servedModel?: string;
   /** Sent as `Authorization: Bearer <apiKey>` (vLLM's `--api-key`). */
   readonly apiKey?: string;
   /** Use `/v1/chat/completions`, the prompt being one user message. */
   readonly chat?: boolean;
-  /** Items in flight at once; default {@link DEFAULT_VLLM_CAPACITY}. */
-  readonly capacity?: number;
-  /** Default {@link DEFAULT_REQUEST_TIMEOUT_MS}. */
-  readonly requestTimeoutMs?: number;
-  /**
-   * Parameters for requests that do not set them, checked like a request's. Note that vLLM's
-   * completions default `max_tokens` is 16.
-   */
-  readonly defaultParameters?: Readonly<Record<string, unknown>>;
 }
 
 /** A generation; `finishReason()` is the server's `finish_reason`, once it gave one. */
@@ -121,15 +116,16 @@ interface VllmPayload {
   readonly params: Readonly<Record<string, unknown>>;
 }
 
-export class VllmEngine implements Engine {
+export class VllmEngine extends HttpBatchEngine<VllmPayload> implements Engine {
   readonly capacity: number;
   readonly chat: boolean;
-  private readonly http: HttpEngineClient;
+  protected readonly http: HttpEngineClient;
   private readonly servedModel: string | undefined;
   private readonly defaults: Readonly<Record<string, unknown>>;
-  private readonly calls: BatchCalls<VllmPayload>;
+  protected readonly calls: BatchCalls<VllmPayload>;
 
   constructor(opts: VllmEngineOptions) {
+    super();
     const headers: Record<string, string> = {};
     if (opts.apiKey) headers["Authorization"] = `Bearer ${opts.apiKey}`;
     this.http = new HttpEngineClient({
@@ -150,20 +146,6 @@ export class VllmEngine implements Engine {
       maxItemsPerCall: this.chat ? 1 : this.capacity,
       call: (items, signal) => (this.chat ? this.chatCall(items, signal) : this.completionCall(items, signal)),
     };
-  }
-
-  /** Where requests go (the server root). */
-  get baseUrl(): string {
-    return this.http.baseUrl;
-  }
-
-  /** Items in flight to the server now. */
-  get inFlight(): number {
-    return this.http.inFlight;
-  }
-
-  infer(batch: EngineBatch, signal: AbortSignal): Promise<EngineItemResult[]> {
-    return runBatch(batch, signal, this.calls, this.http);
   }
 
   generate(request: EngineRequest, signal: AbortSignal): VllmGeneration {
@@ -188,11 +170,6 @@ export class VllmEngine implements Engine {
   /** Whether `GET /health` answers 200 (false too when the server cannot be reached). */
   health(signal?: AbortSignal): Promise<boolean> {
     return this.http.healthy("/health", signal);
-  }
-
-  /** Ends every call in flight (they fail with {@link EngineClosedError}). Safe to call twice. */
-  async close(): Promise<void> {
-    this.http.close();
   }
 
   private prepare(request: EngineRequest): Preparation<VllmPayload> {
@@ -256,14 +233,7 @@ export class VllmEngine implements Engine {
     usage: EngineUsage,
     state: { finish: string | undefined },
   ): AsyncGenerator<EngineToken, void, undefined> {
-    if (this.http.closed) throw new EngineClosedError();
-    if (signal.aborted) throw abortReason(signal);
-    if (request.deadlineMs !== undefined && request.deadlineMs > 0 && request.deadlineMs <= Date.now()) {
-      throw new EngineError("DEADLINE_EXCEEDED", `deadline passed before request '${request.id}' started`);
-    }
-    const prepared = this.prepare(request);
-    if (!prepared.ok) throw new EngineError(prepared.error.code, prepared.error.message);
-    const { prompt, params } = prepared.payload;
+    const { prompt, params } = this.generationPayload(request, signal);
     const path = this.chat ? "/v1/chat/completions" : "/v1/completions";
     const body: Record<string, unknown> = this.chat
       ? { model: this.modelFor(request), messages: [{ role: "user", content: prompt }], ...params }

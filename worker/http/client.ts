@@ -10,12 +10,12 @@ import { SseDecoder } from "./sse.js";
 /** Longest wait for an answer (for a stream: for the answer and between chunks), by default. */
 export const DEFAULT_REQUEST_TIMEOUT_MS = 120_000;
 /** Longest wait for a health check. */
-export const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
+const DEFAULT_HEALTH_TIMEOUT_MS = 2_000;
 /**
  * Counts items in flight: `acquire(n)` waits (first come, first served) until `n` slots are
  * free. Waiting ends early when the signal aborts.
  */
-export class Slots {
+class Slots {
   private free: number;
   private readonly waiting: Array<{ n: number; grant: () => void }> = [];
 
@@ -207,21 +207,13 @@ export class HttpEngineClient {
 
   /** POSTs JSON and resolves with the JSON of a 2xx answer; rejects with an {@link EngineError}. */
   async postJson(path: string, body: unknown, opts: HttpCallOptions): Promise<unknown> {
-    const what = `${this.label} POST ${path}`;
-    const ex = this.exchange(what, opts.signal, this.requestTimeoutMs);
-    let release: (() => void) | undefined;
+    const { what, ex, res, end } = await this.openPost(path, body, opts);
     try {
-      release = await this.slots.acquire(opts.weight ?? 1, ex.signal);
-      ex.arm();
-      const res = await fetch(this.baseUrl + path, this.init("POST", body, opts.headers, ex.signal));
-      const text = await res.text();
-      if (!res.ok) throw statusError(what, res.status, res.statusText, text);
-      return parseJson(text, `${what}: malformed answer`);
+      return parseJson(await res.text(), `${what}: malformed answer`);
     } catch (err) {
       throw ex.failure(err);
     } finally {
-      ex.dispose();
-      release?.();
+      end();
     }
   }
 
@@ -230,14 +222,8 @@ export class HttpEngineClient {
    * early drops the connection at once.
    */
   async *postEvents(path: string, body: unknown, opts: HttpCallOptions): AsyncGenerator<string, void, undefined> {
-    const what = `${this.label} POST ${path}`;
-    const ex = this.exchange(what, opts.signal, this.requestTimeoutMs);
-    let release: (() => void) | undefined;
+    const { what, ex, res, end } = await this.openPost(path, body, opts);
     try {
-      release = await this.slots.acquire(opts.weight ?? 1, ex.signal);
-      ex.arm();
-      const res = await fetch(this.baseUrl + path, this.init("POST", body, opts.headers, ex.signal));
-      if (!res.ok) throw statusError(what, res.status, res.statusText, await res.text());
       if (!res.body) throw new EngineError("INTERNAL", `${what}: answer has no body`);
       const reader = res.body.getReader();
       const decoder = new SseDecoder();
@@ -253,12 +239,35 @@ export class HttpEngineClient {
     } catch (err) {
       throw ex.failure(err);
     } finally {
-      ex.dispose();
-      release?.();
+      end();
     }
   }
 
-  /** GETs a path; resolves with the status and body, or rejects as {@link postJson} does. */
+  /**
+   * Takes the call's slots and POSTs; resolves with a 2xx answer to read, or rejects with an
+   * {@link EngineError} (slots given back). The caller calls `end()` once it has read the answer.
+   */
+  private async openPost(path: string, body: unknown, opts: HttpCallOptions): Promise<{ what: string; ex: Exchange; res: Response; end: () => void }> {
+    const what = `${this.label} POST ${path}`;
+    const ex = this.exchange(what, opts.signal, this.requestTimeoutMs);
+    let release: (() => void) | undefined;
+    const end = (): void => {
+      ex.dispose();
+      release?.();
+    };
+    try {
+      release = await this.slots.acquire(opts.weight ?? 1, ex.signal);
+      ex.arm();
+      const res = await fetch(this.baseUrl + path, this.init("POST", body, opts.headers, ex.signal));
+      if (!res.ok) throw statusError(what, res.status, res.statusText, await res.text());
+      return { what, ex, res, end };
+    } catch (err) {
+      const failure = ex.failure(err);
+      end();
+      throw failure;
+    }
+  }
+
   /** Whether `GET path` answers 200 (false too when the server cannot be reached). */
   async healthy(path: string, signal?: AbortSignal): Promise<boolean> {
     try {
@@ -270,6 +279,7 @@ export class HttpEngineClient {
     }
   }
 
+  /** GETs a path; resolves with the status and body, or rejects as {@link postJson} does. */
   async get(path: string, opts: { signal?: AbortSignal; timeoutMs?: number } = {}): Promise<{ status: number; body: string }> {
     const what = `${this.label} GET ${path}`;
     const ex = this.exchange(what, opts.signal ?? new AbortController().signal, opts.timeoutMs ?? this.requestTimeoutMs);

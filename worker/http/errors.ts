@@ -7,7 +7,7 @@ import { EngineError } from "../engine.js";
 import { isRecord } from "./batch.js";
 
 /** Longest piece of a server's error body quoted in an error message. */
-export const MAX_ERROR_DETAIL_CHARS = 500;
+const MAX_ERROR_DETAIL_CHARS = 500;
 /** The server answered with an HTTP error status. */
 export class HttpStatusError extends EngineError {
   override readonly name: string = "HttpStatusError";

@@ -81,7 +81,7 @@ export function stringsParameter(to?: string): ParameterRule {
 }
 
 /** Accepted only as `only` (and then not sent: it is what the server does anyway). */
-export function onlyParameter(only: number | string | boolean, why: string): ParameterRule {
+function onlyParameter(only: number | string | boolean, why: string): ParameterRule {
   return (_name, value) => (value === only ? undefined : `must be ${JSON.stringify(only)} (${why}), got ${JSON.stringify(value)}`);
 }
 

@@ -3,23 +3,17 @@ import type { DeadLetter } from "../../../operators/settle-outcome.js";
 import type { Delivery } from "../../../operators/types.js";
 import { H, UNKNOWN_TOKEN } from "../../../proto/wire.js";
 import { deadLetterHeaders, deadLetterTokens } from "../../../pipeline/settle/dead-letter.js";
+import { inertDelivery } from "../../support/deliveries.js";
 
 function delivery(headers: Array<[string, string]>): Delivery {
-  return {
+  return inertDelivery({
     subject: "infer.req.normal.acme.echo",
     data: new TextEncoder().encode("{}"),
     header: (name) => headers.find(([k]) => k.toLowerCase() === name.toLowerCase())?.[1],
     headerEntries: () => headers,
     seq: 42,
     deliveryCount: 3,
-    storedAtMs: 0,
-    pulledAtMs: 0,
-    settled: false,
-    ack: () => undefined,
-    nak: () => undefined,
-    term: () => undefined,
-    working: () => undefined,
-  };
+  });
 }
 
 const letter = (headers: Array<[string, string]>, extra: Partial<DeadLetter> = {}): DeadLetter => ({
