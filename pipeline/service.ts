@@ -6,7 +6,8 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
 import { Subject, tap, type Observable, type Subscription } from "rxjs";
-import { creditGate, type GateLane } from "./intake/credit-gate.js";
+import { creditGate } from "./intake/credit-gate.js";
+import type { GateLane } from "./intake/gate-options.js";
 import type { Settled } from "../operators/settle-outcome.js";
 import type { InferResult, Outcome } from "../operators/types.js";
 import { retryDelays } from "../operators/outcome.js";

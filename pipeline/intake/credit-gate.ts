@@ -22,115 +22,14 @@
  * blocks its lane for a backoff; the gate itself never errors. When `drain` emits, open pulls are
  * closed and the gate completes once everything it delivered has been settled.
  */
-import { asyncScheduler, Observable, type SchedulerLike, type Subscription } from "rxjs";
+import { asyncScheduler, Observable, type Subscription } from "rxjs";
 import type { Delivery } from "../../operators/types.js";
 import type { Priority } from "../../proto/wire.js";
-import { backoffMs, type Backoff } from "../../operators/support/backoff.js";
-import { WrappedDelivery } from "../../operators/support/wrapped-delivery.js";
+import { backoffMs } from "../../operators/support/backoff.js";
 import { schedule, type LaneState } from "./schedule.js";
-
-/** Where messages come from. A pull emits up to `max` messages and completes when it ends. */
-export interface PullSource {
-  pull(max: number, expiresMs: number): Observable<Delivery>;
-}
-
-export interface GateLane {
-  readonly key: string;
-  readonly priority: Priority;
-  readonly source: PullSource;
-  /** Estimated cost of one of its requests, for the fair share (default 1). */
-  cost?: number;
-  /** Its tenant's virtual token counter: the lane shares by counters (see SchedulePolicy). */
-  counter?: number;
-  /** Keeps a reserve pull open while idle (default true). */
-  readonly reserve?: boolean;
-}
-
-/** Adds and removes lanes while the gate runs, and tells it what it cannot see itself. */
-export interface GateControl {
-  /** Adds lanes; several given at once are scheduled together (none takes every credit first). */
-  add(lane: GateLane | readonly GateLane[]): void;
-  /** Stops pulling from a lane; it leaves once what it delivered is settled. */
-  remove(key: string): void;
-  /** The lane is known to have work waiting (or not). */
-  hint(key: string, backlog: boolean): void;
-  /** What a lane holds now (requested + unsettled); 0 for an unknown lane. */
-  holding(key: string): number;
-  /** Re-runs the schedule (after hints). */
-  kick(): void;
-}
-
-export interface CreditGateOptions {
-  /** Lanes from the start. */
-  lanes?: readonly GateLane[];
-  /** Called once per subscription with the control; its return is called at teardown. */
-  control?: (ctl: GateControl) => (() => void) | void;
-  /** The bound: never more than this many requested and unsettled. */
-  maxUnsettled: number;
-  weights?: Readonly<Record<Priority, number>>;
-  /** Reserve of an idle lane, as a fraction of its share (see SchedulePolicy). */
-  reserveFraction?: number;
-  minPullFraction?: number;
-  /** How long a pull waits on an idle lane. */
-  expiresMs?: number;
-  /** How long a pull for a lane with a backlog waits before it gives back unused credits. */
-  backlogExpiresMs?: number;
-  /** Held deliveries older than this are reported `working()`; 0 turns it off. */
-  workingIntervalMs?: number;
-  /**
-   * Sees each delivery (holding its credit) before it is emitted, and decides: `emit(d)` now or
-   * later, or settle it instead (acknowledged as served by another lane, say), which returns the
-   * credit. Without it every delivery is emitted at once.
-   */
-  admit?: (lane: GateLane, d: CreditedDelivery, emit: (d: CreditedDelivery) => void) => void;
-  drain?: Observable<unknown>;
-  onPullError?: (lane: GateLane, err: unknown) => void;
-  /** Unsettled deliveries per priority, at each change. */
-  onUnsettledChange?: (priority: Priority, unsettled: number) => void;
-  /** Each delivery as it starts to hold a credit (+1) and as it is settled (-1), by subject. */
-  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
-  /** Whether a lane has a backlog, at each change (and `false` when it is removed). */
-  onBacklogChange?: (lane: GateLane, backlog: boolean) => void;
-  scheduler?: SchedulerLike;
-  /** Random source of the backoff's jitter, in [0, 1) (tests pass their own). */
-  random?: () => number;
-}
-
-const DEFAULT_PULL_EXPIRES_MS = 5_000;
-/** nats.js refuses pulls that expire in under a second. */
-export const DEFAULT_BACKLOG_EXPIRES_MS = 1_000;
-/** Backoff of a lane whose pull failed (with jitter). */
-export const PULL_RETRY: Backoff = { baseMs: 100, maxMs: 5_000 };
-const EQUAL_WEIGHTS: Readonly<Record<Priority, number>> = { high: 1, normal: 1, low: 1 };
-
-interface OpenPull {
-  readonly n: number;
-  /** Opened for a backlog: its unused credits come back as soon as its lane reports it ran dry. */
-  readonly backlog: boolean;
-  got: number;
-  /** Credits handed back before it ended (its lane ran dry while it stayed open). */
-  given: number;
-  ended: boolean;
-  sub: Subscription | undefined;
-}
-
-/** Credits a pull still holds: what it may yet deliver, less what it handed back. */
-const charge = (p: OpenPull): number => Math.max(0, p.n - p.got - p.given);
-
-interface LaneRun {
-  readonly lane: GateLane;
-  requested: number;
-  unsettled: number;
-  backlog: boolean;
-  failures: number;
-  blocked: Subscription | undefined;
-  removed: boolean;
-  readonly pulls: Set<OpenPull>;
-  /** The consumer's pending count with the last message it delivered (undefined: not told). */
-  pending: number | undefined;
-  /** Stream sequences held: a redelivery of a message still being worked on is dropped. */
-  readonly seqs: Set<number>;
-}
+import { CreditedDelivery } from "./credited-delivery.js";
+import { charge, newLaneRun, type LaneRun, type OpenPull } from "./lane-run.js";
+import { DEFAULT_BACKLOG_EXPIRES_MS, DEFAULT_PULL_EXPIRES_MS, EQUAL_WEIGHTS, PULL_RETRY, type CreditGateOptions, type GateControl, type GateLane } from "./gate-options.js";
 
 export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
   const max = Math.max(1, Math.floor(opts.maxUnsettled));
@@ -377,7 +276,7 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       const have = runs.get(lane.key);
       if (have && !have.removed) return;
       if (have) for (const p of [...have.pulls]) closePull(have, p);
-      const r: LaneRun = { lane, requested: 0, unsettled: 0, backlog: false, failures: 0, blocked: undefined, removed: false, pulls: new Set(), seqs: new Set(), pending: undefined };
+      const r = newLaneRun(lane);
       runs.set(lane.key, r);
       setBacklog(r, true);
     };
@@ -449,82 +348,4 @@ export function creditGate(opts: CreditGateOptions): Observable<Delivery> {
       }
     };
   });
-}
-
-/** A delivery that hands its credit back the first time it is settled. */
-export class CreditedDelivery extends WrappedDelivery {
-  private done = false;
-  constructor(
-    inner: Delivery,
-    private readonly onSettle: (d: CreditedDelivery, how: "ack" | "nak" | "term") => void,
-  ) {
-    super(inner);
-  }
-  /** The delivery as the pull source made it. */
-  get source(): Delivery {
-    return this.inner;
-  }
-  get settled(): boolean {
-    return this.done;
-  }
-  private settle(how: "ack" | "nak" | "term", f: () => void): void {
-    if (this.done) return;
-    this.done = true;
-    try {
-      f();
-    } finally {
-      this.onSettle(this, how);
-    }
-  }
-  ack(): void {
-    this.settle("ack", () => this.inner.ack());
-  }
-  nak(delayMs?: number): void {
-    this.settle("nak", () => this.inner.nak(delayMs));
-  }
-  term(reason?: string): void {
-    this.settle("term", () => this.inner.term(reason));
-  }
-  working(): void {
-    if (!this.done) this.inner.working();
-  }
-}
-
-/** One pull as an async iterable (a JetStream fetch, say): what {@link pullFromAsync} adapts. */
-export interface AsyncPull extends AsyncIterable<Delivery> {
-  close(): Promise<unknown>;
-}
-
-/**
- * A {@link PullSource} over pulls that are opened with a promise and read as async iterables.
- * Messages that arrive after the pull was closed are naked (the queue gives them to someone else
- * at once).
- */
-export function pullFromAsync(open: (max: number, expiresMs: number) => Promise<AsyncPull>): PullSource {
-  return {
-    pull: (max, expiresMs) =>
-      new Observable<Delivery>((subscriber) => {
-        let closed = false;
-        let batch: AsyncPull | undefined;
-        const run = async (): Promise<void> => {
-          batch = await open(max, expiresMs);
-          if (closed) {
-            await batch.close();
-            return;
-          }
-          for await (const m of batch) {
-            if (closed) m.nak();
-            else subscriber.next(m);
-          }
-          subscriber.complete();
-        };
-        run().catch((err: unknown) => {
-          if (!closed) subscriber.error(err);
-        });
-        return () => {
-          closed = true;
-          void batch?.close().catch(() => undefined);
-        };
-      }),
-  };
 }

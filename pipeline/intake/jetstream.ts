@@ -5,7 +5,7 @@
 import { AckPolicy, DeliverPolicy, DiscardPolicy, RetentionPolicy, StorageType, type Consumer, type ConsumerConfig, type JetStreamManager, type JsMsg, type StreamConfig } from "@nats-io/jetstream";
 import { nanos } from "@nats-io/transport-node";
 import type { Observable } from "rxjs";
-import { pullFromAsync, type PullSource } from "./credit-gate.js";
+import { pullFromAsync, type PullSource } from "./pull-source.js";
 import type { Delivery } from "../../operators/types.js";
 import { PRIORITIES, type Priority, subjects, STREAM_REQUESTS, STREAM_RESULTS, STREAM_DLQ } from "../../proto/wire.js";
 import type { ConsumerSettings, StreamsConfig } from "../config.js";

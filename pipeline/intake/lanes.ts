@@ -16,19 +16,19 @@
  * once it is drained. At most `maxLanes` lanes per priority exist; with nothing queued, nothing
  * is polled (a check runs only while lanes exist).
  */
-import { AckPolicy, DeliverPolicy, JetStreamApiError, type ConsumerConfig, type JetStreamClient, type JetStreamManager } from "@nats-io/jetstream";
-import { nanos, type NatsConnection, type Subscription as NatsSubscription } from "@nats-io/transport-node";
+import { JetStreamApiError } from "@nats-io/jetstream";
+import { nanos, type Subscription as NatsSubscription } from "@nats-io/transport-node";
 import { Observable } from "rxjs";
 import type { Delivery } from "../../operators/types.js";
 import { STREAM_REQUESTS, type Priority } from "../../proto/wire.js";
-import type { ConsumerSettings } from "../config.js";
 import { ConsumerPullSource, durableName, JsDelivery } from "./jetstream.js";
-import { creditGate, type CreditedDelivery, type GateControl, type GateLane } from "./credit-gate.js";
+import { creditGate } from "./credit-gate.js";
+import type { CreditedDelivery } from "./credited-delivery.js";
+import { PULL_RETRY, type GateControl, type GateLane } from "./gate-options.js";
 import {
   decideLane,
   decideShared,
   decodeAnnouncement,
-  describeLane,
   encodeAnnouncement,
   LANE_SUBJECT_ALL,
   laneConsumerName,
@@ -39,69 +39,21 @@ import {
   type LaneView,
 } from "./lane-protocol.js";
 import { backoffMs } from "../../operators/support/backoff.js";
-import { PULL_RETRY } from "./credit-gate.js";
 import { wantsLane } from "./schedule.js";
+import {
+  DEFAULT_LANE_GATE_MS,
+  DEFAULT_MAX_LANES,
+  LANE_CHECK_MS,
+  LANE_EXPIRE_MS,
+  LANE_PEER_WINDOW_MS,
+  LANE_STAGE_TTL_MS,
+  SHARED_COST,
+  type LaneIntakeOptions,
+} from "./lane-options.js";
+import { closeLane as closeLaneStages, keyOf, openLane as openLaneStages, type LaneStages } from "./lane-stages.js";
+import { RecentTenants } from "./recent-tenants.js";
+import { ParkedRequests } from "./parked-requests.js";
 
-export interface LaneIntakeOptions {
-  nc: NatsConnection;
-  js: JetStreamClient;
-  jsm: JetStreamManager;
-  termReason?: boolean;
-  consumer: ConsumerSettings;
-  priorities: readonly Priority[];
-  weights: Record<Priority, number>;
-  maxUnsettled: number;
-  expiresMs: number;
-  workingIntervalMs: number;
-  /** Lanes per priority at most (default {@link DEFAULT_MAX_LANES}). */
-  maxLanes?: number;
-  /** Time for an announcement to reach every process (default {@link DEFAULT_LANE_GATE_MS}). */
-  gateMs?: number;
-  drain?: Observable<unknown>;
-  onPullError?: (priority: Priority, err: unknown) => void;
-  onUnsettledChange?: (priority: Priority, unsettled: number) => void;
-  /** See the credit gate's `onHeldChange`. */
-  onHeldChange?: (priority: Priority, subject: string, delta: 1 | -1) => void;
-  /** Hears each lane stage this process announces or hears (tests, logs). */
-  onLane?: (p: Priority, a: LaneAnnouncement) => void;
-  /**
-   * Costs in tokens (the token-weighted fair share): a tenant's lane costs what its requests are
-   * expected to cost; the shared consumer what the requests of the tenants without a lane do
-   * (times {@link SHARED_COST}). Without it every request costs the same.
-   */
-  fairShare?: LaneFairShare;
-}
-
-/**
- * The token fair share as the intake uses it (TokenFairShare): costs, each tenant's virtual token
- * counter (its lane gets credits by it), and what keeps a tenant active (a lane with a backlog,
- * a request held while a lane's stage settles).
- */
-export interface LaneFairShare {
-  expectedCost(tenant: string): number;
-  expectedCostExcept(tenants: ReadonlySet<string>): number;
-  tokensOf(tenant: string): number;
-  hold(tenant: string): void;
-  release(tenant: string): void;
-}
-
-export const DEFAULT_MAX_LANES = 16;
-/** How long an announcement may take to reach every pipeline process. */
-const DEFAULT_LANE_GATE_MS = 50;
-/** A lane stage that waits on another process longer than this is given up (that process died). */
-const LANE_STAGE_TTL_MS = 5_000;
-/** A finished lane is deleted by the server once nobody has pulled it for this long. */
-const LANE_EXPIRE_MS = 2_000;
-/** How often lanes are checked for being drained, while any exist. */
-const LANE_CHECK_MS = 500;
-/** Cost of a shared consumer's request against a lane's (1): it gets twice a lane's share. */
-const SHARED_COST = 0.5;
-/** A flood gets a lane only when another tenant of its priority was served this recently. */
-const LANE_PEER_WINDOW_MS = 30_000;
-/** Tenants remembered per priority for that (the most recent ones). */
-const PEERS_REMEMBERED = 64;
-
-const keyOf = (p: Priority, tenant: string): string => `${p}/${tenant}`;
 /** Where requests wait out the quiet time after a reconnect. */
 const QUIET_KEY = "";
 const tenantOf = (subject: string): string => subject.split(".")[3] ?? "";
@@ -127,9 +79,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
     let announcements: NatsSubscription | undefined;
     let checkTimer: NodeJS.Timeout | undefined;
     // The tenants of the last `window` requests each shared consumer served.
-    const recent = new Map<Priority, { ring: string[]; at: number; count: Map<string, number>; lastSeen: Map<string, number> }>(
-      o.priorities.map((p) => [p, { ring: [], at: 0, count: new Map(), lastSeen: new Map() }]),
-    );
+    const recent = new Map<Priority, RecentTenants>(o.priorities.map((p) => [p, new RecentTenants(window)]));
 
     const sleep = (ms: number): Promise<void> =>
       new Promise((r) => {
@@ -154,19 +104,6 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
         // ignore
       }
     };
-
-    const laneConfig = (p: Priority, tenant: string, start: number): ConsumerConfig =>
-      ({
-        durable_name: laneConsumerName(c.durablePrefix, p, tenant),
-        description: describeLane({ stage: "open", owner: me, start }),
-        ack_policy: AckPolicy.Explicit,
-        deliver_policy: DeliverPolicy.StartSequence,
-        opt_start_seq: start,
-        filter_subject: `infer.req.${p}.${tenant}.*`,
-        ack_wait: nanos(c.ackWaitMs),
-        max_deliver: -1,
-        max_ack_pending: c.maxAckPending,
-      }) as ConsumerConfig;
 
     /**
      * Serves (or stops serving) a lane in the gate to match what is known of it. A closing lane
@@ -235,62 +172,15 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       return v;
     };
 
-    const openLane = async (p: Priority, tenant: string): Promise<void> => {
-      const k = keyOf(p, tenant);
-      busy.add(k);
-      const t0 = Date.now();
-      try {
-        await announce(p, { tenant, stage: "pending", owner: me });
-        await sleep(gateMs);
-        const v = views.get(k);
-        if (closed || !v || v.stage !== "pending" || v.owner !== me) return; // another process opens it
-        const shared = await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p));
-        const start = shared.delivered.stream_seq + 1;
-        if (Date.now() - t0 > LANE_STAGE_TTL_MS / 2) throw new Error("lane set-up took too long");
-        await o.jsm.consumers.add(STREAM_REQUESTS, laneConfig(p, tenant, start));
-        await announce(p, { tenant, stage: "open", owner: me, start });
-      } catch (err) {
-        pullError(p, err);
-        if (views.get(k)?.stage === "pending" && views.get(k)?.owner === me) await announce(p, { tenant, stage: "gone", owner: me }).catch(() => undefined);
-      } finally {
-        busy.delete(k);
-      }
-    };
-
-    const closeLane = async (p: Priority, tenant: string, start: number): Promise<void> => {
-      const k = keyOf(p, tenant);
-      const name = laneConsumerName(c.durablePrefix, p, tenant);
-      busy.add(k);
-      const t0 = Date.now();
-      try {
-        await announce(p, { tenant, stage: "closing", owner: me, start });
-        await o.jsm.consumers.update(STREAM_REQUESTS, name, { description: describeLane({ stage: "closing", owner: me, start }) });
-        await sleep(gateMs);
-        const v = views.get(k);
-        if (closed || !v || v.stage !== "closing" || v.owner !== me) return; // another process closes it
-        // Its end: past everything either consumer delivered (lane requests delivered from now
-        // on are deferred until the end is known).
-        const shared = await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p));
-        const lane = await o.jsm.consumers.info(STREAM_REQUESTS, name);
-        const end = Math.max(shared.delivered.stream_seq, lane.delivered.stream_seq);
-        if (Date.now() - t0 > LANE_STAGE_TTL_MS / 2) {
-          await announce(p, { tenant, stage: "open", owner: me, start });
-          return;
-        }
-        await o.jsm.consumers.update(STREAM_REQUESTS, name, { description: describeLane({ stage: "closed", owner: me, start, end }) });
-        await announce(p, { tenant, stage: "closed", owner: me, start, end });
-      } catch (err) {
-        pullError(p, err);
-      } finally {
-        busy.delete(k);
-      }
-    };
+    const stages: LaneStages = { o, me, gateMs, busy, view: (k) => views.get(k), announce, sleep, isClosed: () => closed, pullError };
+    const openLane = (p: Priority, tenant: string): Promise<void> => openLaneStages(stages, p, tenant);
+    const closeLane = (p: Priority, tenant: string, start: number): Promise<void> => closeLaneStages(stages, p, tenant, start);
 
     const sharedBacklog = async (p: Priority): Promise<number> => (await o.jsm.consumers.info(STREAM_REQUESTS, durableName(c, p))).num_pending;
 
     /** Closes drained lanes and deletes finished ones. Runs only while lanes exist. */
     const check = async (): Promise<void> => {
-      for (const k of [...parked.keys()]) unpark(k);
+      for (const k of parked.keys()) unpark(k);
       for (const v of [...views.values()]) {
         if (closed) return;
         const k = keyOf(v.p, v.tenant);
@@ -335,30 +225,22 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
 
     const noteServed = (p: Priority, d: CreditedDelivery, tenant: string): void => {
       const r = recent.get(p)!;
-      const out = r.ring[r.at];
-      if (out !== undefined) r.count.set(out, (r.count.get(out) ?? 1) - 1);
-      r.ring[r.at] = tenant;
-      r.at = (r.at + 1) % window;
-      const n = (r.count.get(tenant) ?? 0) + 1;
-      r.count.set(tenant, n);
       const now = Date.now();
-      r.lastSeen.delete(tenant);
-      r.lastSeen.set(tenant, now);
-      if (r.lastSeen.size > PEERS_REMEMBERED) r.lastSeen.delete(r.lastSeen.keys().next().value!);
+      const n = r.note(tenant, now);
       const backlog = d.source instanceof JsDelivery ? d.source.msg.info.pending : 0;
       const k = keyOf(p, tenant);
       if (n * 2 <= window || views.has(k) || busy.has(k)) return;
-      let othersActive = false;
-      for (const [t, at] of r.lastSeen) if (t !== tenant && now - at <= LANE_PEER_WINDOW_MS) othersActive = true;
-      if (wantsLane({ tenantCount: n, window, windowFull: r.ring.length >= window, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
+      const peers = r.servedWithin(now, LANE_PEER_WINDOW_MS);
+      const othersActive = peers.some((t) => t !== tenant);
+      if (wantsLane({ tenantCount: n, window, windowFull: r.windowFull, backlog, minBacklog, lanes: lanesOf(p), maxLanes, othersActive })) {
         void openLane(p, tenant);
         // The tenants served lately get lanes too (as many as the cap leaves): their next
         // requests are served from their lanes at once instead of behind the flood.
         let room = maxLanes - lanesOf(p) - 1;
-        for (const [t, at] of [...r.lastSeen].reverse()) {
+        for (const t of peers) {
           if (room <= 0) break;
           const kt = keyOf(p, t);
-          if (t === tenant || now - at > LANE_PEER_WINDOW_MS || views.has(kt) || busy.has(kt)) continue;
+          if (t === tenant || views.has(kt) || busy.has(kt)) continue;
           room--;
           void openLane(p, t);
         }
@@ -367,7 +249,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
 
     // Requests waiting for a lane's stage to settle (pending, closing): they keep their credit,
     // so the consumer stops pulling instead of deferring request after request.
-    const parked = new Map<string, Array<{ lane: GateLane; d: CreditedDelivery; tenant: string }>>();
+    const parked = new ParkedRequests(o.fairShare);
     let emitFn: ((d: CreditedDelivery) => void) | undefined;
 
     const decide = (lane: GateLane, d: CreditedDelivery): void => {
@@ -387,24 +269,12 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       } else if (decision === "defer") park(keyOf(p, tenant), lane, d, tenant);
       else d.ack(); // skip (its lane serves it), drop or past (the shared consumer serves it)
     };
-    // A held request keeps its tenant active for the fair share (it waits, as a backlog does).
     function park(k: string, lane: GateLane, d: CreditedDelivery, tenant: string): void {
-      o.fairShare?.hold(tenant);
-      const list = parked.get(k) ?? [];
-      list.push({ lane, d, tenant });
-      parked.set(k, list);
+      parked.park(k, { lane, d, tenant });
       ensureCheck();
     }
     /** Decides again for the requests parked on a tenant's lane stage. */
-    const unpark = (k: string): void => {
-      const list = parked.get(k);
-      if (!list) return;
-      parked.delete(k);
-      for (const { lane, d, tenant } of list) {
-        if (!d.settled) decide(lane, d);
-        o.fairShare?.release(tenant);
-      }
-    };
+    const unpark = (k: string): void => parked.unpark(k, decide);
     const laneBacklog = (lane: GateLane, backlog: boolean): void => {
       if (lane.key === lane.priority) return; // the shared consumer stands for no one tenant
       const tenant = lane.key.slice(lane.priority.length + 1);
@@ -433,14 +303,7 @@ export function laneIntake(o: LaneIntakeOptions): Observable<Delivery> {
       ...(o.fairShare ? { onBacklogChange: (lane: GateLane, backlog: boolean) => laneBacklog(lane, backlog) } : {}),
     });
     const inner = gate.subscribe(subscriber);
-    const drainSub = o.drain?.subscribe(() => {
-      for (const list of parked.values())
-        for (const { d, tenant } of list) {
-          d.nak();
-          o.fairShare?.release(tenant);
-        }
-      parked.clear();
-    });
+    const drainSub = o.drain?.subscribe(() => parked.nakAll());
 
     /** Lanes from before (this or another process), then the shared consumers. */
     const startUp = async (): Promise<void> => {

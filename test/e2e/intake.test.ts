@@ -6,7 +6,7 @@ import { expect } from "chai";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { jetstream, jetstreamManager, type JetStreamManager } from "@nats-io/jetstream";
 import { PRIORITIES, STREAM_REQUESTS } from "../../proto/wire.js";
-import { DEFAULT_MAX_LANES } from "../../pipeline/intake/lanes.js";
+import { DEFAULT_MAX_LANES } from "../../pipeline/intake/lane-options.js";
 import type { PipelineService } from "../../pipeline/service.js";
 import { useNats, waitFor, type NatsFixture } from "../support/nats.js";
 import { models, startPipeline, startWorker, testConfig, type TestWorker } from "../support/stack.js";

@@ -6,7 +6,9 @@
 import { expect } from "chai";
 import { Observable, type SchedulerLike } from "rxjs";
 import { TestScheduler } from "rxjs/testing";
-import { creditGate, DEFAULT_BACKLOG_EXPIRES_MS, type GateLane, type PullSource } from "../../pipeline/intake/credit-gate.js";
+import { creditGate } from "../../pipeline/intake/credit-gate.js";
+import { DEFAULT_BACKLOG_EXPIRES_MS, type GateLane } from "../../pipeline/intake/gate-options.js";
+import type { PullSource } from "../../pipeline/intake/pull-source.js";
 import type { Delivery } from "../../operators/types.js";
 import type { Priority } from "../../proto/wire.js";
 

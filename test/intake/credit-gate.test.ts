@@ -5,7 +5,8 @@ import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { defaultConfig } from "../../pipeline/config.js";
 import { ConsumerPullSource, JsDelivery, durableName, ensureConsumers, ensureStreams } from "../../pipeline/intake/jetstream.js";
 import { STREAM_REQUESTS } from "../../proto/wire.js";
-import { creditGate, pullFromAsync, type AsyncPull } from "../../pipeline/intake/credit-gate.js";
+import { creditGate } from "../../pipeline/intake/credit-gate.js";
+import { pullFromAsync, type AsyncPull } from "../../pipeline/intake/pull-source.js";
 import type { Delivery } from "../../operators/types.js";
 import { useNats, waitFor } from "../support/nats.js";
 
