@@ -14,9 +14,10 @@
  */
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from "prom-client";
 import type { Settled } from "../../operators/settle-outcome.js";
-import type { Delivery, RoutedJob } from "../../operators/types.js";
+import type { RoutedJob } from "../../operators/types.js";
 import { UNKNOWN_TOKEN } from "../../proto/wire.js";
 import { DEFAULT_MAX_LABEL_VALUES, LabelCap, NO_VERSION, priorityOf } from "./metric-labels.js";
+import { GenerationMetrics } from "./generation-metrics.js";
 
 export const DEFAULT_METRICS_PORT = 9464;
 /** Scraped from other hosts, so every interface by default. */
@@ -30,10 +31,6 @@ const QUEUE_SECONDS_BUCKETS: readonly number[] = [0.001, 0.005, 0.01, 0.025, 0.0
 const REQUEST_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300];
 /** One worker call. */
 const WORKER_SECONDS_BUCKETS: readonly number[] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
-/** Stored (or pulled) to the first token chunk of a generation. */
-const TTFT_SECONDS_BUCKETS: readonly number[] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
-/** Mean time between output tokens of one generation. */
-const TPOT_SECONDS_BUCKETS: readonly number[] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1];
 const BATCH_SIZE_BUCKETS: readonly number[] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
 
 export interface PipelineMetricsOptions {
@@ -115,8 +112,7 @@ export class PipelineMetrics implements MetricsSource {
   private traceLost = 0;
   /** The `model` labels of `sluice_consumer_pending` set last, per priority. */
   private readonly pendingModels = new Map<string, string[]>();
-  /** First-token time of each generation in progress (gone with its delivery). */
-  private readonly firstTokenAt = new WeakMap<Delivery, number>();
+  private readonly generation: GenerationMetrics;
 
   constructor(opts: PipelineMetricsOptions = {}) {
     const registers = [(this.registry = opts.registry ?? new Registry())];
@@ -156,20 +152,9 @@ export class PipelineMetrics implements MetricsSource {
       buckets: [...WORKER_SECONDS_BUCKETS],
       registers,
     });
-    this.ttftSeconds = new Histogram({
-      name: "sluice_ttft_seconds",
-      help: "Time to first token of a generation: from the request being stored (else pulled) to its first token chunk.",
-      labelNames: ["model", "version"],
-      buckets: [...TTFT_SECONDS_BUCKETS],
-      registers,
-    });
-    this.tpotSeconds = new Histogram({
-      name: "sluice_tpot_seconds",
-      help: "Time per output token of a generation of more than one token: (result - first token) / (completion tokens - 1).",
-      labelNames: ["model", "version"],
-      buckets: [...TPOT_SECONDS_BUCKETS],
-      registers,
-    });
+    this.generation = new GenerationMetrics(registers, (model, version) => this.modelVersion(model, version));
+    this.ttftSeconds = this.generation.ttftSeconds;
+    this.tpotSeconds = this.generation.tpotSeconds;
     this.inflight = new Gauge({
       name: "sluice_inflight",
       help: "Requests pulled by this process and not yet settled.",
@@ -288,42 +273,14 @@ export class PipelineMetrics implements MetricsSource {
     if (info.workerSeconds !== undefined && Number.isFinite(info.workerSeconds)) this.workerSeconds.observe(labels, Math.max(0, info.workerSeconds));
   }
 
-  /**
-   * A generation's chunk went out: the first one of its delivery is its time to first token.
-   * Never throws.
-   */
+  /** A generation's chunk went out (see {@link GenerationMetrics.chunkPublished}). Never throws. */
   chunkPublished(job: RoutedJob, nowMs: number = Date.now()): void {
-    try {
-      const d = job.delivery;
-      if (this.firstTokenAt.has(d)) return;
-      this.firstTokenAt.set(d, nowMs);
-      const since = Number.isFinite(d.storedAtMs) && d.storedAtMs > 0 ? d.storedAtMs : d.pulledAtMs;
-      if (!Number.isFinite(since)) return;
-      this.ttftSeconds.observe(this.modelVersion(job.model, job.version), Math.max(0, nowMs - since) / 1000);
-    } catch {
-      // Telemetry never throws into the request path.
-    }
+    this.generation.chunkPublished(job, nowMs);
   }
 
-  /**
-   * A request settled: when it was a generation that streamed its first token and ends in an
-   * ok result of more than one completion token, its time per output token. Never throws.
-   */
+  /** A request settled (see {@link GenerationMetrics.generationSettled}). Never throws. */
   generationSettled(s: Settled, nowMs: number = Date.now()): void {
-    try {
-      const o = s.outcome;
-      if (o.kind === "dead") return;
-      const first = this.firstTokenAt.get(o.job.delivery);
-      if (first === undefined) return;
-      this.firstTokenAt.delete(o.job.delivery);
-      const r = s.result;
-      const tokens = r?.usage?.completion_tokens;
-      if (s.error !== undefined || r?.status !== "ok" || typeof tokens !== "number" || !(tokens > 1)) return;
-      const tpot = (nowMs - first) / (tokens - 1);
-      if (Number.isFinite(tpot)) this.tpotSeconds.observe(this.modelVersion(o.job.model, o.job.version ?? r.version), Math.max(0, tpot) / 1000);
-    } catch {
-      // Telemetry never throws into the request path.
-    }
+    this.generation.generationSettled(s, nowMs);
   }
 
   setInflight(priority: string, n: number): void {
