@@ -10,40 +10,11 @@ import { creditGate } from "../../pipeline/intake/credit-gate.js";
 import { DEFAULT_BACKLOG_EXPIRES_MS, type GateLane } from "../../pipeline/intake/gate-options.js";
 import type { PullSource } from "../../pipeline/intake/pull-source.js";
 import type { Delivery } from "../../operators/types.js";
+import { RecordingDelivery } from "../support/deliveries.js";
 import type { Priority } from "../../proto/wire.js";
 
-class VMsg implements Delivery {
-  readonly settles: string[] = [];
-  readonly data = new Uint8Array();
-  readonly deliveryCount = 1;
-  readonly storedAtMs = 0;
-  pulledAtMs = 0;
-  /** The consumer's pending count once this message was handed out (JetStream's num_pending). */
-  pending = 0;
-  constructor(
-    readonly subject: string,
-    readonly seq: number,
-  ) {}
-  get settled(): boolean {
-    return this.settles.length > 0;
-  }
-  header(): undefined {
-    return undefined;
-  }
-  headerEntries(): Array<[string, string]> {
-    return [];
-  }
-  ack(): void {
-    this.settles.push("ack");
-  }
-  nak(): void {
-    this.settles.push("nak");
-  }
-  term(): void {
-    this.settles.push("term");
-  }
-  working(): void {}
-}
+const VMsg = RecordingDelivery;
+type VMsg = RecordingDelivery;
 
 /**
  * A consumer in virtual time as the server runs one: a pull waits until it has its n messages or

@@ -6,41 +6,11 @@ import { creditGate } from "../../pipeline/intake/credit-gate.js";
 import { PULL_RETRY, type GateLane } from "../../pipeline/intake/gate-options.js";
 import type { PullSource } from "../../pipeline/intake/pull-source.js";
 import type { Delivery } from "../../operators/types.js";
+import { RecordingDelivery } from "../support/deliveries.js";
 import type { Priority } from "../../proto/wire.js";
 
-class VMsg implements Delivery {
-  readonly settles: string[] = [];
-  workingCalls = 0;
-  readonly data = new Uint8Array();
-  readonly deliveryCount = 1;
-  readonly storedAtMs = 0;
-  pulledAtMs = 0;
-  constructor(
-    readonly subject: string,
-    readonly seq: number,
-  ) {}
-  get settled(): boolean {
-    return this.settles.length > 0;
-  }
-  header(): undefined {
-    return undefined;
-  }
-  headerEntries(): Array<[string, string]> {
-    return [];
-  }
-  ack(): void {
-    this.settles.push("ack");
-  }
-  nak(): void {
-    this.settles.push("nak");
-  }
-  term(): void {
-    this.settles.push("term");
-  }
-  working(): void {
-    this.workingCalls++;
-  }
-}
+const VMsg = RecordingDelivery;
+type VMsg = RecordingDelivery;
 
 /** A queue in virtual time: messages arrive at given times; a pull takes up to n, waiting until it expires. */
 class VirtualQueue implements PullSource {
@@ -261,7 +231,7 @@ describe("credit gate: a lane's backlog from the consumer's pending count", () =
   class Counted extends VMsg {
     constructor(
       seq: number,
-      readonly pending: number,
+      override readonly pending: number,
     ) {
       super("q", seq);
     }
