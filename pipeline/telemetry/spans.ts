@@ -70,7 +70,8 @@ class RequestTraceImpl extends SpanHandleImpl implements RequestTrace {
     super(guard, span, parent, onEnded);
   }
   setJob(job: JobInfo): void {
-    this.setAttributes(jobAttributes(job));
+    // A span that records nothing (tracing off, or not sampled) is not given attributes.
+    if (this.recording) this.setAttributes(jobAttributes(job));
   }
   startPublish(subject: string, attributes?: Attributes): SpanHandle {
     return this.tracing.openPublish(subject, attributes, this.context);
@@ -166,6 +167,7 @@ export class TracingImpl implements Tracing {
   }
 
   openPublish(subject: string, attributes: Attributes | undefined, parent: Context): SpanHandle {
+    if (!this.tracer) return new SpanHandleImpl(this.guard, nonRecording(parent), parent);
     const destination = destinationOf(subject);
     return this.open(`send ${destination}`, SpanKind.PRODUCER, parent, {
       [ATTR.messagingSystem]: "nats",
@@ -177,6 +179,7 @@ export class TracingImpl implements Tracing {
   }
 
   openWorkerCall(endpoint: string, method: WorkerMethod, parent: Context, attempt: number | undefined): SpanHandle {
+    if (!this.tracer) return new SpanHandleImpl(this.guard, nonRecording(parent), parent);
     const { host, port } = splitEndpoint(endpoint);
     const attributes: Attributes = {
       [ATTR.rpcSystem]: "grpc",
@@ -224,6 +227,9 @@ export class TracingImpl implements Tracing {
     // The server's clock may run ahead of ours: never start after the pull.
     const storedAtMs = Math.min(finiteOr(delivery.storedAtMs, pulledAtMs), pulledAtMs);
     const queueMs = pulledAtMs - storedAtMs;
+    const forget = (): void => void this.requests.delete(delivery);
+    // Tracing off: the request's context is what came in, and nothing is recorded.
+    if (!this.tracer) return new RequestTraceImpl(this.guard, nonRecording(parent), parent, queueMs, this, forget);
     const attrs: Attributes = {
       [ATTR.messagingSystem]: "nats",
       [ATTR.operationType]: "receive",
@@ -237,7 +243,7 @@ export class TracingImpl implements Tracing {
       ...attributes,
     };
     const span = this.createSpan(`receive ${destinationOf(delivery.subject)}`, SpanKind.CONSUMER, parent, attrs, undefined, storedAtMs);
-    const rt = new RequestTraceImpl(this.guard, span, parent, queueMs, this, () => this.requests.delete(delivery));
+    const rt = new RequestTraceImpl(this.guard, span, parent, queueMs, this, forget);
     // The JetStream wait as a span of its own, so that it stands out in a trace view.
     const wait = this.createSpan("queue wait", SpanKind.INTERNAL, rt.context, { [ATTR.queueMs]: queueMs }, undefined, storedAtMs);
     wait.end(pulledAtMs);
@@ -267,6 +273,11 @@ export class TracingImpl implements Tracing {
         contexts.push(fromCarrier(job.tracestate ? { traceparent: job.traceparent, tracestate: job.tracestate } : { traceparent: job.traceparent }));
       }
     }
+    if (!this.tracer) {
+      // Tracing off: pass the first request's context through, as it came.
+      const first = contexts.find((ctx) => isSpanContextValid(trace.getSpanContext(ctx) ?? INVALID_SPAN_CONTEXT)) ?? ROOT_CONTEXT;
+      return new BatchTraceImpl(this.guard, nonRecording(first), first, this, []);
+    }
     const links: Link[] = [];
     for (const ctx of contexts) {
       const sc = trace.getSpanContext(ctx);
@@ -283,11 +294,6 @@ export class TracingImpl implements Tracing {
       [ATTR.version]: batch.version,
       ...attributes,
     };
-    if (!this.tracer) {
-      // Tracing off: pass the first request's context through, as it came.
-      const first = contexts.find((ctx) => isSpanContextValid(trace.getSpanContext(ctx) ?? INVALID_SPAN_CONTEXT)) ?? ROOT_CONTEXT;
-      return new BatchTraceImpl(this.guard, nonRecording(first), first, this, []);
-    }
     // A span has one parent and a batch has many requests. The batch span is a child of its
     // first request (so that request's trace holds the whole path: batch, gRPC call, worker,
     // engine) and is linked to every request; each other request's trace gets a `batch` span
