@@ -77,6 +77,9 @@ export class VirtualTokenCounter {
   private readonly meanWeight: number;
   private readonly maxIdle: number;
   private readonly firstCredits: number;
+  /** Sum and number of the tenants' mean request costs (kept as they change: reads are O(1), not O(tenants)). */
+  private meanSum = 0;
+  private meanCount = 0;
 
   constructor(opts: VirtualTokenCounterOptions = {}) {
     this.defaultTokens = positive(opts.defaultRequestTokens ?? DEFAULT_REQUEST_TOKENS, "defaultRequestTokens");
@@ -98,14 +101,16 @@ export class VirtualTokenCounter {
 
   /** What a request of a tenant not in `tenants` is expected to cost (the mean over the others). */
   expectedCostExcept(tenants: ReadonlySet<string>): number {
-    let sum = 0;
-    let n = 0;
-    for (const [t, c] of this.counts) {
-      if (c.mean === undefined || tenants.has(t)) continue;
-      sum += c.mean;
-      n++;
+    // O(excepted tenants): the sum over all, less theirs.
+    let sum = this.meanSum;
+    let n = this.meanCount;
+    for (const t of tenants) {
+      const mean = this.counts.get(t)?.mean;
+      if (mean === undefined) continue;
+      sum -= mean;
+      n--;
     }
-    return n > 0 ? sum / n : (this.meanOfAll() ?? this.defaultTokens);
+    return n > 0 ? Math.max(0, sum / n) : (this.meanOfAll() ?? this.defaultTokens);
   }
 
   /** A request of `tenant` was admitted with this many estimated tokens. */
@@ -113,7 +118,10 @@ export class VirtualTokenCounter {
     const t = Math.max(0, finite(tokens));
     const c = this.entry(tenant);
     c.tokens += t;
-    c.mean = c.mean === undefined ? t : c.mean + this.meanWeight * (t - c.mean);
+    const before = c.mean;
+    c.mean = before === undefined ? t : before + this.meanWeight * (t - before);
+    this.meanSum += c.mean - (before ?? 0);
+    if (before === undefined) this.meanCount++;
   }
 
   /** A request charged `estimated` tokens ended having used `actual` (0: it never ran on a device). */
@@ -221,22 +229,29 @@ export class VirtualTokenCounter {
   }
 
   private meanOfAll(): number | undefined {
-    let sum = 0;
-    let n = 0;
-    for (const c of this.counts.values()) {
-      if (c.mean === undefined) continue;
-      sum += c.mean;
-      n++;
-    }
-    return n > 0 ? sum / n : undefined;
+    return this.meanCount > 0 ? Math.max(0, this.meanSum / this.meanCount) : undefined;
   }
 
-  /** Idle tenants beyond the bound are forgotten, lowest counters first (they would be raised on return anyway). */
+  /**
+   * Idle tenants beyond the bound are forgotten, lowest counters first (they would be raised on
+   * return anyway), down to an eighth below the bound, so that the sort is paid once per many
+   * tenants, not on every release.
+   */
   private prune(): void {
     const idle = this.counts.size - this.active.size;
     if (idle <= this.maxIdle) return;
+    const keep = this.maxIdle - Math.floor(this.maxIdle / 8);
     const candidates = [...this.counts.entries()].filter(([t]) => !this.active.has(t)).sort((a, b) => a[1].tokens - b[1].tokens);
-    for (const [t] of candidates.slice(0, idle - this.maxIdle)) this.counts.delete(t);
+    for (const [t, c] of candidates.slice(0, idle - keep)) {
+      this.counts.delete(t);
+      if (c.mean !== undefined) {
+        this.meanSum -= c.mean;
+        this.meanCount--;
+      }
+    }
+    // (Exact again: no rounding carried over from the updates.)
+    this.meanSum = 0;
+    for (const c of this.counts.values()) if (c.mean !== undefined) this.meanSum += c.mean;
   }
 }
 

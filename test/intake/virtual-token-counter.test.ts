@@ -157,6 +157,46 @@ describe("VirtualTokenCounter", () => {
     expect(vtc.counter("z")).to.equal(3);
   });
 
+  it("keeps the mean request cost over tenants as they come, change and are forgotten", () => {
+    const vtc = new VirtualTokenCounter({ maxIdleTenants: 8, meanWeight: 1 });
+    vtc.charge("a", 100);
+    vtc.charge("b", 300);
+    expect(vtc.expectedCost("new")).to.equal(200);
+    expect(vtc.expectedCostExcept(new Set(["a"]))).to.equal(300);
+    vtc.charge("a", 500);
+    expect(vtc.expectedCost("new")).to.equal(400);
+    // Nobody left outside the set: the mean over all.
+    expect(vtc.expectedCostExcept(new Set(["a", "b"]))).to.equal(400);
+    for (let i = 0; i < 10; i++) vtc.charge(`t${i}`, 1_000);
+    // 12 idle tenants over a bound of 8: the lowest counters (b, a, then three t) are forgotten,
+    // down to 7, and the mean is of those kept.
+    vtc.setActive([]);
+    expect(vtc.counter("a")).to.equal(0);
+    expect(vtc.counter("b")).to.equal(0);
+    expect(Array.from({ length: 10 }, (_, i) => vtc.counter(`t${i}`)).filter((n) => n > 0)).to.have.length(7);
+    expect(vtc.expectedCost("new")).to.equal(1_000);
+  });
+
+  it("answers the mean cost outside a set as a count over every tenant would", () => {
+    let seed = 7;
+    const random = (): number => ((seed = (seed * 1_103_515_245 + 12_345) % 2 ** 31) / 2 ** 31);
+    const vtc = new VirtualTokenCounter({ meanWeight: 0.3 });
+    const means = new Map<string, number>();
+    for (let step = 0; step < 2_000; step++) {
+      const t = `t${Math.floor(random() * 50)}`;
+      const tokens = Math.floor(random() * 4_000);
+      const m = means.get(t);
+      means.set(t, m === undefined ? tokens : m + 0.3 * (tokens - m));
+      vtc.charge(t, tokens);
+      if (step % 97 === 0) {
+        const except = new Set([...means.keys()].filter(() => random() < 0.2));
+        const rest = [...means].filter(([k]) => !except.has(k)).map(([, v]) => v);
+        const naive = rest.length > 0 ? rest.reduce((a, b) => a + b, 0) / rest.length : [...means.values()].reduce((a, b) => a + b, 0) / means.size;
+        expect(vtc.expectedCostExcept(except)).to.be.closeTo(naive, 1e-6);
+      }
+    }
+  });
+
   it("rejects nonsense options", () => {
     expect(() => new VirtualTokenCounter({ defaultRequestTokens: 0 })).to.throw(RangeError, /defaultRequestTokens/);
     expect(() => new VirtualTokenCounter({ meanWeight: 2 })).to.throw(RangeError, /meanWeight/);
