@@ -229,17 +229,11 @@ export class ConsumerPullSource implements PullSource {
     private readonly consumer: Consumer,
     private readonly opts: JsDeliveryOptions = {},
   ) {
-    this.source = pullFromAsync(async (max, expiresMs) => {
+    this.source = pullFromAsync(
       // The client refuses pulls that expire in under a second.
-      const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
-      const o = this.opts;
-      return {
-        close: () => it.close(),
-        async *[Symbol.asyncIterator]() {
-          for await (const m of it) yield new JsDelivery(m, o);
-        },
-      };
-    });
+      (max, expiresMs) => this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) }),
+      (m: JsMsg) => new JsDelivery(m, this.opts),
+    );
   }
   pull(max: number, expiresMs: number): Observable<Delivery> {
     return this.source.pull(max, expiresMs);
