@@ -37,6 +37,8 @@ export interface Row {
   cpu_ms_per_request?: number | null;
   /** The same for that run's nats-server. */
   nats_cpu_ms_per_request?: number | null;
+  /** The same for that run's worker process (systems that call it; the baselines without a worker do not). */
+  worker_cpu_ms_per_request?: number | null;
   /** Consumers on INFER_REQ: right after the phase, and after the idle measurement. */
   consumers_after?: number | null;
   consumers_later?: number | null;

@@ -61,8 +61,8 @@ const SWEEP_STOP_P99_MS = 5_000;
 const SWEEP_STOP_SHARE = 0.5;
 /** Progress lines of a long phase, at most this often. */
 const PROGRESS_EVERY_MS = 5_000;
-const DEFAULT_MAX_MINUTES = 20;
-const QUICK_MAX_MINUTES = 10;
+const DEFAULT_MAX_MINUTES = 45;
+const QUICK_MAX_MINUTES = 20;
 
 interface Failure {
   scenario: string;
@@ -194,7 +194,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
 
     for (const [i, phase] of plan.phases.entries()) {
       let lastLog = Date.now();
-      const cpu0 = [cpuMs(running.pid), cpuMs(nats.pid)];
+      const cpu0 = [cpuMs(running.pid), cpuMs(nats.pid), cpuMs(worker.proc.pid)];
       const r = await runLoad(target, phase.schedule, {
         ...common,
         idPrefix: `${scenario.name}-p${i}`,
@@ -206,10 +206,11 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
       });
       running.assertAlive();
       const row = toRow(scenario, system.name, phase, r, running.peakRssMb(), peakRssMb(nats.pid), workerTimes);
-      const cpu1 = [cpuMs(running.pid), cpuMs(nats.pid)];
+      const cpu1 = [cpuMs(running.pid), cpuMs(nats.pid), cpuMs(worker.proc.pid)];
       const perRequest = (i: number): number | null => (cpu0[i] !== undefined && cpu1[i] !== undefined && r.requests > 0 ? round((cpu1[i] - cpu0[i]) / r.requests, 3) : null);
       row.cpu_ms_per_request = perRequest(0);
       row.nats_cpu_ms_per_request = perRequest(1);
+      row.worker_cpu_ms_per_request = perRequest(2);
       if (scenario.idleMeasureMs) {
         row.consumers_after = await requestConsumers(nats.url).catch(() => null);
         log(`  ${row.consumers_after ?? "?"} consumers on INFER_REQ right after; measuring ${scenario.idleMeasureMs / 1_000} s idle`);
@@ -221,7 +222,7 @@ async function runSystem(scenario: Scenario, plan: Plan, system: BenchSystem, qu
       log(
         `  ${phase.label}: ${row.throughput_rps.toFixed(0)} rps, p50 ${row.p50_ms ?? "-"} ms, p99 ${row.p99_ms ?? "-"} ms, ` +
           `lost ${row.lost}, dup ${row.duplicated}, err ${row.errors + row.send_errors}, sent at ${row.sent_rps.toFixed(0)}/s, ` +
-          `CPU/request ${row.cpu_ms_per_request ?? "-"} ms (nats-server ${row.nats_cpu_ms_per_request ?? "-"} ms)` +
+          `CPU/request ${row.cpu_ms_per_request ?? "-"} ms (nats-server ${row.nats_cpu_ms_per_request ?? "-"} ms, worker ${row.worker_cpu_ms_per_request ?? "-"} ms)` +
           `${r.timedOut ? " (timed out waiting)" : ""}`,
       );
       if (phase.offeredRps === null && r.sentRps < 1.2 * r.throughputRps)
