@@ -72,9 +72,16 @@ describe("a worker shared by several models", function () {
     const highAt = avg(results.filter((x) => x.high).map((x) => x.at));
     const normalAt = avg(results.filter((x) => !x.high).map((x) => x.at));
     const highPositions = results.filter((x) => x.high).map((x) => x.at);
+    // Where the time went, should this fail: queue and total ms of each kind (median / max).
+    const times = (high: boolean): string => {
+      const of = (k: "queue_ms" | "total_ms"): number[] => results.filter((x) => x.high === high).map((x) => x.r.timing?.[k] ?? -1).sort((a, b) => a - b);
+      const q = of("queue_ms");
+      const t = of("total_ms");
+      return `queue ${q[q.length >> 1]}/${q[q.length - 1]} ms, total ${t[t.length >> 1]}/${t[t.length - 1]} ms`;
+    };
     expect(
       highAt,
-      `mean answer position: high ${highAt.toFixed(0)} (first ${Math.min(...highPositions)}, last ${Math.max(...highPositions)}), normal ${normalAt.toFixed(0)}`,
+      `mean answer position: high ${highAt.toFixed(0)} (first ${Math.min(...highPositions)}, last ${Math.max(...highPositions)}; ${times(true)}), normal ${normalAt.toFixed(0)} (${times(false)})`,
     ).to.be.lessThan(normalAt - 100);
   });
 });
