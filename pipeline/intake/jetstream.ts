@@ -229,11 +229,17 @@ export class ConsumerPullSource implements PullSource {
     private readonly consumer: Consumer,
     private readonly opts: JsDeliveryOptions = {},
   ) {
-    this.source = pullFromAsync(
+    this.source = pullFromAsync(async (max, expiresMs) => {
       // The client refuses pulls that expire in under a second.
-      (max, expiresMs) => this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) }),
-      (m: JsMsg) => new JsDelivery(m, this.opts),
-    );
+      const it = await this.consumer.fetch({ max_messages: max, expires: Math.max(1_000, expiresMs) });
+      const o = this.opts;
+      return {
+        close: () => it.close(),
+        async *[Symbol.asyncIterator]() {
+          for await (const m of it) yield new JsDelivery(m, o);
+        },
+      };
+    });
   }
   pull(max: number, expiresMs: number): Observable<Delivery> {
     return this.source.pull(max, expiresMs);

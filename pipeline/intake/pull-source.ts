@@ -11,24 +11,21 @@ export interface PullSource {
 }
 
 /** One pull as an async iterable (a JetStream fetch, say): what {@link pullFromAsync} adapts. */
-export interface AsyncPull<M = Delivery> extends AsyncIterable<M> {
+export interface AsyncPull extends AsyncIterable<Delivery> {
   close(): Promise<unknown>;
 }
 
 /**
  * A {@link PullSource} over pulls that are opened with a promise and read as async iterables.
  * Messages that arrive after the pull was closed are naked (the queue gives them to someone else
- * at once). `toDelivery` wraps each message as it is read (no second iteration per message).
+ * at once).
  */
-export function pullFromAsync(open: (max: number, expiresMs: number) => Promise<AsyncPull>): PullSource;
-export function pullFromAsync<M>(open: (max: number, expiresMs: number) => Promise<AsyncPull<M>>, toDelivery: (m: M) => Delivery): PullSource;
-export function pullFromAsync<M>(open: (max: number, expiresMs: number) => Promise<AsyncPull<M>>, toDelivery?: (m: M) => Delivery): PullSource {
-  const wrap = toDelivery ?? ((m: M) => m as unknown as Delivery);
+export function pullFromAsync(open: (max: number, expiresMs: number) => Promise<AsyncPull>): PullSource {
   return {
     pull: (max, expiresMs) =>
       new Observable<Delivery>((subscriber) => {
         let closed = false;
-        let batch: AsyncPull<M> | undefined;
+        let batch: AsyncPull | undefined;
         const run = async (): Promise<void> => {
           batch = await open(max, expiresMs);
           if (closed) {
@@ -36,9 +33,8 @@ export function pullFromAsync<M>(open: (max: number, expiresMs: number) => Promi
             return;
           }
           for await (const m of batch) {
-            const d = wrap(m);
-            if (closed) d.nak();
-            else subscriber.next(d);
+            if (closed) m.nak();
+            else subscriber.next(m);
           }
           subscriber.complete();
         };
