@@ -10,7 +10,7 @@ import { ClosedConnectionError, createInbox, TimeoutError, type Msg, type MsgHdr
 import { H } from "../../proto/wire.js";
 
 /** How long a publish waits for the stream's acknowledgement, by default (as `js.publish`). */
-const DEFAULT_PUBLISH_ACK_TIMEOUT_MS = 5_000;
+export const DEFAULT_PUBLISH_ACK_TIMEOUT_MS = 5_000;
 /** How often publishes past their timeout are failed. */
 const OVERDUE_SWEEP_MS = 250;
 

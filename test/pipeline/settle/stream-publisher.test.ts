@@ -91,22 +91,6 @@ describe("StreamPublisher: JetStream publishes acknowledged on one inbox", funct
     silent.unsubscribe();
   });
 
-  it("asks for acknowledgements on the connection's own inbox prefix (a user may only subscribe to its own inboxes)", async () => {
-    const nc = await connect({ servers: nats.url, inboxPrefix: "_INBOX_pipeline" });
-    const replies: string[] = [];
-    const listener = nats.nc.subscribe("pubtest.prefix.>", { callback: (_e, m) => void replies.push(m.reply ?? "") });
-    await nats.nc.flush();
-    const p = new StreamPublisher(nc);
-    const ack = await p.publish("pubtest.prefix.a", enc.encode("x"), { msgID: "p1", headers: h() });
-    expect(ack.stream).to.equal("PUBTEST");
-    await nats.nc.flush();
-    expect(replies).to.have.length(1);
-    expect(replies[0]!.startsWith("_INBOX_pipeline.")).to.equal(true);
-    p.close();
-    listener.unsubscribe();
-    await nc.close();
-  });
-
   it("through the result sink: a refused result is not stored (the client may have it); with no stream at all, nothing was sent", async () => {
     const jsm = await jetstreamManager(nats.nc);
     // A results stream that takes small results only.
