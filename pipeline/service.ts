@@ -23,7 +23,6 @@ import type { SluiceConfig } from "./config.js";
 import { ConsumerPullSource, durableName, ensureConsumers, ensureStreams, honoursTermReason } from "./intake/jetstream.js";
 import type { ModelRegistry } from "./routing/registry.js";
 import { StreamResultSink } from "./settle/result-sink.js";
-import { StreamPublisher } from "./settle/stream-publisher.js";
 import { CancelRegistry } from "./routing/cancel.js";
 import { laneIntake } from "./intake/lanes.js";
 import { laneConsumerPrefix } from "./intake/lane-protocol.js";
@@ -287,13 +286,11 @@ export class PipelineService {
     this.payloads = payloads;
     payloads.start();
     this.teardowns.add("payload sweeper", () => payloads.stop());
-    const publisher = new StreamPublisher(this.nc);
-    this.teardowns.add("result publisher", () => publisher.close());
     const settled$ = source$.pipe(
       inferencePipeline({
         table: this.registry.table,
         dispatcher: this.pool,
-        sink: new StreamResultSink(this.js, this.jsm, this.tracing, payloads.results, publisher),
+        sink: new StreamResultSink(this.js, this.jsm, this.tracing, payloads.results),
         tracing: this.tracing,
         resolveBodies: payloads.resolveBodies(),
         generator: this.pool,

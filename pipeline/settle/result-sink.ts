@@ -8,7 +8,6 @@ import { STREAM_RESULTS, H, subjects } from "../../proto/wire.js";
 import type { Tracing } from "../telemetry/types.js";
 import { deadLetterHeaders, deadLetterTokens } from "./dead-letter.js";
 import { claimResult, type ResultClaimCheck } from "../payloads/results.js";
-import { NoStreamError, type StreamPublisher } from "./stream-publisher.js";
 
 
 export class StreamResultSink implements ResultSink {
@@ -18,8 +17,6 @@ export class StreamResultSink implements ResultSink {
     private readonly tracing?: Tracing,
     /** Results over its threshold go to the object store (claim check); all inline without it. */
     private readonly claim?: ResultClaimCheck,
-    /** Results go out through it (acknowledgements on one inbox); through `js.publish` without it. */
-    private readonly publisher?: StreamPublisher,
   ) {}
 
   /**
@@ -42,8 +39,7 @@ export class StreamResultSink implements ResultSink {
     const h = resultHeaders(result, traceparent, tracestate);
     msg.reference?.(h);
     try {
-      if (this.publisher) await this.publisher.publish(subject, data, { msgID: job.id, headers: h });
-      else await this.js.publish(subject, data, { msgID: job.id, headers: h });
+      await this.js.publish(subject, data, { msgID: job.id, headers: h });
       span?.end();
     } catch (err) {
       span?.end("PUBLISH_FAILED", err);
@@ -105,7 +101,6 @@ function notSent(err: unknown): boolean {
     err instanceof ClosedConnectionError ||
     err instanceof DrainingConnectionError ||
     err instanceof InvalidArgumentError ||
-    err instanceof NoStreamError ||
     (err as Error)?.name === "JetStreamNotEnabled"
   );
 }
