@@ -242,16 +242,15 @@ export class VirtualTokenCounter {
     if (idle <= this.maxIdle) return;
     const keep = this.maxIdle - Math.floor(this.maxIdle / 8);
     const candidates = [...this.counts.entries()].filter(([t]) => !this.active.has(t)).sort((a, b) => a[1].tokens - b[1].tokens);
-    for (const [t, c] of candidates.slice(0, idle - keep)) {
-      this.counts.delete(t);
-      if (c.mean !== undefined) {
-        this.meanSum -= c.mean;
-        this.meanCount--;
-      }
-    }
-    // (Exact again: no rounding carried over from the updates.)
+    for (const [t] of candidates.slice(0, idle - keep)) this.counts.delete(t);
+    // Sum and count again over those kept (exact: no rounding carried over from the updates).
     this.meanSum = 0;
-    for (const c of this.counts.values()) if (c.mean !== undefined) this.meanSum += c.mean;
+    this.meanCount = 0;
+    for (const c of this.counts.values()) {
+      if (c.mean === undefined) continue;
+      this.meanSum += c.mean;
+      this.meanCount++;
+    }
   }
 }
 
