@@ -69,9 +69,9 @@ describe("a worker shared by several models", function () {
     // High priority went first: the high requests are answered, on average, well before the
     // others (were priority ignored, both averages would be about N / 2, within ~30 of each other).
     const avg = (xs: number[]): number => xs.reduce((a, b) => a + b, 0) / xs.length;
-    const highAt = avg(results.filter((x) => x.high).map((x) => x.at));
-    const normalAt = avg(results.filter((x) => !x.high).map((x) => x.at));
     const highPositions = results.filter((x) => x.high).map((x) => x.at);
+    const highAt = avg(highPositions);
+    const normalAt = avg(results.filter((x) => !x.high).map((x) => x.at));
     // Where the time went, should this fail: queue and total ms of each kind (median / max).
     const times = (high: boolean): string => {
       const of = (k: "queue_ms" | "total_ms"): number[] => results.filter((x) => x.high === high).map((x) => x.r.timing?.[k] ?? -1).sort((a, b) => a - b);
